@@ -43,14 +43,11 @@ def build_dataset(cfg: TrainConfig, tokenizer) -> Dataset:
     from backend import data, tasks
     if cfg.dataset:
         records = data.load_examples(cfg.dataset)
-        train = [data.record_to_pair(tokenizer, r, chat=cfg.chat_template) for r in records]
-        encoded = [dict(data.encode_prompt_text(tokenizer, p, r, cfg.max_len), sample_idx=i)
-                   for i, (p, r) in enumerate(train)]
+        encoded = data.encode_examples(tokenizer, records, cfg.max_len, chat=cfg.chat_template)
         return Dataset(encoded=encoded, eval_examples=[], task=None)
     task = tasks.get_task(cfg.task)
     train, evals = task.generate(cfg.data_seed, cfg.n_train, cfg.n_eval, **cfg.task_params)
-    encoded = [dict(data.encode(tokenizer, ex.prompt, ex.response, cfg.max_len, chat=cfg.chat_template),
-                    sample_idx=i) for i, ex in enumerate(train)]
+    encoded = data.encode_examples(tokenizer, train, cfg.max_len, chat=cfg.chat_template)
     return Dataset(encoded=encoded, eval_examples=evals, task=task)
 
 
@@ -101,7 +98,7 @@ def run_eval(model, tokenizer, cfg: TrainConfig, ds: Dataset, device) -> dict:
     try:
         return evaluate(unwrap(model), tokenizer, ds.task, ds.eval_examples, max_new_tokens=cfg.eval_max_new_tokens,
                         batch_size=cfg.eval_batch_size, k_samples=cfg.eval_k, temperature=cfg.eval_temperature,
-                        seed=cfg.seed)
+                        seed=cfg.seed, chat=cfg.chat_template)
     finally:
         model.train(was_training)
 
