@@ -1,0 +1,146 @@
+"""``analyze`` and ``compare``: every figure written, and a summary that matches a direct computation from
+the Parquet shards (pyarrow + numpy, no DuckDB).
+
+    pytest tests/test_report.py
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from backend import analyses, index, report
+from backend.synth import SynthConfig, make_run, read_shards
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("TOKVIZ_HOME", str(tmp_path))
+    return tmp_path
+
+
+def direct_summary(run: Path, step: int) -> dict:
+    """The headline numbers computed straight from the shards with numpy, following DESIGN.md."""
+    tok = read_shards(run, "tokens").astype({"alignment": "float64", "magnitude": "float64"})
+    mod = read_shards(run, "token_modules").astype({"alignment": "float64", "dot": "float64", "magnitude": "float64"})
+    resp = tok[tok.is_response]
+    r = resp[resp.step == step].sort_values(["sample_idx", "position"])
+    first = r.groupby("sample_idx").position.transform("min")
+    a, v = r.alignment.to_numpy(), r.magnitude.to_numpy()
+    vs = np.sort(v)
+    n = v.size
+    desc = vs[::-1]
+    means = resp.groupby("step").alignment.mean()
+    m = mod[mod.step == step]
+    per_mod = m.groupby(["layer", "module"]).agg(dot=("dot", "sum"), align=("alignment", "mean"))
+    rm = m.merge(r[["sample_idx", "position"]], on=["sample_idx", "position"])
+    norms = (rm.assign(sq=rm.magnitude ** 2).groupby(["sample_idx", "position", "part"]).sq.sum() ** 0.5)
+    part_mean = norms.groupby("part").mean()
+    lag1 = []
+    for _, g in r.groupby("sample_idx"):
+        x = g.alignment.to_numpy()
+        if x.size > 2:
+            d = x - x.mean()
+            lag1.append((d[:-1] * d[1:]).sum() / (d * d).sum())
+    dom, opp = per_mod["dot"].idxmax(), per_mod["align"].idxmin()
+    return {
+        "mean_alignment": a.mean(),
+        "opposing_fraction": (a < 0).mean(),
+        "alignment_trend": np.polyfit(means.index.to_numpy(float), means.to_numpy(), 1)[0],
+        "positional_decay_slope": np.polyfit((r.position - first).to_numpy(float), a, 1)[0],
+        "gini": 2 * (np.arange(1, n + 1) * vs).sum() / (n * vs.sum()) - (n + 1) / n,
+        "tokens_for_80pct": (np.searchsorted(np.cumsum(desc), 0.8 * v.sum()) + 1) / n,
+        "category_alignment": r.groupby("category").alignment.mean().to_dict(),
+        "magnitude_alignment_r": np.corrcoef(a, np.log1p(v))[0, 1],
+        "lora_ba_ratio": part_mean["lora_B"] / part_mean["lora_A"],
+        "dominant_module": f"L{dom[0]}.{dom[1]}",
+        "opposing_module": f"L{opp[0]}.{opp[1]}",
+        "lag1_autocorr": float(np.mean(lag1)),
+    }
+
+
+def test_analyze_writes_every_figure_and_a_matching_summary(home):
+    run = make_run(SynthConfig.tiny(world_size=2), home / "runs", run_id="run-a", name="alpha")
+    summary = report.analyze(run)
+    out = run / "analysis"
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["mean_alignment"] == summary["mean_alignment"]
+    assert on_disk["step"] == 20 and on_disk["status"] == "finished"
+    want = direct_summary(run, 20)
+    for key, value in want.items():
+        if isinstance(value, str):
+            assert on_disk[key] == value, key
+        elif isinstance(value, dict):
+            assert on_disk[key] == pytest.approx(value, rel=1e-6), key
+        else:
+            assert on_disk[key] == pytest.approx(value, rel=1e-6), key
+    static_ok, why = report.static_export_status()
+    for name in analyses.names():
+        html = (out / f"{name}.html").read_text()
+        assert "plotly" in html.lower() and len(html) > 1_000_000, name     # standalone: plotly.js inlined
+        if static_ok:
+            assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+            assert (out / f"{name}.pdf").read_bytes()[:5] == b"%PDF-", name
+        assert on_disk["figures"][name][0] == f"{name}.html"
+    assert on_disk["static_export"] == ("ok" if static_ok else f"skipped: {why}")
+    assert (out / "tables" / "concentration.stats.csv").exists()
+    # a second analyze at another step reuses the index (unchanged run) and writes where told
+    s2 = report.analyze("run-a", out=home / "elsewhere", step=5, static=False, html_js="directory")
+    assert s2["step"] == 5 and s2["static_export"] == "skipped: static export turned off"
+    assert s2["mean_alignment"] == pytest.approx(direct_summary(run, 5)["mean_alignment"], rel=1e-6)
+    assert (home / "elsewhere" / "plotly.min.js").exists()
+
+
+def test_compare_overlays_runs_and_tabulates(home):
+    a = make_run(SynthConfig.tiny(), home / "runs", run_id="run-a", name="alpha")
+    b = make_run(SynthConfig.tiny(seed=3, scheme="dft"), home / "runs", run_id="run-b", name="beta")
+    out = home / "cmp"
+    table = report.compare([a, "run-b"], out=out, static=False)
+    assert list(table.columns) == ["alpha", "beta"]
+    assert table.loc["mean_alignment", "alpha"] == pytest.approx(direct_summary(a, 20)["mean_alignment"], rel=1e-6)
+    assert table.loc["gini", "beta"] == pytest.approx(direct_summary(b, 20)["gini"], rel=1e-6)
+    for name in ("alignment_evolution", "positional_decay", "concentration", "category_breakdown", "module_types",
+                 "autocorrelation", "summary_table"):
+        assert (out / f"{name}.html").exists(), name
+    csv = pd.read_csv(out / "summary.csv", index_col=0)
+    assert list(csv.columns) == ["alpha", "beta"] and "lag1_autocorr" in csv.index
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["run_ids"] == ["run-a", "run-b"] and set(doc["summaries"]) == {"alpha", "beta"}
+    with pytest.raises(ValueError, match="at least two runs"):
+        report.compare([a])
+
+
+def test_cli_errors_are_messages(home, capsys):
+    assert report.main(["analyze", str(home / "missing")]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+    assert report.main(["frobnicate"]) == 2
+    run = make_run(SynthConfig.tiny(), home / "runs", run_id="run-a")
+    assert report.main(["analyze", str(run), "--step", "7", "--static", "off"]) == 2
+    assert "step 7 is not a traced step" in capsys.readouterr().err
+
+
+def test_analyze_uses_a_private_index_when_the_index_is_held(home, capsys):
+    run = make_run(SynthConfig.tiny(), home / "runs", run_id="run-a")
+    path = home / "tokviz.duckdb"
+    index.connect(path).close()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import duckdb, sys
+        con = duckdb.connect({str(path)!r})
+        print("ready", flush=True)
+        sys.stdin.read()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        assert report.main(["analyze", str(run), "--static", "off"]) == 0
+        err = capsys.readouterr().err
+        assert "in use by another process" in err and "private in-memory index" in err
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=20)
+    assert json.loads((run / "analysis" / "summary.json").read_text())["run_id"] == "run-a"
