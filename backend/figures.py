@@ -112,7 +112,7 @@ def prompt_vs_response(groups: pd.DataFrame) -> go.Figure:
     """Prompt vs response tokens: mean alignment (error bars: std) and summed share of the update."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("mean alignment", "share of the batch update"))
     g = groups.fillna({"n": 0})
-    cd = np.stack([g["n"], g["frac_negative"].fillna(np.nan), g["mean_magnitude"]], axis=-1)
+    cd = np.stack([g["n"], g["frac_negative"], g["mean_magnitude"]], axis=-1)
     fig.add_trace(go.Bar(x=g["group"], y=g["mean_alignment"], error_y=dict(type="data", array=g["std_alignment"]),
                          marker_color=[_color(0), _color(1)][:len(g)], customdata=cd, showlegend=False,
                          hovertemplate=("%{x}: mean %{y:.4f}<br>n %{customdata[0]}<br>opposing %{customdata[1]:.1%}"

@@ -80,12 +80,15 @@ def connect(path: str | Path | None = None, *, read_only: bool = False,
                 f"the index {target} is in use by another process ({_lock_holder(str(e))}). The tokviz app "
                 "holds it while it runs: ingest from the app, or stop the app and run this again.") from e
         raise
-    con.execute("SET enable_progress_bar = false")    # a library must not draw on the user's terminal
-    if allowed_dirs is not None:
-        dirs = [str(Path(d).resolve()) + "/" for d in allowed_dirs]
-        con.execute("SET allowed_directories = ?", [dirs])
-        con.execute("SET enable_external_access = false")
-    _ensure_schema(con, target, read_only)
+    try:
+        con.execute(sql.SET_NO_PROGRESS_BAR)
+        if allowed_dirs is not None:
+            con.execute(sql.SET_ALLOWED_DIRECTORIES, [[str(Path(d).resolve()) + "/" for d in allowed_dirs]])
+            con.execute(sql.SET_NO_EXTERNAL_ACCESS)
+        _ensure_schema(con, target, read_only)
+    except BaseException:
+        con.close()          # never keep the file locked behind an error
+        raise
     return con
 
 
@@ -193,7 +196,7 @@ def rebuild(con: duckdb.DuckDBPyConnection, runs_root: Path | None = None) -> li
     known: list[Path] = []
     if "runs" in tables:
         try:
-            known = [Path(r[0]) for r in con.execute(sql.RUN_PATHS).fetchall()]
+            known = [Path(path) for _run_id, path in con.execute(sql.RUN_PATHS).fetchall()]
         except duckdb.BinderException:
             known = []      # an index so old its runs table has no path column: the runs root is all we have
     con.begin()
@@ -393,10 +396,9 @@ def find_runs(runs_root: Path | None = None) -> list[Path]:
 def prune_missing(con: duckdb.DuckDBPyConnection) -> list[IngestResult]:
     """Remove the runs whose directory no longer exists (one transaction per run)."""
     results = []
-    for (path,) in con.execute(sql.RUN_PATHS).fetchall():
+    for run_id, path in con.execute(sql.RUN_PATHS).fetchall():
         if (Path(path) / CONFIG).exists():
             continue
-        (run_id,) = con.execute(sql.RUN_BY_PATH, [path]).fetchone()
         con.begin()
         try:
             for stmt in sql.DELETE_RUN_ROWS.values():

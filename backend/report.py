@@ -23,7 +23,7 @@ import sys
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import duckdb
 import pandas as pd
@@ -37,6 +37,10 @@ SUMMARY = "summary.json"
 ANALYSIS_DIR = "analysis"
 STATIC_FORMATS = ("png", "pdf")
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+
+class StaticExportUnavailable(RuntimeError):
+    """PNG/PDF export was required (``static=True``) but kaleido or a browser is missing."""
+
 
 DEFINITIONS = {
     "mean_alignment": "mean alignment (cosine with the batch gradient) of response tokens at `step`",
@@ -157,7 +161,7 @@ def export_figures(figs: dict[str, go.Figure], out: Path, static: bool | None = 
     """Write each figure as ``<name>.html`` (always) and ``<name>.png`` / ``.pdf`` (static export).
 
     ``static``: None exports when possible and otherwise skips with a message on stderr; True requires it
-    (RuntimeError when unavailable); False skips it. ``html_js``: "inline" makes every HTML file standalone,
+    (StaticExportUnavailable otherwise); False skips it. ``html_js``: "inline" makes every HTML file standalone,
     "directory" writes plotly.min.js once beside them. Returns {"figures": {name: [files]}, "static_export": str}.
     """
     if html_js not in ("inline", "directory"):
@@ -173,7 +177,7 @@ def export_figures(figs: dict[str, go.Figure], out: Path, static: bool | None = 
         status = "skipped: static export turned off"
     elif not ok:
         if static:
-            raise RuntimeError(f"static figure export was required but is unavailable: {why}")
+            raise StaticExportUnavailable(f"static figure export was required but is unavailable: {why}")
         status = f"skipped: {why}"
         print(f"note: PNG/PDF export skipped ({why}); HTML figures written to {out}", file=sys.stderr)
     else:
@@ -273,12 +277,12 @@ def _common(ap: argparse.ArgumentParser) -> None:
                     help="inline: each HTML standalone; directory: one plotly.min.js beside them")
 
 
-def _run_cli(fn, args: argparse.Namespace, target) -> int:  # noqa: ANN001 - internal helper
+def _run_cli(fn: Callable[..., dict | pd.DataFrame], args: argparse.Namespace, target: object) -> int:
     static = {"auto": None, "on": True, "off": False}[args.static]
     try:
         result = fn(target, args.out, args.step, index_path=args.index, static=static, html_js=args.html_js,
                     params=analyses.AnalysisParams(module=args.module))
-    except (ValueError, index.TokvizIndexError, RuntimeError) as e:
+    except (ValueError, index.TokvizIndexError, StaticExportUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if isinstance(result, dict):

@@ -59,10 +59,16 @@ CREATE_ALL = (CREATE_META, CREATE_RUNS, CREATE_FILES, CREATE_TOKENS, CREATE_TOKE
 # DROP statements cannot take parameters; the names come from INDEX_TABLES, never from input.
 DROP_TABLE = {t: f"DROP TABLE IF EXISTS {t}" for t in INDEX_TABLES}
 
+# session settings: a library must not draw progress bars on the user's terminal; a locked-down connection
+# reads files only below the allowed directories (set them first: the lock-down cannot be undone)
+SET_NO_PROGRESS_BAR = "SET enable_progress_bar = false"
+SET_ALLOWED_DIRECTORIES = "SET allowed_directories = ?"
+SET_NO_EXTERNAL_ACCESS = "SET enable_external_access = false"
+
 LIST_TABLES = "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'"
 GET_META = "SELECT value FROM meta WHERE key = ?"
 SET_META = "INSERT OR REPLACE INTO meta VALUES (?, ?)"
-RUN_PATHS = "SELECT path FROM runs"
+RUN_PATHS = "SELECT run_id, path FROM runs"
 
 # ------------------------------------------------------------------------------------------------ ingest
 RUN_FINGERPRINT = "SELECT fingerprint, path FROM runs WHERE run_id = ?"
@@ -104,7 +110,6 @@ LIST_RUNS = """SELECT run_id, name, kind, status, model, dataset, scheme, create
 FROM runs ORDER BY created_at DESC, run_id"""
 RUN_INFO = "SELECT * FROM runs WHERE run_id = ?"
 RUN_IDS = "SELECT run_id FROM runs ORDER BY run_id"
-RUN_BY_PATH = "SELECT run_id FROM runs WHERE path = ?"
 TRACED_STEPS = "SELECT DISTINCT step FROM tokens WHERE run_id = ? ORDER BY step"
 RUN_STEPS = """SELECT step, count(DISTINCT sample_idx) AS n_samples, count(*) AS n_tokens,
     count(*) FILTER (WHERE is_response) AS n_response,

@@ -144,3 +144,18 @@ def test_analyze_uses_a_private_index_when_the_index_is_held(home, capsys):
         holder.stdin.close()
         holder.wait(timeout=20)
     assert json.loads((run / "analysis" / "summary.json").read_text())["run_id"] == "run-a"
+
+
+def test_static_export_is_skipped_with_a_message_when_no_browser(home, monkeypatch, capsys):
+    import plotly.graph_objects as go
+    monkeypatch.setenv("PATH", str(home))             # no chromium on the PATH
+    monkeypatch.delenv("BROWSER_PATH", raising=False)
+    ok, why = report.static_export_status()
+    assert not ok and ("Chromium" in why or "kaleido" in why)
+    figs = {"one": go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))}
+    done = report.export_figures(figs, home / "figs")
+    assert done == {"figures": {"one": ["one.html"]}, "static_export": f"skipped: {why}"}
+    assert (home / "figs" / "one.html").exists() and not (home / "figs" / "one.png").exists()
+    assert "PNG/PDF export skipped" in capsys.readouterr().err
+    with pytest.raises(report.StaticExportUnavailable, match="required but is unavailable"):
+        report.export_figures(figs, home / "figs", static=True)
