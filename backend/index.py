@@ -55,14 +55,18 @@ class IngestError(TokvizIndexError):
 
 # ------------------------------------------------------------------------------------------ connections
 def connect(path: str | Path | None = None, *, read_only: bool = False,
-            allowed_dirs: Sequence[Path] | None = None) -> duckdb.DuckDBPyConnection:
+            allowed_dirs: Sequence[Path] | None = None, threads: int | None = None) -> duckdb.DuckDBPyConnection:
     """Open the index (default ``paths.index_path()``; ``":memory:"`` for a private in-memory index).
 
     A new file gets the current schema; an older one is migrated or rebuilt; a newer one raises
     IndexVersionError. ``read_only`` opens without taking the writer lock (and never changes the file).
     ``allowed_dirs``: lock the connection down, with file access only below these folders (the app's
-    connection, which also serves the SQL console). Raises IndexLockedError if another process holds it.
+    connection, which also serves the SQL console). ``threads``: DuckDB worker threads (default: one per
+    core); 1 gives steadier interactive latency on a machine whose cores are busy with other work.
+    Raises IndexLockedError if another process holds it.
     """
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     target = MEMORY if str(path) == MEMORY else str(Path(path) if path is not None else paths.index_path())
     if target != MEMORY:
         if read_only and not Path(target).exists():
@@ -82,6 +86,8 @@ def connect(path: str | Path | None = None, *, read_only: bool = False,
         raise
     try:
         con.execute(sql.SET_NO_PROGRESS_BAR)
+        if threads is not None:
+            con.execute(sql.SET_THREADS, [threads])
         if allowed_dirs is not None:
             con.execute(sql.SET_ALLOWED_DIRECTORIES, [[str(Path(d).resolve()) + "/" for d in allowed_dirs]])
             con.execute(sql.SET_NO_EXTERNAL_ACCESS)

@@ -64,6 +64,7 @@ DROP_TABLE = {t: f"DROP TABLE IF EXISTS {t}" for t in INDEX_TABLES}
 SET_NO_PROGRESS_BAR = "SET enable_progress_bar = false"
 SET_ALLOWED_DIRECTORIES = "SET allowed_directories = ?"
 SET_NO_EXTERNAL_ACCESS = "SET enable_external_access = false"
+SET_THREADS = "SET threads = ?"
 
 LIST_TABLES = "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'"
 GET_META = "SELECT value FROM meta WHERE key = ?"

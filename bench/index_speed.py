@@ -65,9 +65,9 @@ def inspector_latency(con, run_id: str, repeats: int, seed: int = 0) -> np.ndarr
     return np.array(times)
 
 
-def run_bench(rows: int, steps: int, repeats: int, workdir: Path) -> dict:
+def run_bench(rows: int, steps: int, repeats: int, workdir: Path, threads: int | None = None) -> dict:
     run, gen_s = generate(workdir, rows, steps)
-    con = index.connect(workdir / "bench.duckdb")
+    con = index.connect(workdir / "bench.duckdb", threads=threads)
     t0 = time.perf_counter()
     res = index.ingest_run(con, run)
     ingest_s = time.perf_counter() - t0
@@ -87,6 +87,7 @@ def run_bench(rows: int, steps: int, repeats: int, workdir: Path) -> dict:
     n_mod = res.rows["token_modules"]
     return {
         "token_modules_rows": n_mod, "tokens_rows": res.rows["tokens"], "traced_steps": steps,
+        "duckdb_threads": threads or "default",
         "generate_s": round(gen_s, 3), "ingest_s": round(ingest_s, 3),
         "ingest_rows_per_s": round(n_mod / ingest_s),
         "inspector_p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 2),
@@ -100,7 +101,7 @@ def run_bench(rows: int, steps: int, repeats: int, workdir: Path) -> dict:
 def report(result: dict, baseline: dict | None) -> str:
     lines = [f"synthetic trace: {result['token_modules_rows']:,} token_modules rows, {result['tokens_rows']:,} "
              f"tokens, {result['traced_steps']} traced steps (generated in {result['generate_s']:.1f} s; "
-             f"index {result['index_mb']} MB)", ""]
+             f"index {result['index_mb']} MB; DuckDB threads: {result['duckdb_threads']})", ""]
     head = f"{'metric':<22}{'measured':>14}{'target':>12}{'vs target':>11}"
     lines.append(head + (f"{'baseline':>14}{'ratio':>8}" if baseline else ""))
     for key, (target, kind) in TARGETS.items():
@@ -125,13 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--baseline", type=Path, default=None, help="an earlier --json output to compare with")
     ap.add_argument("--keep", type=Path, default=None, help="keep the run and index in this folder")
+    ap.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: one per core)")
     args = ap.parse_args(argv)
     if args.rows < 1 or args.steps < 1 or args.repeats < 1:
         raise SystemExit("--rows, --steps and --repeats must be >= 1")
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="tokviz-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        result = run_bench(args.rows, args.steps, args.repeats, workdir)
+        result = run_bench(args.rows, args.steps, args.repeats, workdir, args.threads)
     finally:
         if args.keep is None:
             shutil.rmtree(workdir)
