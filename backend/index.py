@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import sys
 import threading
@@ -110,13 +111,15 @@ _shared_lock = threading.Lock()
 def shared(path: str | Path | None = None) -> duckdb.DuckDBPyConnection:
     """A cursor on this process's long-lived writer connection (the app's), opened on first use.
 
-    The connection is locked down to the data root (so the SQL console can read nothing else); each call
-    returns a new cursor, which is what DuckDB needs for use from several threads.
+    The connection is locked down to the data root (so the SQL console can read nothing else) and uses
+    half the cores, leaving the rest to the jobs the app launches (on a busy 2-core machine one DuckDB thread
+    halves the inspector's tail latency); each call returns a new cursor, which is what DuckDB needs for
+    use from several threads.
     """
     key = str(Path(path) if path is not None else paths.index_path())
     with _shared_lock:
         if key not in _shared:
-            _shared[key] = connect(key, allowed_dirs=[paths.data_root()])
+            _shared[key] = connect(key, allowed_dirs=[paths.data_root()], threads=max(1, (os.cpu_count() or 2) // 2))
         return _shared[key].cursor()
 
 
