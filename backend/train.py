@@ -10,6 +10,7 @@ manifest.json last.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -162,21 +163,23 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
         idx = sampler.next()
         micro = [idx[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(cfg.grad_accum)]
         batches = [_to(collate([ds.encoded[j] for j in m], tok.pad_token_id), device) for m in micro]
-        if tracer is not None and step % cfg.trace_every == 0 and not cfg.trace_inline:
-            tracer(ddp_model, batches, step)
+        traced = tracer is not None and step % cfg.trace_every == 0
+        if traced and not cfg.trace_inline:
+            tracer.rerun(ddp_model, batches, step)
         loss_sum = ce_sum = 0.0
         n_tok = torch.zeros((), dtype=torch.long)
         for i, b in enumerate(batches):
             sync = i == len(batches) - 1
             ctx = ddp_model.no_sync() if (info.enabled and not sync) else nullcontext()
-            with ctx:
+            inline = tracer.inline(ddp_model, step, b) if (traced and cfg.trace_inline) else nullcontext()
+            with ctx, inline as box:
                 out = forward_loss(ddp_model, b, scheme, cfg.scheme_params)
                 (out.total / cfg.grad_accum).backward()
+                if box is not None:
+                    box.out = out
             loss_sum += out.total.item()
             ce_sum += out.ce.item()
             n_tok += out.mask.sum().cpu()
-        if tracer is not None and step % cfg.trace_every == 0 and cfg.trace_inline:
-            tracer(ddp_model, batches, step, inline=True)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         lr_now = sched.get_last_lr()[0]
         opt.step()
@@ -207,6 +210,10 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
 
     manifest: dict = {"steps": cfg.steps, "train_seconds": round(train_s, 3), "world_size": info.world_size,
                       "final_loss": loss_avg, "trainable_params": n_trainable}
+    digests = bdist.all_gather_object(param_digest(model))
+    manifest["rank_param_digests"] = digests
+    if len(set(digests)) != 1:      # DDP must keep every replica identical; anything else is a bug
+        raise RuntimeError(f"DDP ranks disagree on the trained LoRA weights: {digests}")
     if tracer is not None:
         manifest["trace"] = tracer.summary()
     if info.is_main:
@@ -223,6 +230,16 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
     bdist.barrier()
     rd.finish(manifest)
     return rd.path
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    """sha256 of the trainable parameters' bytes, in name order: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _write_eval(rd: RunDir, res: dict) -> None:
