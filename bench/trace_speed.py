@@ -1,0 +1,280 @@
+"""Tracer speed and memory against a plain LoRA step and the naive per-token loop, measured side by side.
+
+    python bench/trace_speed.py                         # default model (data/models/tiny-arith) on CPU: a table
+    python bench/trace_speed.py --json                  # one JSON object
+    python bench/trace_speed.py --device cuda           # a 0.5B-shaped Qwen2 with random weights
+
+Rows (medians over --repeats, the variants interleaved so load on the machine hits them alike):
+- plain step: forward + backward of the scheme loss (what training does), LoRA gradients into ``.grad``;
+- position trace: ``trace_batch`` in position mode on the same batch: hooks, factored products, every
+  statistic, the result columns (a re-run also forks the RNG and restores module modes);
+- token dot: ``trace_batch`` in token mode, magnitude none, no module rows: G + one JVP;
+- naive loop: one backward per token (``retain_graph``) and the dot of each g_t with G (and ||g_t||);
+- token exact: token mode with exact magnitudes (batched backward in chunks) and module rows;
+- token sketch k: sketched magnitudes, error against the exact ones.
+Peak memory: on CUDA ``max_memory_allocated`` above what was allocated before the call; on CPU the peak of
+tensor memory allocated during the call (the PyTorch profiler's memory timeline). Ratios are against the plain
+step on the same batch.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from backend import paths                                     # noqa: E402
+from backend.loss import forward_loss                         # noqa: E402
+from backend.schemes import get_scheme                        # noqa: E402
+from backend.tracer import TraceConfig, discover_lora_modules, trace_batch   # noqa: E402
+
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_model(args: argparse.Namespace):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    if args.device.startswith("cuda"):
+        cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                          num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
+                          max_position_embeddings=4096, attn_implementation="sdpa")
+        base, name = Qwen2ForCausalLM(cfg).to(dtype), "Qwen2 0.5B-shaped (random weights)"
+    elif (paths.DEFAULT_MODEL_DIR / "config.json").exists() and args.model == "default":
+        base = AutoModelForCausalLM.from_pretrained(paths.DEFAULT_MODEL_DIR, dtype=dtype)
+        name = "data/models/tiny-arith"
+    else:
+        cfg = Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                          attn_implementation="sdpa")
+        base, name = Qwen2ForCausalLM(cfg).to(dtype), "tiny random Qwen2 (tiny-arith shape)"
+    model = get_peft_model(base, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=args.targets,
+                                            task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:                     # peft starts lora_B at zero: random A and B, a trained-like state
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    model.to(args.device).train()
+    n_par = sum(p.numel() for p in base.parameters())
+    return model, f"{name}, {n_par / 1e6:.1f}M params, {base.config._attn_implementation}"
+
+
+def make_batch(vocab: int, B: int, T: int, device: str, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, T), generator=g)
+    labels = ids.clone()
+    labels[:, : T // 4] = -100                                  # a prompt: the first quarter
+    return {k: v.to(device) for k, v in {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                         "labels": labels, "sample_idx": torch.arange(B)}.items()}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fns: dict[str, Callable], repeats: int, device: str) -> dict[str, float]:
+    """Median seconds of each function, interleaved over ``repeats`` rounds after one warm-up each."""
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            f()
+            sync(device)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def peak_memory(fn: Callable, device: str) -> float:
+    """Peak bytes allocated by ``fn`` above what was allocated before it."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - base)
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        fn()
+    cur = peak = 0
+    for _, action, (key, _), size in prof._memory_profile().timeline:
+        if key.device.type != "cpu" or action == Action.PREEXISTING:
+            continue
+        cur += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, cur)
+    return float(peak)
+
+
+def naive_token_loop(model, batch, scheme, sites) -> dict[str, torch.Tensor]:
+    """G by a plain backward, then one backward per token: dot <g_t, G> and ||g_t|| (float64)."""
+    params = [s.param for s in sites]
+    out = forward_loss(model, batch, scheme, {})
+    G = [g.double() for g in torch.autograd.grad(out.total, params, retain_graph=True)]
+    lg = out.logits[:, :-1].float()
+    tgt = batch["input_ids"][:, 1:]
+    losses = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1),
+                                               reduction="none").view(tgt.shape)
+    B, T1 = losses.shape
+    dot = torch.zeros(B, T1, dtype=torch.float64)
+    mag = torch.zeros(B, T1, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T1):
+            g = torch.autograd.grad(losses[b, t], params, retain_graph=True)
+            dot[b, t] = sum(float((gi.double() * Gi).sum()) for gi, Gi in zip(g, G))
+            mag[b, t] = sum(float(gi.double().square().sum()) for gi in g) ** 0.5
+    return {"dot": dot, "magnitude": mag, "g_norm": torch.tensor(sum(float(g.square().sum()) for g in G) ** 0.5)}
+
+
+def grid(res, B: int, T: int, col: str) -> torch.Tensor:
+    out = torch.full((B, T - 1), float("nan"), dtype=torch.float64)
+    out[torch.as_tensor(res.tokens["sample_idx"], dtype=torch.long),
+        torch.as_tensor(res.tokens["position"], dtype=torch.long)] = torch.as_tensor(res.tokens[col]).double()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="default", help="'default' (tiny-arith if built) or 'random'")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--batch", type=int, default=None, help="position mode sequences (default 8)")
+    ap.add_argument("--seq-len", type=int, default=None, help="position mode tokens per sequence (128 CPU, 512 GPU)")
+    ap.add_argument("--token-batch", type=int, default=2)
+    ap.add_argument("--token-seq-len", type=int, default=256)
+    ap.add_argument("--r", type=int, default=None, help="LoRA rank (8 CPU, 16 GPU)")
+    ap.add_argument("--targets", type=lambda s: s.split(","), default=ALL_TARGETS)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--sketch-k", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64, 256])
+    ap.add_argument("--skip-naive", action="store_true", help="leave out the naive per-token loop (slow)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    args.batch = args.batch or 8
+    args.seq_len = args.seq_len or (512 if gpu else 128)
+    args.r = args.r or (16 if gpu else 8)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, desc = build_model(args)
+    vocab = model.config.vocab_size
+    scheme = get_scheme("sft")
+    sites = discover_lora_modules(model)
+    rows: list[dict] = []
+    res: dict = {"model": desc, "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+                 "lora_r": args.r, "targets": args.targets, "lora_matrices": len(sites)}
+
+    # ---- position mode against the plain step -------------------------------------------------------------
+    pb = make_batch(vocab, args.batch, args.seq_len, args.device, 0)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def plain(batch=pb):
+        out = forward_loss(model, batch, scheme, {})
+        out.total.backward()
+        for p in params:
+            p.grad = None
+
+    pos_cfg = TraceConfig(mode="position", max_sequences=args.batch)
+
+    def position():
+        trace_batch(model, pb, scheme, {}, pos_cfg)
+
+    t = timed({"plain": plain, "position": position}, args.repeats, args.device)
+    m_plain, m_pos = peak_memory(plain, args.device), peak_memory(position, args.device)
+    n_pos = args.batch * args.seq_len
+    rows.append(dict(mode="plain step", tokens=n_pos, time=t["plain"], ratio=1.0, mem=m_plain, mem_ratio=1.0))
+    rows.append(dict(mode="position trace", tokens=n_pos, time=t["position"], ratio=t["position"] / t["plain"],
+                     mem=m_pos, mem_ratio=m_pos / m_plain))
+    res.update(position_time_ratio=t["position"] / t["plain"], position_memory_ratio=m_pos / m_plain,
+               plain_step_s=t["plain"], position_trace_s=t["position"])
+
+    # ---- token mode ----------------------------------------------------------------------------------------
+    B, T = args.token_batch, args.token_seq_len
+    tb = make_batch(vocab, B, T, args.device, 1)
+    n_tok = B * (T - 1)
+    dot_cfg = TraceConfig(mode="token", magnitude="none", module_rows=False, max_sequences=B)
+    exact_cfg = TraceConfig(mode="token", magnitude="exact", module_rows=True, max_sequences=B)
+    reps = max(3, args.repeats // 3)
+    t2 = timed({"plain": lambda: plain(tb), "dot": lambda: trace_batch(model, tb, scheme, {}, dot_cfg)},
+               reps, args.device)
+    m_plain2 = peak_memory(lambda: plain(tb), args.device)
+    m_dot = peak_memory(lambda: trace_batch(model, tb, scheme, {}, dot_cfg), args.device)
+    rows.append(dict(mode="plain step", tokens=n_tok, time=t2["plain"], ratio=1.0, mem=m_plain2, mem_ratio=1.0))
+    rows.append(dict(mode="token dot (JVP)", tokens=n_tok, time=t2["dot"], ratio=t2["dot"] / t2["plain"],
+                     mem=m_dot, mem_ratio=m_dot / m_plain2))
+    t0 = time.perf_counter()
+    exact = trace_batch(model, tb, scheme, {}, exact_cfg)
+    sync(args.device)
+    t_exact = time.perf_counter() - t0
+    # (the CPU memory timeline of the long exact run would itself take gigabytes: measured on CUDA only)
+    m_exact = peak_memory(lambda: trace_batch(model, tb, scheme, {}, exact_cfg), args.device) if gpu else float("nan")
+    rows.append(dict(mode="token exact magnitudes", tokens=n_tok, time=t_exact, ratio=t_exact / t2["plain"],
+                     mem=m_exact, mem_ratio=m_exact / m_plain2))
+    ours_dot = trace_batch(model, tb, scheme, {}, dot_cfg)
+    exact_mag = grid(exact, B, T, "magnitude")
+    res.update(token_dot_s=t2["dot"], token_exact_s=t_exact, token_plain_step_s=t2["plain"])
+    if not args.skip_naive:
+        model.eval()                                             # the trace runs without dropout: so does the loop
+        t0 = time.perf_counter()
+        naive = naive_token_loop(model, tb, scheme, sites)
+        sync(args.device)
+        t_naive = time.perf_counter() - t0
+        model.train()
+        rows.append(dict(mode="naive loop (1 backward/token)", tokens=n_tok, time=t_naive,
+                         ratio=t_naive / t2["plain"], mem=float("nan"), mem_ratio=float("nan")))
+        scale = naive["magnitude"] * float(naive["g_norm"])
+        err = ((grid(ours_dot, B, T, "dot") - naive["dot"]).abs() / scale.clamp_min(1e-30))
+        res.update(token_dot_speedup=t_naive / t2["dot"], token_dot_max_rel_err=float(err.max()),
+                   token_dot_max_rel_err_vs_largest=float((grid(ours_dot, B, T, "dot") - naive["dot"]).abs().max()
+                                                          / naive["dot"].abs().max()),
+                   token_exact_speedup=t_naive / t_exact,
+                   token_exact_magnitude_max_rel_err=float(((exact_mag - naive["magnitude"]).abs()
+                                                            / naive["magnitude"]).max()),
+                   naive_loop_s=t_naive)
+    for k in args.sketch_k:
+        cfg = TraceConfig(mode="token", magnitude="sketch", sketch_k=k, module_rows=False, max_sequences=B)
+        t0 = time.perf_counter()
+        sk = trace_batch(model, tb, scheme, {}, cfg)
+        sync(args.device)
+        ts = time.perf_counter() - t0
+        rel = ((grid(sk, B, T, "magnitude") - exact_mag).abs() / exact_mag).flatten()
+        res[f"sketch_k{k}_median_rel_err"] = float(rel.median())
+        res[f"sketch_k{k}_max_rel_err"] = float(rel.max())
+        res[f"sketch_k{k}_s"] = ts
+        rows.append(dict(mode=f"token sketch k={k}", tokens=n_tok, time=ts, ratio=ts / t2["plain"],
+                         mem=float("nan"), mem_ratio=float("nan"), note=f"median rel err {float(rel.median()):.3f} "
+                                                                         f"(sqrt(1/2k) = {(0.5 / k) ** 0.5:.3f})"))
+    res["rows"] = rows
+    if args.json:
+        print(json.dumps(res, default=float))
+        return 0
+    print(f"model: {desc}; device {args.device}, {args.dtype}, {res['threads']} threads; LoRA r={args.r} on "
+          f"{','.join(args.targets)} ({len(sites)} matrices)")
+    print(f"{'mode':<32}{'tokens':>8}{'time ms':>11}{'x plain':>9}{'peak MB':>10}{'x plain':>9}  note")
+    for r in rows:
+        print(f"{r['mode']:<32}{r['tokens']:>8}{r['time'] * 1e3:>11.1f}{r['ratio']:>9.2f}{r['mem'] / 2**20:>10.1f}"
+              f"{r['mem_ratio']:>9.2f}  {r.get('note', '')}")
+    keys = [k for k in res if k.endswith(("ratio", "speedup", "err"))]
+    for k in keys:
+        print(f"{k}: {res[k]:.4g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

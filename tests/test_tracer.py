@@ -1,0 +1,366 @@
+"""The tracer against the naive reference of backend.verify (explicit pieces / one backward per token), on tiny
+random Qwen2 and Llama models with LoRA on every attention and MLP projection (lora_B randomised)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from backend import trace_store
+from backend.loss import forward_loss
+from backend.rundir import RunDir
+from backend.schemes import get_scheme
+from backend.tracer import InlineTrace, TraceConfig, discover_lora_modules, trace_batch
+from backend.verify import compare, failures, reference
+from tests._tiny_lora import ALL_TARGETS, tiny_base_model, tiny_batch, tiny_lora_model, tiny_tokenizer
+
+TOL = 1e-4
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def errors_vs_naive(model, res) -> tuple[dict, dict]:
+    ref = reference(model, [res.state])
+    ours = pd.DataFrame(res.tokens).assign(rank=0)
+    mods = pd.DataFrame(res.modules).assign(rank=0)
+    return compare(ours, mods, ref), ref
+
+
+def assert_close(errs: dict, ref: dict) -> None:
+    bad = failures({"errors": errs, "checks_reference": ref["checks"]}, TOL)
+    assert not bad, bad
+    assert errs["token_rows_unmatched"] == 0 and errs.get("module_rows_unmatched", 0) == 0
+
+
+# ---- discovery and config --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_discover_lora_modules(arch):
+    model = tiny_lora_model(arch)
+    sites = discover_lora_modules(model)
+    assert len(sites) == 2 * 7 * 2                                   # layers x modules x parts
+    assert {s.module for s in sites} == set(ALL_TARGETS) and {s.layer for s in sites} == {0, 1}
+    s = sites[0]
+    assert s.name == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default"
+    layer, module, part, linear = s
+    assert (layer, module, part) == (0, "q_proj", "lora_A")
+    assert dict(model.named_modules())[s.name] is linear and s.param is linear.weight
+    mlp = discover_lora_modules(model, ["down_proj", "gate_proj"])
+    assert {s.module for s in mlp} == {"down_proj", "gate_proj"} and len(mlp) == 8
+    with pytest.raises(ValueError, match="fc9"):
+        discover_lora_modules(model, ["fc9"])
+    with pytest.raises(ValueError, match="no active LoRA"):
+        discover_lora_modules(tiny_base_model(arch))
+
+
+@pytest.mark.parametrize("kw, field", [({"mode": "grad"}, "mode"), ({"sketch_k": 0}, "sketch_k"),
+                                       ({"magnitude": "approx"}, "magnitude"), ({"micro_batch_size": 0},
+                                                                                "micro_batch_size"),
+                                       ({"mode": "token", "dropout": True}, "dropout"),
+                                       ({"mode": "token", "inline": True}, "inline")])
+def test_trace_config_rejects_bad_values(kw, field):
+    with pytest.raises(ValueError, match=field):
+        TraceConfig(**kw)
+
+
+# ---- both modes against the naive reference -----------------------------------------------------------------
+
+POSITION_CASES = {
+    "sft": dict(scheme="sft", params={}, cfg={}),
+    "antiop-ce": dict(scheme="antiop", params={"clip_mult": 0.5}, cfg={"trace_loss": "ce"}),
+    "antiop": dict(scheme="antiop", params={"clip_mult": 0.5}, cfg={}),
+    "lr-micro": dict(scheme="lr", params={}, cfg={"micro_batch_size": 3}),       # reference pass, 2 chunks
+    "dropout": dict(scheme="dft", params={}, cfg={"dropout": True}),
+    "full-check": dict(scheme="topk", params={"keep_ratio": 0.5}, cfg={"full_check": True}),
+}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("case", list(POSITION_CASES))
+def test_position_mode_matches_naive_pieces(arch, case):
+    c = POSITION_CASES[case]
+    model = tiny_lora_model(arch, dropout=0.1)
+    res = trace_batch(model, tiny_batch(), c["scheme"], c["params"], TraceConfig(mode="position", **c["cfg"]),
+                      step=7)
+    errs, ref = errors_vs_naive(model, res)
+    assert_close(errs, ref)
+    assert abs(res.checks["share_sum"] - 1) < 1e-5
+    assert res.checks["pieces_sum_max_rel_err"] < 1e-5
+    assert res.checks["unrecorded_abs_share"] < 1e-6
+    assert abs(res.tokens["share"].sum() - 1) < 1e-5
+    assert np.isclose(res.checks["grad_norm"], ref["checks"]["grad_norm"], rtol=1e-5)
+
+
+TOKEN_CASES = {
+    "exact": dict(magnitude="exact"),
+    "exact-response-micro": dict(magnitude="exact", token_positions="response", micro_batch_size=2, grad_chunk=5),
+    "none": dict(magnitude="none", jvp_chunk=5),
+    "sketch": dict(magnitude="sketch", sketch_k=24, jvp_chunk=7),
+}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("case", list(TOKEN_CASES))
+def test_token_mode_matches_naive_per_token_backward(arch, case):
+    model = tiny_lora_model(arch)
+    res = trace_batch(model, tiny_batch(), "dft", {}, TraceConfig(mode="token", **TOKEN_CASES[case]), step=3)
+    errs, ref = errors_vs_naive(model, res)
+    assert_close(errs, ref)
+    assert res.checks["attn_implementation_used"] == "eager"
+    if case.startswith("exact"):
+        assert res.checks["token_dot_jvp_vs_backward_max_rel_err"] < 1e-5
+        assert not res.tokens["magnitude_estimated"].any()
+    if case == "none":
+        assert np.isnan(res.tokens["magnitude"]).all() and np.isnan(res.tokens["alignment"]).all()
+
+
+def test_sketched_magnitudes_are_within_their_statistical_error():
+    model = tiny_lora_model("qwen2")
+    batch = tiny_batch()
+    k = 64
+    exact = trace_batch(model, batch, "sft", {}, TraceConfig(mode="token"))
+    sk = trace_batch(model, batch, "sft", {}, TraceConfig(mode="token", magnitude="sketch", sketch_k=k))
+    rel = np.abs(sk.tokens["magnitude"] / exact.tokens["magnitude"] - 1)
+    # ||g||^2 estimate ~ chi^2_k / k: the norm's relative error has sd ~ sqrt(1/(2k)) = 0.088 here
+    assert np.median(rel) < 2 * (0.5 / k) ** 0.5 and rel.max() < 0.5
+    assert sk.tokens["magnitude_estimated"].all()
+    np.testing.assert_allclose(sk.tokens["dot"], exact.tokens["dot"], rtol=1e-5, atol=1e-7)
+
+
+# ---- which positions are recorded ---------------------------------------------------------------------------
+
+def test_recorded_positions_prompt_yes_padding_no():
+    model = tiny_lora_model("qwen2")
+    batch = tiny_batch()
+    am, labels = batch["attention_mask"], batch["labels"]
+    tok = tiny_tokenizer()
+    for mode in ("position", "token"):
+        res = trace_batch(model, batch, "sft", {}, TraceConfig(mode=mode, magnitude="none"), tok)
+        t = res.tokens
+        b = t["sample_idx"] - 100
+        p = t["position"]
+        assert (am[b, p] == 1).all() and (am[b, p + 1] == 1).all(), "a padding position was recorded"
+        assert (~t["is_response"]).any() and (t["weight"][~t["is_response"]] == 0).all()
+        np.testing.assert_array_equal(t["is_response"], (labels[b, p + 1] != -100).numpy())
+        np.testing.assert_array_equal(t["token_id"], batch["input_ids"][b, p + 1].numpy())
+        assert t["token"][0] == tok.decode([int(t["token_id"][0])]) and set(t["category"]) <= {
+            "word", "subword", "number", "operator", "step_marker", "special", "other", "punctuation"}
+        for row in range(4):
+            valid = ((am[row, :-1] == 1) & (am[row, 1:] == 1)).nonzero().flatten().tolist()
+            resp = (labels[row, 1:] != -100).nonzero().flatten().tolist()
+            got = sorted(p[b == row].tolist())
+            # position mode stops at the last response token (row 0 has a masked tail); token mode does not
+            want = [x for x in valid if x <= max(resp)] if mode == "position" else valid
+            assert got == want, (mode, row)
+    res = trace_batch(model, batch, "sft", {}, TraceConfig(mode="token", token_positions="response"))
+    assert res.tokens["is_response"].all()
+
+
+# ---- tracing never changes training ------------------------------------------------------------------------
+
+def _train(model, batches, trace_cfgs: dict[int, TraceConfig], steps: int = 3):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scheme = get_scheme("sft")
+    torch.manual_seed(123)
+    model.train()
+    for step in range(1, steps + 1):
+        if step in trace_cfgs:
+            trace_batch(model, batches[step], "sft", {}, trace_cfgs[step], step=step)
+        out = forward_loss(model, batches[step], scheme, {})
+        out.total.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_tracing_leaves_weights_bit_identical():
+    batches = {s: tiny_batch(seed=s) for s in range(1, 4)}
+    plain = _train(tiny_lora_model("llama", dropout=0.2), batches, {})
+    traced = _train(tiny_lora_model("llama", dropout=0.2), batches,
+                    {1: TraceConfig(mode="position", dropout=True), 2: TraceConfig(mode="token", magnitude="sketch",
+                                                                                   sketch_k=4),
+                     3: TraceConfig(mode="position", micro_batch_size=2)})
+    assert plain.keys() == traced.keys()
+    for n in plain:
+        assert torch.equal(plain[n], traced[n]), n
+
+
+def test_tracing_leaves_rng_grads_modes_and_attention_alone():
+    model = tiny_lora_model("qwen2", dropout=0.1)
+    model.train()
+    model.base_model.model.model.layers[1].eval()                     # a mixed state must come back as it was
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    grads = [p.grad.clone() for p in params]
+    modes = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    for cfg in (TraceConfig(mode="position", dropout=True), TraceConfig(mode="token")):
+        trace_batch(model, tiny_batch(), "sft", {}, cfg)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+    assert [m.training for m in model.modules()] == modes
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_inline_trace_of_the_real_step():
+    batch = tiny_batch()
+    scheme = get_scheme("dft")
+
+    def step(trace: bool):
+        model = tiny_lora_model("qwen2", dropout=0.2)
+        model.train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        torch.manual_seed(5)
+        res = None
+        if trace:
+            tr = InlineTrace(model, TraceConfig(mode="position", inline=True), step=1)
+            with tr:
+                out = forward_loss(model, batch, scheme, {})
+                out.total.backward()
+            res = tr.result(batch, out, scheme, {})
+            state = {n: p.detach().clone() for n, p in model.named_parameters()}
+        else:
+            out = forward_loss(model, batch, scheme, {})
+            out.total.backward()
+        opt.step()
+        after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        if trace:
+            with torch.no_grad():                                      # back to the step's weights for the check
+                for n, p in model.named_parameters():
+                    p.copy_(state[n])
+        return model, res, after
+
+    model, res, traced = step(True)
+    _, _, plain = step(False)
+    assert all(torch.equal(traced[n], plain[n]) for n in plain)
+    assert res.checks["step_grad_norm_rel_err"] < 1e-6 and abs(res.checks["share_sum"] - 1) < 1e-5
+    errs, ref = errors_vs_naive(model, res)                            # dropout replayed from the saved RNG
+    assert_close(errs, ref)
+
+
+# ---- storage ------------------------------------------------------------------------------------------------
+
+def test_shards_have_the_schema_and_nulls(tmp_path):
+    from backend import schema
+    model = tiny_lora_model("qwen2")
+    rd = RunDir.create(kind="train", name="t", config={}, root=tmp_path)
+    for step, cfg in ((1, TraceConfig(mode="position")), (2, TraceConfig(mode="token", magnitude="none"))):
+        res = trace_batch(model, tiny_batch(), "sft", {}, cfg, tiny_tokenizer(), step=step)
+        trace_store.store_step(rd, step, model, res, rank=0)
+    assert trace_store.traced_steps(rd.path) == [1, 2]
+    t1 = trace_store.read_step(rd.path, 1)
+    assert t1.schema.equals(schema.TOKENS, check_metadata=True) and (t1["run_id"].to_numpy() == rd.run_id).all()
+    assert schema.schema_version_of(t1.schema) == schema.SCHEMA_VERSION
+    m1 = trace_store.read_step(rd.path, 1, "token_modules")
+    assert m1.schema.equals(schema.TOKEN_MODULES) and m1.num_rows == t1.num_rows * 28
+    t2 = trace_store.read_step(rd.path, 2)
+    assert t2["share"].null_count == t2.num_rows and t2["magnitude"].null_count == t2.num_rows
+    assert t2["magnitude_estimated"].null_count == t2.num_rows
+    state = trace_store.load_step_state(rd.path, 1)
+    assert set(state["adapter"]) == {n for n, p in model.named_parameters() if "lora_" in n}
+    assert state["ranks"][0]["meta"]["mode"] == "position"
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    import pyarrow.parquet as pq
+    from backend import trace_store
+    from backend.rundir import RunDir
+    from backend.tracer import TraceConfig, trace_batch
+    from tests._tiny_lora import tiny_batch, tiny_lora_model
+    model = tiny_lora_model("qwen2")
+    rd = RunDir.create(kind="train", name="kill", config={{}}, root={root_runs!r}, run_id="killed")
+    res = trace_batch(model, tiny_batch(), "sft", {{}}, TraceConfig(), step=1)
+    trace_store.store_step(rd, 1, model, res)
+    real = pq.write_table
+    def dying(table, where, **kw):             # step 2: die while the shard's temp file is half written
+        with open(where, "wb") as f:
+            f.write(b"PAR1 half a file")
+        os.kill(os.getpid(), signal.SIGKILL)
+    pq.write_table = dying
+    res = trace_batch(model, tiny_batch(), "sft", {{}}, TraceConfig(), step=2)
+    trace_store.store_step(rd, 2, model, res)
+""")
+
+
+def test_a_killed_run_keeps_completed_steps_readable(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(KILL_SCRIPT.format(root=str(ROOT), root_runs=str(tmp_path)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run = tmp_path / "killed"
+    assert trace_store.traced_steps(run) == [1]                       # the half-written step 2 is invisible
+    assert trace_store.read_step(run, 1).num_rows > 0
+    assert trace_store.read_step(run, 1, "token_modules").num_rows > 0
+    assert list((run / "trace" / "tokens").glob(".step_000002*"))      # only its temp file is there
+    with pytest.raises(ValueError, match="no tokens shards for step 2"):
+        trace_store.read_step(run, 2)
+    assert not (run / "manifest.json").exists()
+
+
+# ---- DDP: each rank traces its part, G is the global gradient -------------------------------------------------
+
+DDP_SCRIPT = textwrap.dedent("""
+    import os, sys, pickle
+    sys.path.insert(0, {root!r})
+    import torch, torch.distributed as dist
+    from backend.tracer import TraceConfig, trace_batch
+    from tests._tiny_lora import tiny_batch, tiny_lora_model
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    r = dist.get_rank()
+    full = tiny_batch()
+    part = {{k: v[2 * r:2 * r + 2] for k, v in full.items()}}
+    model = tiny_lora_model("llama")
+    out = {{}}
+    for mode in ("position", "token"):
+        res = trace_batch(model, part, "sft", {{}}, TraceConfig(mode=mode), step=1)
+        out[mode] = (res.tokens, res.modules, res.checks)
+    pickle.dump(out, open({out!r} + f".{{r}}", "wb"))
+    dist.destroy_process_group()
+""")
+
+
+def test_ddp_ranks_trace_their_part_against_the_global_gradient(tmp_path):
+    import pickle
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(root=str(ROOT), out=str(tmp_path / "res")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), str(script)], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [pickle.load(open(tmp_path / f"res.{r}", "rb")) for r in range(2)]
+    model = tiny_lora_model("llama")
+    for mode in ("position", "token"):
+        # one process, the same 4 sequences in 2 micro-batches of 2: L = mean of the two losses = DDP's
+        single = trace_batch(model, tiny_batch(), "sft", {}, TraceConfig(mode=mode, micro_batch_size=2), step=1)
+        both = pd.concat([pd.DataFrame(r[mode][0]) for r in ranks], ignore_index=True)
+        one = pd.DataFrame(single.tokens)
+        assert len(both) == len(one)
+        for col in ("dot", "magnitude", "alignment") + (("share",) if mode == "position" else ()):
+            np.testing.assert_allclose(both[col], one[col], rtol=1e-4, atol=1e-8, err_msg=f"{mode} {col}")
+        if mode == "position":                                        # the share sum is all-reduced
+            assert all(abs(r[mode][2]["share_sum"] - 1) < 1e-5 and r[mode][2]["world_size"] == 2 for r in ranks)
