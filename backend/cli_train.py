@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from backend.config import TrainConfig, add_config_args, config_from_args
@@ -30,6 +31,8 @@ def main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError, HubUnreachableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     manifest = json.loads((run / "manifest.json").read_text())
     ev = manifest.get("eval", {})
     acc = f", eval accuracy {ev['accuracy']:.3f} (n={ev['n']})" if "accuracy" in ev else ""

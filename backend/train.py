@@ -27,7 +27,7 @@ from backend import schema
 from backend.config import TrainConfig
 from backend.loss import forward_loss, unwrap
 from backend.models import apply_lora, load_model_and_tokenizer, resolve_device
-from backend.rundir import RunDir, rows_to_table
+from backend.rundir import RunDir, new_run_id, rows_to_table
 from backend.schemes import get_scheme
 
 TRAIN_STEPS_FLUSH = 50      # steps per train_steps Parquet part: a crash loses at most this many rows
@@ -111,11 +111,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     seed_everything(cfg.seed)
-    run_id = bdist.broadcast_object(cfg.run_id or None)
-    rd = RunDir.create("train", cfg.name or cfg.scheme, cfg.to_dict(), root=Path(cfg.runs_root) if cfg.runs_root
-                       else None, run_id=run_id, is_writer=info.is_main)
-    run_id = bdist.broadcast_object(rd.run_id)
-    rd.run_id = run_id
+    name = cfg.name or cfg.scheme
+    run_id = bdist.broadcast_object(cfg.run_id or new_run_id("train", name))     # every rank: rank 0's id
+    rd = RunDir.create("train", name, cfg.to_dict(), root=Path(cfg.runs_root) if cfg.runs_root else None,
+                       run_id=run_id, is_writer=info.is_main)
     try:
         return _train(cfg, rd, info, device, progress)
     except BaseException as e:
@@ -227,8 +226,8 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
             rd.event("eval", when="after", accuracy=res["accuracy"], n=res["n"])
         else:
             manifest["eval"] = {"skipped": "user dataset: no answer checker" if cfg.dataset else "n_eval = 0"}
-    bdist.barrier()
     rd.finish(manifest)
+    bdist.barrier()           # no rank returns before rank 0 has written the manifest
     return rd.path
 
 

@@ -1,0 +1,118 @@
+"""The train job end to end on the embedded default: run directory contract, loss goes down, failures keep
+what was written, tracing leaves training bit-identical, DDP on gloo keeps ranks identical."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from backend import schema
+from backend.config import TrainConfig
+from backend.data import collate, encode_examples
+from backend.loss import forward_loss
+from backend.models import load_model_and_tokenizer
+from backend.rundir import read_events
+from backend.schemes import get_scheme
+from backend.tasks import get_task
+from backend.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = dict(n_train=96, n_eval=8, batch_size=8, eval_max_new_tokens=48, log_every=5)
+
+
+def cfg(tmp_path, **kw) -> TrainConfig:
+    return TrainConfig(**{**SMALL, "runs_root": str(tmp_path / "runs"), **kw})
+
+
+def test_run_directory_contract_and_loss_goes_down(tmp_path):
+    run = train(cfg(tmp_path, steps=20, lr=5e-3, name="contract"), progress=False)
+    names = {p.name for p in run.iterdir()}
+    assert {"config.json", "events.jsonl", "manifest.json", "train_steps", "adapter", "eval"} <= names
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["config"] == TrainConfig.from_dict(saved["config"]).to_dict()   # the config round-trips
+    steps = pq.read_table(run / "train_steps").to_pandas()
+    assert list(steps["step"]) == list(range(1, 21))
+    assert pq.read_schema(next((run / "train_steps").iterdir())).equals(schema.TRAIN_STEPS, check_metadata=True)
+    events = read_events(run)
+    assert events[0]["type"] == "start" and events[-1]["type"] == "done"
+    prog = [e for e in events if e["type"] == "progress"]
+    assert prog[-1]["step"] == 20 and {"loss", "lr", "tokens_per_s", "eta_s"} <= set(prog[-1])
+    manifest = json.loads((run / "manifest.json").read_text())
+    newest_other = max(p.stat().st_mtime for p in run.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert (run / "manifest.json").stat().st_mtime >= newest_other                 # written last
+    ev = pq.read_table(run / "eval").to_pandas()
+    assert manifest["eval"]["accuracy"] == pytest.approx(ev.loc[ev.sample_k == -1, "correct"].mean())
+
+    # the loss on a fixed batch of training sequences is lower with the trained adapter than without
+    from peft import PeftModel
+    base, tok = load_model_and_tokenizer("default", device="cpu")
+    train_ex, _ = get_task("arith").generate(0, SMALL["n_train"], SMALL["n_eval"])
+    batch = collate(encode_examples(tok, train_ex[:32], 256), tok.pad_token_id)
+    sft = get_scheme("sft")
+    with torch.no_grad():
+        before = forward_loss(base, batch, sft, {}).total.item()
+        tuned = PeftModel.from_pretrained(base, run / "adapter")
+        after = forward_loss(tuned, batch, sft, {}).total.item()
+    assert after < before, (before, after)
+
+
+def test_failure_keeps_what_was_written_and_writes_no_manifest(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl.*line 2.*response"):
+        train(cfg(tmp_path, dataset=str(bad), steps=2), progress=False)
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "config.json").exists() and not (run / "manifest.json").exists()
+    assert read_events(run)[-1]["type"] == "error"
+
+
+def test_tracing_leaves_training_bit_identical(tmp_path):
+    plain = train(cfg(tmp_path, steps=6, n_eval=0, lora_dropout=0.1), progress=False)
+    traced = train(cfg(tmp_path, steps=6, n_eval=0, lora_dropout=0.1, trace_every=3, trace_sequences=2),
+                   progress=False)
+    a = json.loads((plain / "manifest.json").read_text())
+    b = json.loads((traced / "manifest.json").read_text())
+    assert a["rank_param_digests"] == b["rank_param_digests"]
+    assert b["trace"]["steps"] == [3, 6]
+    assert b["trace"]["share_sum_max_abs_err"] < 1e-4
+    assert sorted(p.name for p in (traced / "trace" / "tokens").iterdir()) == \
+        ["step_000003.rank0.parquet", "step_000006.rank0.parquet"]
+
+
+def test_inline_trace_matches_rerun(tmp_path):
+    """The real step traced inline and a re-run of the same step give the same numbers (no dropout)."""
+    rerun = train(cfg(tmp_path, steps=2, n_eval=0, trace_every=2, trace_sequences=8), progress=False)
+    inline = train(cfg(tmp_path, steps=2, n_eval=0, trace_every=2, trace_sequences=8, trace_inline=True),
+                   progress=False)
+    cols = ["sample_idx", "position", "dot", "magnitude", "alignment", "share"]
+    a = pq.read_table(rerun / "trace" / "tokens").to_pandas()[cols].sort_values(["sample_idx", "position"])
+    b = pq.read_table(inline / "trace" / "tokens").to_pandas()[cols].sort_values(["sample_idx", "position"])
+    assert len(a) == len(b) > 0
+    scale = a["dot"].abs().max()
+    assert (a["dot"].to_numpy() - b["dot"].to_numpy()).__abs__().max() <= 1e-4 * scale
+
+
+def test_ddp_gloo_two_ranks_agree(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    runs = tmp_path / "runs"
+    with socket.socket() as s:                  # a free port for the rendezvous (port 0 would hang rank 1)
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", port,
+           "-m", "backend", "train", "--steps", "3", "--n-train", "64", "--n-eval", "4", "--batch-size", "4",
+           "--trace-every", "3", "--trace-sequences", "2", "--runs-root", str(runs), "--quiet",
+           "--eval-max-new-tokens", "32"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (run,) = runs.iterdir()
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["world_size"] == 2
+    assert len(m["rank_param_digests"]) == 2 and len(set(m["rank_param_digests"])) == 1
+    shards = sorted(p.name for p in (run / "trace" / "tokens").iterdir())
+    assert shards == ["step_000003.rank0.parquet", "step_000003.rank1.parquet"]      # each rank its own part
