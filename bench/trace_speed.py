@@ -12,6 +12,7 @@ Rows (medians over --repeats, the variants interleaved so load on the machine hi
 - naive loop: one backward per token (``retain_graph``) and the dot of each g_t with G (and ||g_t||);
 - token exact: token mode with exact magnitudes (batched backward in chunks) and module rows;
 - token sketch k: sketched magnitudes, error against the exact ones.
+Time: wall clock on CUDA; on CPU this process's CPU time, which other jobs on a shared machine barely move.
 Peak memory: on CUDA ``max_memory_allocated`` above what was allocated before the call; on CPU the peak of
 tensor memory allocated during the call (the PyTorch profiler's memory timeline). Ratios are against the plain
 step on the same batch.
@@ -37,6 +38,7 @@ from backend.schemes import get_scheme                        # noqa: E402
 from backend.tracer import TraceConfig, discover_lora_modules, trace_batch   # noqa: E402
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def build_model(args: argparse.Namespace):
@@ -44,13 +46,16 @@ def build_model(args: argparse.Namespace):
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
+    tok = None
     if args.device.startswith("cuda"):
         cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                           num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
                           max_position_embeddings=4096, attn_implementation="sdpa")
         base, name = Qwen2ForCausalLM(cfg).to(dtype), "Qwen2 0.5B-shaped (random weights)"
     elif (paths.DEFAULT_MODEL_DIR / "config.json").exists() and args.model == "default":
+        from transformers import AutoTokenizer
         base = AutoModelForCausalLM.from_pretrained(paths.DEFAULT_MODEL_DIR, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(paths.DEFAULT_MODEL_DIR)
         name = "data/models/tiny-arith"
     else:
         cfg = Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
@@ -66,7 +71,7 @@ def build_model(args: argparse.Namespace):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     model.to(args.device).train()
     n_par = sum(p.numel() for p in base.parameters())
-    return model, f"{name}, {n_par / 1e6:.1f}M params, {base.config._attn_implementation}"
+    return model, tok, f"{name}, {n_par / 1e6:.1f}M params, {base.config._attn_implementation}"
 
 
 def make_batch(vocab: int, B: int, T: int, device: str, seed: int) -> dict:
@@ -83,19 +88,33 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def clock(device: str) -> float:
+    """CPU: this process's CPU time (other jobs on a shared machine barely move it); CUDA: wall time."""
+    return time.perf_counter() if device.startswith("cuda") else time.process_time()
+
+
 def timed(fns: dict[str, Callable], repeats: int, device: str) -> dict[str, float]:
     """Median seconds of each function, interleaved over ``repeats`` rounds after one warm-up each."""
     for f in fns.values():
         f()
+    gc.collect()                          # the first full collection after loading: not part of either step
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
             sync(device)
-            t = time.perf_counter()
+            t = clock(device)
             f()
             sync(device)
-            times[k].append(time.perf_counter() - t)
+            times[k].append(clock(device) - t)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def once(fn: Callable, device: str) -> tuple[float, object]:
+    sync(device)
+    t = clock(device)
+    out = fn()
+    sync(device)
+    return clock(device) - t, out
 
 
 def peak_memory(fn: Callable, device: str) -> float:
@@ -159,20 +178,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--token-batch", type=int, default=2)
     ap.add_argument("--token-seq-len", type=int, default=256)
     ap.add_argument("--r", type=int, default=None, help="LoRA rank (8 CPU, 16 GPU)")
-    ap.add_argument("--targets", type=lambda s: s.split(","), default=ALL_TARGETS)
+    ap.add_argument("--targets", type=lambda s: s.split(","), default=DEFAULT_TARGETS,
+                    help="LoRA target modules, comma separated (default: the project's q,k,v,o; 'all' adds MLP)")
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--sketch-k", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64, 256])
     ap.add_argument("--skip-naive", action="store_true", help="leave out the naive per-token loop (slow)")
+    ap.add_argument("--skip-token", action="store_true", help="position mode only")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     gpu = args.device.startswith("cuda")
+    if args.targets == ["all"]:
+        args.targets = ALL_TARGETS
     args.batch = args.batch or 8
     args.seq_len = args.seq_len or (512 if gpu else 128)
     args.r = args.r or (16 if gpu else 8)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, desc = build_model(args)
+    model, tok, desc = build_model(args)
     vocab = model.config.vocab_size
     scheme = get_scheme("sft")
     sites = discover_lora_modules(model)
@@ -193,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     pos_cfg = TraceConfig(mode="position", max_sequences=args.batch)
 
     def position():
-        trace_batch(model, pb, scheme, {}, pos_cfg)
+        trace_batch(model, pb, scheme, {}, pos_cfg, tok)
 
     t = timed({"plain": plain, "position": position}, args.repeats, args.device)
     m_plain, m_pos = peak_memory(plain, args.device), peak_memory(position, args.device)
@@ -205,36 +228,34 @@ def main(argv: list[str] | None = None) -> int:
                plain_step_s=t["plain"], position_trace_s=t["position"])
 
     # ---- token mode ----------------------------------------------------------------------------------------
+    if args.skip_token:
+        args.sketch_k = []
+        return report(res, rows, args, desc, sites)
     B, T = args.token_batch, args.token_seq_len
     tb = make_batch(vocab, B, T, args.device, 1)
     n_tok = B * (T - 1)
     dot_cfg = TraceConfig(mode="token", magnitude="none", module_rows=False, max_sequences=B)
     exact_cfg = TraceConfig(mode="token", magnitude="exact", module_rows=True, max_sequences=B)
     reps = max(3, args.repeats // 3)
-    t2 = timed({"plain": lambda: plain(tb), "dot": lambda: trace_batch(model, tb, scheme, {}, dot_cfg)},
+    t2 = timed({"plain": lambda: plain(tb), "dot": lambda: trace_batch(model, tb, scheme, {}, dot_cfg, tok)},
                reps, args.device)
     m_plain2 = peak_memory(lambda: plain(tb), args.device)
-    m_dot = peak_memory(lambda: trace_batch(model, tb, scheme, {}, dot_cfg), args.device)
+    m_dot = peak_memory(lambda: trace_batch(model, tb, scheme, {}, dot_cfg, tok), args.device)
     rows.append(dict(mode="plain step", tokens=n_tok, time=t2["plain"], ratio=1.0, mem=m_plain2, mem_ratio=1.0))
     rows.append(dict(mode="token dot (JVP)", tokens=n_tok, time=t2["dot"], ratio=t2["dot"] / t2["plain"],
                      mem=m_dot, mem_ratio=m_dot / m_plain2))
-    t0 = time.perf_counter()
-    exact = trace_batch(model, tb, scheme, {}, exact_cfg)
-    sync(args.device)
-    t_exact = time.perf_counter() - t0
+    t_exact, exact = once(lambda: trace_batch(model, tb, scheme, {}, exact_cfg, tok), args.device)
     # (the CPU memory timeline of the long exact run would itself take gigabytes: measured on CUDA only)
-    m_exact = peak_memory(lambda: trace_batch(model, tb, scheme, {}, exact_cfg), args.device) if gpu else float("nan")
+    m_exact = (peak_memory(lambda: trace_batch(model, tb, scheme, {}, exact_cfg, tok), args.device) if gpu
+               else float("nan"))
     rows.append(dict(mode="token exact magnitudes", tokens=n_tok, time=t_exact, ratio=t_exact / t2["plain"],
                      mem=m_exact, mem_ratio=m_exact / m_plain2))
-    ours_dot = trace_batch(model, tb, scheme, {}, dot_cfg)
+    ours_dot = trace_batch(model, tb, scheme, {}, dot_cfg, tok)
     exact_mag = grid(exact, B, T, "magnitude")
     res.update(token_dot_s=t2["dot"], token_exact_s=t_exact, token_plain_step_s=t2["plain"])
     if not args.skip_naive:
         model.eval()                                             # the trace runs without dropout: so does the loop
-        t0 = time.perf_counter()
-        naive = naive_token_loop(model, tb, scheme, sites)
-        sync(args.device)
-        t_naive = time.perf_counter() - t0
+        t_naive, naive = once(lambda: naive_token_loop(model, tb, scheme, sites), args.device)
         model.train()
         rows.append(dict(mode="naive loop (1 backward/token)", tokens=n_tok, time=t_naive,
                          ratio=t_naive / t2["plain"], mem=float("nan"), mem_ratio=float("nan")))
@@ -249,10 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                    naive_loop_s=t_naive)
     for k in args.sketch_k:
         cfg = TraceConfig(mode="token", magnitude="sketch", sketch_k=k, module_rows=False, max_sequences=B)
-        t0 = time.perf_counter()
-        sk = trace_batch(model, tb, scheme, {}, cfg)
-        sync(args.device)
-        ts = time.perf_counter() - t0
+        ts, sk = once(lambda: trace_batch(model, tb, scheme, {}, cfg, tok), args.device)
         rel = ((grid(sk, B, T, "magnitude") - exact_mag).abs() / exact_mag).flatten()
         res[f"sketch_k{k}_median_rel_err"] = float(rel.median())
         res[f"sketch_k{k}_max_rel_err"] = float(rel.max())
@@ -260,13 +278,19 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(dict(mode=f"token sketch k={k}", tokens=n_tok, time=ts, ratio=ts / t2["plain"],
                          mem=float("nan"), mem_ratio=float("nan"), note=f"median rel err {float(rel.median()):.3f} "
                                                                          f"(sqrt(1/2k) = {(0.5 / k) ** 0.5:.3f})"))
+    return report(res, rows, args, desc, sites)
+
+
+def report(res: dict, rows: list[dict], args: argparse.Namespace, desc: str, sites: list) -> int:
+    gpu = args.device.startswith("cuda")
     res["rows"] = rows
     if args.json:
         print(json.dumps(res, default=float))
         return 0
     print(f"model: {desc}; device {args.device}, {args.dtype}, {res['threads']} threads; LoRA r={args.r} on "
           f"{','.join(args.targets)} ({len(sites)} matrices)")
-    print(f"{'mode':<32}{'tokens':>8}{'time ms':>11}{'x plain':>9}{'peak MB':>10}{'x plain':>9}  note")
+    print(f"{'mode':<32}{'tokens':>8}{'time ms':>11}{'x plain':>9}{'peak MB':>10}{'x plain':>9}  note"
+          f"   (time: {'wall' if gpu else 'process CPU'})")
     for r in rows:
         print(f"{r['mode']:<32}{r['tokens']:>8}{r['time'] * 1e3:>11.1f}{r['ratio']:>9.2f}{r['mem'] / 2**20:>10.1f}"
               f"{r['mem_ratio']:>9.2f}  {r.get('note', '')}")

@@ -146,30 +146,28 @@ def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().float().cpu().numpy()
 
 
-def safe_div(a: np.ndarray, b: np.ndarray | float) -> np.ndarray:
-    """a / b with NaN where b == 0 (a cosine of a zero vector is undefined: written as null)."""
-    b = np.broadcast_to(np.asarray(b, dtype=np.float64), np.shape(a))
-    out = np.full(np.shape(a), np.nan, dtype=np.float64)
-    np.divide(a, b, out=out, where=b > 0)
-    return out.astype(np.float32)
+def cosine(dot: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """dot / norms in float64, NaN where norms == 0 (the cosine of a zero vector is undefined: null)."""
+    d, n = dot.double(), norms.double()
+    return torch.where(n > 0, d / n.clamp_min(1e-300), torch.full_like(d, float("nan")))
 
 
 def build_columns(mode: str, tb: TracedBatch, record: torch.Tensor, stats: dict[str, torch.Tensor],
                   dot: torch.Tensor, magnitude: torch.Tensor | None, estimated: bool | None,
                   g_norm: float, site_dot: torch.Tensor | None, site_mag: torch.Tensor | None,
-                  site_g_norm: np.ndarray, sites: list, tokenizer: Any) -> tuple[dict, dict]:
+                  site_g_norm: torch.Tensor, sites: list, tokenizer: Any) -> tuple[dict, dict]:
     """The TOKENS and TOKEN_MODULES columns (all but run_id, step, rank) of the recorded positions.
 
-    ``dot``, ``magnitude``: (n, T-1); ``site_dot``, ``site_mag``: (M, n, T-1) or None. NaN marks a value that
-    is not defined (written as null).
+    ``dot``, ``magnitude``: (n, T-1); ``site_dot``, ``site_mag``: (M, n, T-1) or None; ``site_g_norm``: (M,).
+    NaN marks a value that is not defined (written as null).
     """
-    b_idx, t_idx = (x.cpu().numpy() for x in record.nonzero(as_tuple=True))
-    sel = (torch.as_tensor(b_idx, device=record.device), torch.as_tensor(t_idx, device=record.device))
+    sel = record.nonzero(as_tuple=True)
+    b_idx, t_idx = (x.cpu().numpy() for x in sel)
     n_rows = len(b_idx)
     token_id = tb.input_ids[:, 1:][sel].cpu().numpy()
     text, cat = token_texts(tokenizer, token_id)
-    d = _np(dot[sel]).astype(np.float64)
-    mag = _np(magnitude[sel]).astype(np.float64) if magnitude is not None else np.full(n_rows, np.nan)
+    d = dot[sel]
+    mag = magnitude[sel] if magnitude is not None else torch.full_like(d, float("nan"))
     tokens = {
         "sample_idx": tb.sample_idx.numpy()[b_idx].astype(np.int32),
         "position": t_idx.astype(np.int32),
@@ -179,12 +177,12 @@ def build_columns(mode: str, tb: TracedBatch, record: torch.Tensor, stats: dict[
         "is_response": tb.response()[sel].cpu().numpy(),
         "loss": _np(stats["loss"][sel]), "prob": _np(stats["prob"][sel]), "entropy": _np(stats["entropy"][sel]),
         "weight": _np(stats["weight"][sel]),
-        "mode": np.full(n_rows, mode, dtype=object),
-        "alignment": safe_div(d, mag * g_norm),
-        "dot": d.astype(np.float32),
-        "share": (safe_div(d, np.full(n_rows, g_norm ** 2)) if mode == "position"
-                  else np.full(n_rows, np.nan, dtype=np.float32)),
-        "magnitude": mag.astype(np.float32),
+        "mode": np.full(n_rows, mode),
+        "alignment": _np(cosine(d, mag * g_norm)),
+        "dot": _np(d),
+        "share": _np(d.double() / g_norm ** 2) if mode == "position" and g_norm > 0
+        else np.full(n_rows, np.nan, dtype=np.float32),
+        "magnitude": _np(mag),
         "magnitude_estimated": (np.full(n_rows, estimated, dtype=object) if estimated is not None
                                 else np.full(n_rows, None, dtype=object)),
     }
@@ -192,17 +190,16 @@ def build_columns(mode: str, tb: TracedBatch, record: torch.Tensor, stats: dict[
                                                  "dot", "magnitude")}
     if site_dot is not None:
         M = len(sites)
-        sd = _np(site_dot[:, sel[0], sel[1]]).astype(np.float64)                       # (M, rows)
-        sm = (_np(site_mag[:, sel[0], sel[1]]).astype(np.float64) if site_mag is not None
-              else np.full(sd.shape, np.nan))
+        sd = site_dot[:, sel[0], sel[1]]                                              # (M, rows)
+        sm = site_mag[:, sel[0], sel[1]] if site_mag is not None else torch.full_like(sd, float("nan"))
         modules = {
             "sample_idx": np.tile(tokens["sample_idx"], M),
             "position": np.tile(tokens["position"], M),
             "layer": np.repeat(np.array([s.layer for s in sites], dtype=np.int16), n_rows),
-            "module": np.repeat(np.array([s.module for s in sites], dtype=object), n_rows),
-            "part": np.repeat(np.array([s.part for s in sites], dtype=object), n_rows),
-            "alignment": safe_div(sd, sm * site_g_norm[:, None]).reshape(-1),
-            "dot": sd.astype(np.float32).reshape(-1),
-            "magnitude": sm.astype(np.float32).reshape(-1),
+            "module": np.repeat(np.array([s.module for s in sites]), n_rows),         # fixed-width str: fast
+            "part": np.repeat(np.array([s.part for s in sites]), n_rows),
+            "alignment": _np(cosine(sd, sm * site_g_norm.to(sm)[:, None])).reshape(-1),
+            "dot": _np(sd).reshape(-1),
+            "magnitude": _np(sm).reshape(-1),
         }
     return tokens, modules

@@ -32,7 +32,7 @@ from backend.schemes import Scheme, get_scheme
 from backend.tracer.batch import TracedBatch, build_columns
 from backend.tracer.config import TraceConfig
 from backend.tracer.hooks import PositionHooks, all_reduce_mean, attached
-from backend.tracer.position import check_indices, rel_err, run_position
+from backend.tracer.position import check_indices, run_position
 from backend.tracer.sites import LoraSite, discover_lora_modules
 from backend.tracer.token import run_token
 
@@ -81,16 +81,17 @@ def set_training(flags: list[tuple[torch.nn.Module, bool]]) -> None:
 
 
 @contextmanager
-def traced_network(model: torch.nn.Module, train: bool, attn: str | None, seed: int,
+def traced_network(model: torch.nn.Module, train: bool, attn: str | None, seed: int | None,
                    device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-    """The network of a re-run: forked RNG seeded with ``seed``, train/eval mode, attention kernel; all
-    restored on exit. Yields the RNG state every pass starts from."""
+    """The network of a re-run: forked RNG (seeded with ``seed`` unless None), train/eval mode, attention
+    kernel; all restored on exit. Yields the RNG state every pass starts from."""
     mods = _modules(model)
     flags = [(m, m.training) for m in mods]
     before = attn_implementation(model)
     devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        if seed is not None:
+            torch.manual_seed(seed)
         rng = capture_rng(device)
         try:
             set_training([(m, train) for m in mods])
@@ -148,7 +149,9 @@ def trace_batch(model: torch.nn.Module, batch: dict, scheme: Scheme | str, schem
     def loss_fn(chunk: dict) -> LossOutput:
         return forward_loss(inner, chunk, sch, sparams)
 
-    with traced_network(inner, train=cfg.dropout, attn=attn, seed=dropout_seed, device=device) as rng:
+    # without dropout no pass draws a random number (the sketch has its own generator): no seeding needed
+    with traced_network(inner, train=cfg.dropout, attn=attn, seed=dropout_seed if cfg.dropout else None,
+                        device=device) as rng:
         used_attn = attn_implementation(inner)
         if cfg.mode == "position":
             out = run_position(inner, tb, sites, loss_fn, cfg, W, lambda: restore_rng(rng, device))
@@ -173,7 +176,7 @@ def trace_batch(model: torch.nn.Module, batch: dict, scheme: Scheme | str, schem
     tokens, modules = build_columns(cfg.mode, tb, record, stats, dot, magnitude, estimated, g_norm,
                                     site_dot if cfg.module_rows else None,
                                     site_mag if cfg.module_rows else None,
-                                    g_sq.sqrt().cpu().numpy().astype(np.float64), sites, tokenizer)
+                                    g_sq.sqrt(), sites, tokenizer)
     checks.update(attn_implementation_used=used_attn, attn_implementation_model=before_attn,
                   grad_norm=g_norm, loss=float(stats["total"]), n_sequences=tb.n, n_rows=len(tokens["dot"]),
                   n_module_rows=len(modules["dot"]), world_size=W, rank=rank, seconds=time.perf_counter() - t0)
@@ -203,8 +206,8 @@ class InlineTrace:
 
     The loss must be backpropagated unscaled (no loss scaler, no division by an accumulation count other than
     1); ``.grad`` must be zero or None on entry. The hooks compute everything during the backward; ``result``
-    checks the norm of the accumulated ``.grad`` against the G the hooks used (``step_grad_norm_rel_err``). Under DDP, wrap the DDP
-    model's forward/backward: G is the all-reduced mean gradient, as DDP's.
+    checks the norm of the accumulated ``.grad`` against the G the hooks used (``step_grad_norm_rel_err``).
+    Under DDP, wrap the DDP model's forward/backward: G is the all-reduced mean gradient, as DDP's.
     """
 
     def __init__(self, model: torch.nn.Module, cfg: TraceConfig, *, step: int = 0):
@@ -244,14 +247,12 @@ class InlineTrace:
         cfg, sites = self.cfg, self.sites
         sch, sparams = resolve_scheme(scheme, scheme_params, "scheme")
         self.hooks.check_one_call()
-        missing = [s.name for i, s in enumerate(sites) if len(self.hooks.dot[i]) != 1]
-        assert not missing, f"no backward reached these LoRA modules: {missing[:3]}"
         tb = TracedBatch.from_batch(batch, None, None, self.device)
         record = tb.record_mask("position")
         n, T = tb.input_ids.shape
-        site_dot = torch.stack([d[0] for d in self.hooks.dot]).view(len(sites), n, T)[:, :, :-1]
-        site_sq = torch.stack([q[0] for q in self.hooks.sq]).view(len(sites), n, T)[:, :, :-1]
-        g_sq = torch.stack(self.hooks.g_sqnorm)
+        site_dot, site_sq, g_sq = self.hooks.finish()
+        site_dot = site_dot.view(len(sites), n, T)[:, :, :-1]
+        site_sq = site_sq.view(len(sites), n, T)[:, :, :-1]
         errs = list(self.hooks.pieces_err.values())
         # the step's accumulated .grad (DDP-averaged) against the G the hooks used: catches a scaled loss
         grad_sq = sum(float(s.param.grad.double().square().sum()) for s in sites if s.param.grad is not None)
@@ -274,7 +275,7 @@ class InlineTrace:
         tokens, modules = build_columns("position", tb, record, stats, dot, site_sq.sum(0).sqrt(), False, g_norm,
                                         site_dot if cfg.module_rows else None,
                                         site_sq.sqrt() if cfg.module_rows else None,
-                                        g_sq.sqrt().cpu().numpy().astype(np.float64), sites, tokenizer)
+                                        g_sq.sqrt(), sites, tokenizer)
         checks.update(n_rows=len(tokens["dot"]), n_module_rows=len(modules["dot"]),
                       seconds=time.perf_counter() - self.t0)
         state = _state(tb, stats["weight"], self.rng, cfg, sch, sparams, sites, self.step, self.W, self.rank,

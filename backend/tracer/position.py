@@ -16,16 +16,10 @@ import torch
 
 from backend.tracer.batch import TracedBatch, token_stats
 from backend.tracer.config import TraceConfig
-from backend.tracer.hooks import PositionHooks, all_reduce_mean, attached
+from backend.tracer.hooks import PositionHooks, all_reduce_mean, attached, rel_err
 from backend.tracer.sites import LoraSite
 
 LossFn = Callable[[dict], "object"]     # micro-batch -> backend.loss.LossOutput
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64."""
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def check_indices(sites: list[LoraSite], full: bool) -> list[int]:
@@ -77,6 +71,7 @@ def run_position(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSite],
     stats: dict[str, list] = {k: [] for k in ("loss", "prob", "entropy", "weight", "total")}
     checks: dict = {"micro_batches": K, "pieces_checked_modules": len(check)}
 
+    n, T = tb.input_ids.shape
     if K == 1:
         hooks = PositionHooks(sites, G=None, piece_scale=1.0 / world_size, world_size=world_size,
                               check=set(check))
@@ -87,9 +82,9 @@ def run_position(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSite],
             torch.autograd.grad(out.total, hooks.grad_inputs())
         collect_stats(stats, out, chunks[0], cfg)
         del out
+        site_dot, site_sq, g_sq = hooks.finish()
         assert len(hooks.pieces_err) == len(check), "a checked LoRA matrix got no gradient from autograd"
         errs = list(hooks.pieces_err.values())
-        g_sq = torch.stack(hooks.g_sqnorm)                                       # (M,)
     else:
         replay()
         G = batch_gradient(sites, chunks, loss_fn, world_size)
@@ -110,12 +105,10 @@ def run_position(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSite],
             if world_size > 1:
                 s = all_reduce_mean(s, world_size) * world_size                  # sum over ranks
             errs.append(rel_err(s, G[i]))
+        site_dot, site_sq, _ = hooks.finish(calls=K)
         g_sq = torch.stack([g.square().sum() for g in G])
-    missing = [sites[i].name for i in range(len(sites)) if len(hooks.dot[i]) != K]
-    assert not missing, f"the backward did not reach these LoRA modules: {missing[:3]}"
-    n, T = tb.input_ids.shape
-    site_dot = torch.stack([torch.cat(d) for d in hooks.dot]).view(len(sites), n, T)     # (M, n, T)
-    site_sq = torch.stack([torch.cat(q) for q in hooks.sq]).view(len(sites), n, T)
+    site_dot = site_dot.view(len(sites), n, T)                                   # (M, n, T)
+    site_sq = site_sq.view(len(sites), n, T)
     checks["pieces_sum_max_rel_err"] = max(errs)
     return {"site_dot": site_dot, "site_sq": site_sq, "g_sq": g_sq, "checks": checks,
             "stats": {k: torch.cat(v) if k != "total" else torch.stack(v).mean() for k, v in stats.items()}}
