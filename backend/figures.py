@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import plotly.io as pio
 from plotly.subplots import make_subplots
 
 Frames = dict[str, pd.DataFrame]
@@ -26,10 +27,15 @@ RESP_POS = "response position (tokens from response start)"
 WIDTH, HEIGHT = 960, 560
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 DIVERGING = "RdBu"
+TEMPLATE = "plotly_white"
+# Every figure uses TEMPLATE. As plotly's default it is applied when a figure is created, without validation;
+# set per figure (layout.template) it is deep-copied and validated each time: ~20 ms a figure, most of the
+# time a tab of the app takes to render.
+pio.templates.default = TEMPLATE
 
 
 def _layout(fig: go.Figure, title: str, x: str, y: str, **kw: object) -> go.Figure:
-    layout: dict[str, object] = dict(title=dict(text=title), template="plotly_white", width=WIDTH, height=HEIGHT,
+    layout: dict[str, object] = dict(title=dict(text=title), width=WIDTH, height=HEIGHT,
                                      margin=dict(l=70, r=40, t=70, b=60), legend=dict(orientation="h", y=-0.15))
     fig.update_layout(**{**layout, **kw})
     fig.update_xaxes(title_text=x)
@@ -355,6 +361,86 @@ def _fmt(v: object) -> str:
     if isinstance(v, float):
         return "" if np.isnan(v) else f"{v:.4g}"
     return "" if v is None else str(v)
+
+
+# ------------------------------------------------------------------------------------------------ app views
+def token_breakdown(rows: pd.DataFrame, value: str = "dot", kind: str = "heatmap", title: str = "") -> go.Figure:
+    """One token's module rows (``queries.token_breakdown``): a layer x (module, LoRA part) heatmap of
+    ``value`` (dot, alignment or magnitude), or (``kind="bars"``) the token's dot per layer stacked by module."""
+    if value not in ("dot", "alignment", "magnitude"):
+        raise ValueError(f"value must be dot, alignment or magnitude, got {value!r}")
+    if kind not in ("heatmap", "bars"):
+        raise ValueError(f"kind must be heatmap or bars, got {kind!r}")
+    title = title or "Per-layer and per-module breakdown of the token's gradient"
+    if rows.empty:
+        return _empty(title, NO_MODULES + " for this token")
+    units = {"dot": "dot <P_m, G_m>", "alignment": "per-module alignment (cosine)", "magnitude": MAG}
+    if kind == "bars":
+        fig = go.Figure()
+        per = rows.groupby(["layer", "module"], sort=True)["dot"].sum().reset_index()
+        for i, (module, g) in enumerate(per.groupby("module", sort=False)):
+            fig.add_trace(go.Bar(x=g["layer"], y=g["dot"], name=str(module), marker_color=_color(i),
+                                 hovertemplate=f"layer %{{x}} {module}<br>dot %{{y:.4g}}<extra></extra>"))
+        return _layout(fig, title, "layer", "dot <P, G> (both LoRA parts)", barmode="relative", height=420)
+    cols = rows["module"].astype(str) + " " + rows["part"].str.replace("lora_", "", regex=False)
+    z = rows.assign(col=cols).pivot_table(index="layer", columns="col", values=value, aggfunc="sum", sort=False)
+    order = list(dict.fromkeys(cols))
+    z = z.reindex(columns=order).sort_index()
+    rng = _diverging_range(rows[value]) if value != "magnitude" else dict(colorscale="Viridis")
+    fig = go.Figure(go.Heatmap(z=z.to_numpy(), x=list(z.columns), y=[str(v) for v in z.index],
+                               colorbar=dict(title=value), **rng,
+                               hovertemplate=f"layer %{{y}} %{{x}}<br>{value} %{{z:.4g}}<extra></extra>"))
+    _layout(fig, title, "module and LoRA part", "layer", height=max(320, 18 * len(z) + 160))
+    fig.update_yaxes(type="category")
+    return fig
+
+
+def concentration_over_training(stats: pd.DataFrame) -> go.Figure:
+    """Gini (left axis) and the fraction of tokens holding 50/80/90% of the magnitude (right axis) per
+    traced step; ``stats``: rows of the concentration analysis with a ``step`` column (and ``run``)."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    for i, (run, g) in enumerate(_runs(stats)):
+        g = g.sort_values("step")
+        c, prefix = _color(i), (f"{run} " if run else "")
+        fig.add_trace(go.Scatter(x=g["step"], y=g["gini"], mode="lines+markers", name=f"{prefix}Gini",
+                                 line=dict(color=c, width=3), customdata=g["n"],
+                                 hovertemplate="step %{x}<br>Gini %{y:.3f}<br>tokens %{customdata}<extra></extra>"))
+        for p, dash in ((50, "dot"), (80, "dash"), (90, "dashdot")):
+            fig.add_trace(go.Scatter(x=g["step"], y=g[f"tokens_for_{p}pct"], mode="lines",
+                                     name=f"{prefix}tokens for {p}%", line=dict(color=c, dash=dash, width=1.5),
+                                     hovertemplate=(f"step %{{x}}<br>{p}% of the magnitude in the top %{{y:.1%}} "
+                                                    "of tokens<extra></extra>")), secondary_y=True)
+    _layout(fig, "Concentration over training", STEP, "Gini of response-token magnitude")
+    fig.update_yaxes(range=[0, 1], secondary_y=False)
+    fig.update_yaxes(title_text="fraction of tokens (largest first)", tickformat=".0%", range=[0, 1],
+                     secondary_y=True, showgrid=False)
+    return fig
+
+
+def loss_curve(train: pd.DataFrame) -> go.Figure:
+    """The training loss (the scheme's weighted loss and plain cross-entropy) per optimizer step, learning
+    rate on the right axis; several runs (a ``run`` column): one loss line each."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    groups = _runs(train)
+    if train.empty:
+        return _empty("Training loss", "no train_steps recorded for this run")
+    for i, (run, g) in enumerate(groups):
+        c, prefix = _color(i), (f"{run} " if run else "")
+        fig.add_trace(go.Scatter(x=g["step"], y=g["loss"], mode="lines", name=f"{prefix}loss (scheme)",
+                                 line=dict(color=c), hovertemplate="step %{x}<br>loss %{y:.4f}<extra></extra>"))
+        if "ce_loss" in g and not np.allclose(g["ce_loss"].to_numpy(dtype=float), g["loss"].to_numpy(dtype=float),
+                                              equal_nan=True):
+            fig.add_trace(go.Scatter(x=g["step"], y=g["ce_loss"], mode="lines", name=f"{prefix}cross-entropy",
+                                     line=dict(color=c, dash="dot"),
+                                     hovertemplate="step %{x}<br>cross-entropy %{y:.4f}<extra></extra>"))
+        if run is None:
+            fig.add_trace(go.Scatter(x=g["step"], y=g["lr"], mode="lines", name="learning rate",
+                                     line=dict(color="#7f7f7f", width=1),
+                                     hovertemplate="step %{x}<br>lr %{y:.3g}<extra></extra>"), secondary_y=True)
+    _layout(fig, "Training loss", STEP, "loss (nats per response token)")
+    if len(groups) == 1:
+        fig.update_yaxes(title_text="learning rate", secondary_y=True, showgrid=False, tickformat=".1e")
+    return fig
 
 
 # ------------------------------------------------------------------------------------------------ registry

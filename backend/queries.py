@@ -138,6 +138,15 @@ def sample_layer_profile(run_id: str, step: int, sample_idx: int,
     return df
 
 
+def step_token_stats(run_id: str, step: int, con: duckdb.DuckDBPyConnection | None = None) -> pd.DataFrame:
+    """Every token of one traced step, all traced sequences: sample_idx, position, is_response, loss,
+    entropy (what a token-weighting scheme's batch statistics are taken over)."""
+    df = _df(con, sql.STEP_TOKEN_STATS, [run_id, step])
+    if df.empty:
+        require_step(run_id, step, con)
+    return df
+
+
 def search_samples(run_id: str, text: str, step: int | None = None, limit: int = 50,
                    con: duckdb.DuckDBPyConnection | None = None) -> pd.DataFrame:
     """Samples whose decoded text contains ``text`` (case-insensitive), at one step or all traced steps."""

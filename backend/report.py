@@ -226,26 +226,29 @@ def _labels(infos: list[pd.Series]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(i["run_id"]) for i in infos]
 
 
-def compare(runs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, step: int | None = None, *,
-            index_path: str | Path | None = None, params: analyses.AnalysisParams | None = None,
-            static: bool | None = None, html_js: str = "inline") -> pd.DataFrame:
-    """Compare runs (each at ``step`` if given, else at its last traced step): the six cross-run figures
-    overlaid, and their summaries side by side (``summary.csv``, ``summary.json``, ``summary_table`` figure).
-    Returns the side-by-side table (rows: summary keys, columns: runs)."""
-    if len(runs) < 2:
-        raise ValueError(f"compare needs at least two runs, got {len(runs)}")
-    run_paths = [resolve_run(r) for r in runs]
-    out_dir = (Path(out) if out is not None else
-               paths.data_root() / "comparisons" / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
-    with index_with(run_paths, index_path) as (con, ids):
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"the same run is named twice: {ids}")
-        infos = [queries.run_info(i, con).iloc[0] for i in ids]
+# the analyses compare needs: the overlaid figures and what ``summarize`` reads
+COMPARE_NEEDS = ["alignment_evolution", "prompt_vs_response", "layer_module_contribution", "positional_decay",
+                 "lora_ab", "category_breakdown", "magnitude_alignment", "module_types", "concentration",
+                 "autocorrelation"]
+
+
+def compare_indexed(run_ids: Sequence[str], step: int | None = None, params: analyses.AnalysisParams | None = None,
+                    con: duckdb.DuckDBPyConnection | None = None
+                    ) -> tuple[dict[str, go.Figure], pd.DataFrame, dict[str, dict]]:
+    """The cross-run figures (``figures.COMPARE`` overlaid, plus ``summary_table``), the side-by-side summary
+    table (rows: summary keys, columns: run labels) and the summaries, for runs already in the index; each run
+    at ``step`` if given, else at its last traced step. Writes nothing (the app shows these)."""
+    if len(run_ids) < 2:
+        raise ValueError(f"compare needs at least two runs, got {len(run_ids)}")
+    if len(set(run_ids)) != len(run_ids):
+        raise ValueError(f"the same run is named twice: {list(run_ids)}")
+    with queries.cursor(con) as cur:
+        infos = [queries.run_info(i, cur).iloc[0] for i in run_ids]
         labels = _labels(infos)
         per_run, summaries = {}, {}
-        for rid, label in zip(ids, labels):
-            s = analyses.resolve_step(con, rid, step)
-            per_run[label] = analyses.run_all(rid, s, params, con=con)
+        for rid, label in zip(run_ids, labels):
+            s = analyses.resolve_step(cur, rid, step)
+            per_run[label] = analyses.run_all(rid, s, params, con=cur, only=COMPARE_NEEDS)
             summaries[label] = summarize(rid, s, per_run[label])
     figs = {}
     for name in figures.COMPARE:
@@ -258,6 +261,23 @@ def compare(runs: Sequence[str | os.PathLike], out: str | os.PathLike | None = N
     table = pd.DataFrame(flat)
     table.index.name = "metric"
     figs["summary_table"] = figures.summary_table(table)
+    return figs, table, summaries
+
+
+def compare(runs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, step: int | None = None, *,
+            index_path: str | Path | None = None, params: analyses.AnalysisParams | None = None,
+            static: bool | None = None, html_js: str = "inline") -> pd.DataFrame:
+    """Compare runs (each at ``step`` if given, else at its last traced step): the six cross-run figures
+    overlaid, and their summaries side by side (``summary.csv``, ``summary.json``, ``summary_table`` figure).
+    Returns the side-by-side table (rows: summary keys, columns: runs)."""
+    if len(runs) < 2:
+        raise ValueError(f"compare needs at least two runs, got {len(runs)}")
+    run_paths = [resolve_run(r) for r in runs]
+    out_dir = (Path(out) if out is not None else
+               paths.data_root() / "comparisons" / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+    with index_with(run_paths, index_path) as (con, ids):
+        figs, table, summaries = compare_indexed(ids, step, params, con)
+    labels = list(table.columns)
     exported = export_figures(figs, out_dir, static, html_js)
     table.to_csv(out_dir / "summary.csv")
     atomic_write_json(out_dir / SUMMARY, {"runs": labels, "run_ids": ids, "summaries": summaries, **exported,

@@ -139,6 +139,9 @@ SEARCH_SAMPLES = """WITH s AS (
     FROM tokens WHERE run_id = ? AND (?::INTEGER IS NULL OR step = ?) GROUP BY step, sample_idx)
 SELECT step, sample_idx, n_tokens, mean_alignment, text FROM s
 WHERE contains(lower(text), lower(?)) ORDER BY step, sample_idx LIMIT ?"""
+# every token of one traced step (all traced sequences): what a scheme's batch statistics would see
+STEP_TOKEN_STATS = """SELECT sample_idx, position, is_response, loss, entropy FROM tokens
+WHERE run_id = ? AND step = ? ORDER BY sample_idx, position"""
 TRAIN_STEPS = """SELECT step, loss, ce_loss, lr, grad_norm, tokens, tokens_per_s, elapsed_s
 FROM train_steps WHERE run_id = ? ORDER BY step"""
 EVAL_ROWS = """SELECT sample_idx, sample_k, prediction, answer, extracted, correct

@@ -1,0 +1,197 @@
+"""The real app in headless Chromium (Playwright with the system Chromium): the first page, selecting and
+hovering a token, previous/next, hostile token text, every tab, a deep link, a surprising token opened in
+Inspect, the SQL console, and a short real trace job launched from the form that finishes and appears in the
+run list. Screenshots go to test-artifacts/ui/.
+
+    pytest tests/test_ui_browser.py
+
+The tests share one page and run in file order (one flow through the app).
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, XSS_TOKENS, app_server, wait_for
+
+pw = pytest.importorskip("playwright.sync_api")
+if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+    pytest.skip(f"no Chromium at {CHROMIUM} (set TOKVIZ_CHROMIUM)", allow_module_level=True)
+
+SHOTS = ARTIFACTS / "ui"
+TAB_NAMES = {"inspect": "Inspect", "concentration": "Concentration", "layers": "Layers & positions",
+             "tokens": "Tokens", "training": "Training", "compare": "Compare runs", "launch": "Launch", "sql": "SQL"}
+JOB_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def app(data_home):
+    with app_server(data_home) as (url, ctx):
+        yield url, ctx
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with pw.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def page(app, browser):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = ctx.new_page()
+    pg.set_default_timeout(20_000)
+    pg.errors = []
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    pg.on("dialog", lambda d: (pg.errors.append(f"dialog: {d.message}"), d.dismiss()))
+    yield pg
+    ctx.close()
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=TAB_NAMES[name], exact=True).click()
+    page.wait_for_function(f"location.search.includes('tab={name}')")
+
+
+def painted_sample(page) -> str:
+    return page.get_attribute("#tv-overlay .tv-text", "data-sample")
+
+
+def test_first_page_shows_a_sample_token_by_token(app, page):
+    url, _ = app
+    page.goto(url)
+    page.wait_for_selector("#tv-overlay .tv-text .t.r")
+    assert page.locator("#tv-overlay .tv-seg").first.inner_text().lower() == "prompt"
+    assert page.locator("#tv-overlay .t.p").count() > 0 and page.locator("#tv-overlay .t.r").count() > 0
+    assert "alignment" in page.inner_text("#tv-overlay .tv-legend")
+    assert re.search(r"tab=inspect&run=[\w-]+&step=\d+&sample=\d+", page.url)
+    assert page.errors == []
+
+
+def test_hover_shows_numbers_and_click_selects_a_token(page):
+    tok = page.locator("#tv-overlay .t.r").nth(5)
+    tok.hover()
+    wait_for(lambda: "alignment" in (page.text_content(".tv-tip") or ""), 15, "the tooltip's numbers")
+    tip = page.text_content(".tv-tip")
+    assert "loss" in tip and "share" in tip and f"#{tok.get_attribute('data-i')} response" in tip
+    position = tok.get_attribute("data-i")
+    tok.click()
+    page.wait_for_function(f"location.search.includes('token={position}')")
+    page.wait_for_selector("#tv-breakdown .js-plotly-plot")
+    assert f"Token #{position}" in page.inner_text("#tv-token-title")
+    assert "▶" in page.inner_text("#tv-neighbours")
+    assert page.locator("#tv-overlay .t.sel").get_attribute("data-i") == position
+    shot(page, "inspect")
+
+
+def test_previous_and_next_sample(page):
+    first = painted_sample(page)
+    page.click("#tv-next")
+    page.wait_for_function(f"document.querySelector('#tv-overlay .tv-text').dataset.sample !== '{first}'")
+    page.wait_for_function("!location.search.includes('token=')")
+    page.click("#tv-prev")
+    page.wait_for_function(f"document.querySelector('#tv-overlay .tv-text').dataset.sample === '{first}'")
+
+
+def test_hostile_token_text_renders_as_text(app, page):
+    url, _ = app
+    page.goto(f"{url}?tab=inspect&run=synth-antiop&step=5")
+    page.wait_for_selector("#tv-overlay .t.r")
+    texts = page.eval_on_selector_all("#tv-overlay .t", "els => els.map(e => e.textContent)")
+    for t in XSS_TOKENS:
+        assert t in texts
+    assert page.evaluate("window.__xss") is None
+    assert page.locator("#tv-overlay script, #tv-overlay img").count() == 0
+    assert page.errors == []
+
+
+@pytest.mark.parametrize("name", ["concentration", "layers", "tokens", "training", "compare"])
+def test_every_analysis_tab_renders(page, name):
+    open_tab(page, name)
+    panel = page.locator(f"#tv-tab-{name}")
+    wait_for(lambda: panel.locator(".js-plotly-plot").count() >= 2, 30, f"the {name} figures")
+    page.wait_for_timeout(300)
+    shot(page, name)
+
+
+def test_a_surprising_token_opens_in_inspect(page):
+    open_tab(page, "tokens")
+    cell = page.locator("#tv-surprising [data-testid='cell-0-4']")       # first row, token column
+    cell.click()
+    page.wait_for_function("location.search.includes('tab=inspect') && location.search.includes('token=')")
+    page.wait_for_selector("#tv-overlay .t.sel")
+    page.wait_for_selector("#tv-breakdown .js-plotly-plot")
+
+
+def test_a_deep_link_opens_that_view(app, page):
+    url, _ = app
+    page.goto(f"{url}?tab=layers&run=synth-sft&step=10")
+    page.wait_for_selector("#tv-tab-layers .js-plotly-plot")
+    assert page.get_by_role("tab", name="Layers & positions", exact=True).get_attribute("aria-selected") == "true"
+    assert page.input_value("#tv-step input") == "10"
+    assert "synth-sft" in page.input_value("#tv-run input")
+    page.goto(f"{url}?tab=inspect&run=synth-sft&step=20&sample=999999&token=3")   # no such sample: first one
+    page.wait_for_selector("#tv-overlay .t.r")
+    assert "synth-sft/20/" in painted_sample(page)
+
+
+def test_copy_link_shows_the_url(page):
+    page.click("#tv-copy")
+    page.wait_for_selector("#tv-link textarea, #tv-link input")
+    wait_for(lambda: "tab=inspect" in page.locator("#tv-link textarea, #tv-link input").first.input_value(), 10,
+             "the link")
+
+
+def test_sql_console(page):
+    open_tab(page, "sql")
+    page.click("#tv-sql-run")
+    page.wait_for_selector("#tv-sql-result [data-testid='cell-0-0']")
+    assert "rows" in page.inner_text("#tv-sql-message")
+    page.wait_for_selector("#tv-sql-csv", state="visible")
+    shot(page, "sql")
+
+
+def test_launch_a_short_trace_job_from_the_form(app, page):
+    _, ctx = app
+    open_tab(page, "launch")
+    fill = {"name": "ui-test", "steps": "4", "trace_every": "2", "n_train": "64", "n_eval": "8", "batch_size": "4",
+            "lora_r": "0"}
+    for field, value in fill.items():
+        page.fill(f"#tv-f-{field} input, #tv-f-{field} textarea", value)
+    page.click("#tv-launch")                                    # lora_r = 0: refused, with the field named
+    page.wait_for_selector("#tv-launch-message .tv-err")
+    assert "lora_r=0 is outside the allowed range" in page.inner_text("#tv-launch-message")
+    page.fill("#tv-f-lora_r input", "4")
+    page.click("#tv-launch")
+    page.wait_for_selector("#tv-launch-message .tv-ok")
+    wait_for(lambda: page.locator("#tv-jobs .tv-running .tv-pbar, #tv-jobs .tv-finished").count() > 0, 120,
+             "the job's progress bar")
+    job = ctx.jobs.snapshot()[0]
+    wait_for(lambda: page.locator("#tv-jobs .tv-finished, #tv-jobs .tv-failed").count() > 0, JOB_TIMEOUT_S,
+             "the job to end")
+    assert page.locator("#tv-jobs .tv-finished").count() == 1, ctx.jobs.log_tail(job.job_id)[-3000:]
+    assert "run finished" in page.input_value("#tv-log textarea")
+    shot(page, "launch")
+    # the finished run is in the index and in the header's run list, without a restart
+    assert job.run_id in ctx.runs()["run_id"].tolist()
+    page.click("#tv-run input")
+    wait_for(lambda: page.locator("ul[role=listbox] li", has_text=job.run_id).count() > 0, 15,
+             "the new run in the run list")
+    page.locator("ul[role=listbox] li", has_text=job.run_id).first.click()
+    open_tab(page, "inspect")
+    page.wait_for_function(f"(document.querySelector('#tv-overlay .tv-text') || {{dataset: {{}}}})"
+                           f".dataset.sample?.startsWith('{job.run_id}/')")
+    page.locator("#tv-overlay .t.r").nth(2).click()
+    page.wait_for_selector("#tv-breakdown .js-plotly-plot")
+    shot(page, "inspect-real-run")
+    assert page.errors == []

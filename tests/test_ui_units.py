@@ -1,0 +1,309 @@
+"""The web app's pure parts, without a server: the token overlay, deep links, the launch form's config and
+path checks, the job queue, the scheme table, the new figure builders, and a torch-free start.
+
+    pytest tests/test_ui_units.py
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from backend import figures, jobs, paths
+from backend.config import TrainConfig
+from tokviz import links, overlay
+from tokviz.context import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tokens_frame(texts: list[str], alignment: list[float], n_prompt: int) -> pd.DataFrame:
+    n = len(texts)
+    return pd.DataFrame({
+        "position": np.arange(n), "resp_pos": [None] * n_prompt + list(range(n - n_prompt)), "token_id": 0,
+        "token": texts, "category": "word", "is_response": [False] * n_prompt + [True] * (n - n_prompt),
+        "loss": 1.0, "prob": 0.4, "entropy": 1.2, "weight": 1.0, "mode": "position",
+        "alignment": alignment, "dot": alignment, "share": np.array(alignment) / 10, "magnitude": 0.5,
+        "magnitude_estimated": False, "rank": 0})
+
+
+# ---------------------------------------------------------------------------------------------- overlay
+def test_overlay_escapes_token_text_and_keeps_whitespace():
+    texts = ["Q", ":", "<script>alert(1)</script>", " a&b", "\n", '"x"', "<img src=x onerror=alert(1)>"]
+    html = overlay.render(tokens_frame(texts, [0.1, -0.2, 0.3, 0.0, -0.1, 0.2, 0.05], n_prompt=2),
+                          overlay.METRICS["alignment"], selected=3)
+    assert "<script>" not in html and "<img" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert " a&amp;b" in html and "&quot;x&quot;" in html
+    assert '<i class="nl">⏎</i>\n' in html                      # the newline token is kept, and visible
+    text = html.split('class="tv-text"', 1)[1]                   # after the legend
+    assert 'data-tip' not in html and 'data-json' not in html   # the numbers come on hover, not with the text
+    assert text.count('class="t p') == 2 and text.count('class="t r') == 5
+    assert text.count('class="tv-seg"') == 2                     # "prompt" and "response" labels
+    assert "sel" in text.split('data-i="3"')[0].rsplit("<span", 1)[1]
+
+
+def test_overlay_colour_scale_is_diverging_around_the_centre():
+    df = tokens_frame(["a", "b", "c", "d"], [-0.5, 0.0, 0.5, 0.25], n_prompt=0)
+    m = overlay.METRICS["alignment"]
+    scale = overlay.scale_for(m, df["alignment"], df["is_response"])
+    assert scale.centre == 0.0
+    t = scale.position(df["alignment"].to_numpy())
+    assert t[1] == 0 and t[0] < 0 < t[2]
+    colours = overlay._colours(np.array([-1.0, 0.0, 1.0, np.nan]))
+    assert colours[1] == "#f7f7f7" and colours[3] == ""         # white at the centre, none for missing
+    r, b = int(colours[0][1:3], 16), int(colours[0][5:7], 16)
+    assert r > b                                                # negative: red
+    r, b = int(colours[2][1:3], 16), int(colours[2][5:7], 16)
+    assert b > r                                                # positive: blue
+    html = overlay.render(df, m, key=("r", 5, 3))
+    assert 'class="t r c0"' in html and 'class="t r c10"' in html and 'class="t r c20"' in html
+    assert 'data-run="r" data-step="5" data-idx="3" data-metric="alignment"' in html
+    loss = overlay.METRICS["loss"]                              # high loss is the red end
+    s2 = overlay.scale_for(loss, pd.Series([1.0, 2.0, 3.0]), pd.Series([True] * 3))
+    assert s2.centre == 2.0 and s2.position(np.array([3.0]))[0] < 0
+
+
+def test_tooltip_numbers_are_compact_json_with_nulls():
+    df = tokens_frame(["a", "b", "c"], [0.123456, np.nan, -2.5e-7], n_prompt=1)
+    d = json.loads(overlay.tip_data(df, np.array([1.0, 0.333333, np.nan]), "antiop"))
+    cols = d["columns"]
+    assert cols["alignment"] == [0.1235, None, -2.5e-07] and cols["position"] == [0, 1, 2]
+    assert cols["resp_pos"] == [-1, 0, 1] and cols["is_response"] == [0, 1, 1]
+    assert d["categories"] == ["word"] and d["what_if"] == {"name": "antiop", "values": [1.0, 0.3333, None]}
+
+
+# ---------------------------------------------------------------------------------------------- deep links
+def test_focus_round_trip_and_hostile_values():
+    f = links.Focus("inspect", "run-1", 20, 3, 57)
+    q = f.query()
+    assert q == "?tab=inspect&run=run-1&step=20&sample=3&token=57"
+    from urllib.parse import parse_qsl
+    assert links.Focus.from_query(dict(parse_qsl(q[1:]))) == f
+    bad = links.Focus.from_query({"tab": "<x>", "run": "../../etc/passwd", "step": "1e9x", "sample": "-4",
+                                  "token": "2"})
+    assert bad.tab == "inspect" and bad.step is None and bad.sample is None and bad.run == "../../etc/passwd"
+    assert links.Focus("layers", "r", 5, 3, 4).query() == "?tab=layers&run=r&step=5"   # no sample/token off Inspect
+
+
+# ---------------------------------------------------------------------------------------------- the launch config
+def test_config_to_argv_round_trips_through_the_cli_parser():
+    import argparse
+
+    from backend.config import add_config_args, config_from_args
+    cfg = TrainConfig(name="-odd name", task="modadd", task_params={"p": 13}, scheme="topk",
+                      scheme_params={"keep_ratio": 0.5}, lora_targets=["q_proj", "v_proj"], lora_alpha=8.0,
+                      chat_template=False, steps=4, trace_every=2, n_train=64, n_eval=8, batch_size=4, lr=1e-3)
+    argv = jobs.config_to_argv(cfg)
+    assert all("=" in a or a.startswith("--no-") for a in argv)
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    back = config_from_args(parser.parse_args(argv))
+    assert back.to_dict() == cfg.to_dict()
+    assert jobs.config_to_argv(TrainConfig()) == []
+
+
+def test_form_values_build_the_same_config_and_name_bad_fields(tmp_path):
+    from tokviz.tabs.launch import config_from_form, form_fields
+    names = {f.name for f in form_fields()}
+    assert {"model", "scheme", "scheme_params", "lora_r", "steps", "trace_every", "trace_mode"} <= names
+    assert not names & {"runs_root", "run_id", "dataset"}
+    cfg = config_from_form({"steps": 4.0, "lora_targets": "q_proj, v_proj", "scheme": "antiop",
+                            "scheme_params": "clip_mult=2", "trace_every": 2, "chat_template": False})
+    assert cfg.steps == 4 and cfg.lora_targets == ["q_proj", "v_proj"] and cfg.scheme_params == {"clip_mult": 2}
+    with pytest.raises(ValueError, match=r"lora_r=0 is outside the allowed range \[1, 4096\]"):
+        config_from_form({"lora_r": 0})
+    with pytest.raises(ValueError, match="steps: expected a whole number"):
+        config_from_form({"steps": 2.5})
+    with pytest.raises(ValueError, match="clip_mult"):
+        config_from_form({"scheme": "antiop", "scheme_params": "clip_mult=-1"})
+
+
+def test_confine_paths_keeps_user_paths_inside_the_data_root(tmp_path):
+    root = tmp_path / "home"
+    (root / "models" / "m").mkdir(parents=True)
+    ok = [TrainConfig(model="default"), TrainConfig(model="Qwen/Qwen2.5-1.5B"),
+          TrainConfig(model=str(root / "models" / "m"))]
+    for cfg in ok:
+        jobs.confine_paths(cfg, [root])
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_text('{"prompt": "a", "response": "b"}\n')
+    for model in ("../../etc", "/etc", "~/", "a/../../b", str(tmp_path)):
+        with pytest.raises(ValueError, match="model"):
+            jobs.confine_paths(TrainConfig(model=model), [root])
+    with pytest.raises(ValueError, match="dataset"):
+        jobs.confine_paths(TrainConfig(dataset=str(outside)), [root])
+    with pytest.raises(ValueError, match="outside the allowed roots"):
+        jobs.confine_paths(TrainConfig(runs_root=str(tmp_path)), [root])
+
+
+def test_uploads_are_stored_inside_the_data_root(tmp_path):
+    from tokviz.tabs.launch import store_upload
+    up = tmp_path / "up" / "..%2f..%2fevil name.jsonl"
+    up.parent.mkdir()
+    up.write_text('{"prompt": "a", "response": "b"}\n')
+    stored = Path(store_upload(str(up), tmp_path / "home"))
+    assert (tmp_path / "home" / "uploads") in stored.parents and stored.read_text() == up.read_text()
+    bad = tmp_path / "x.exe"
+    bad.write_text("")
+    with pytest.raises(ValueError, match="expected one of"):
+        store_upload(str(bad), tmp_path / "home")
+
+
+def test_read_only_mode_needs_the_admin_token(monkeypatch, tmp_path):
+    s = Settings(tmp_path, readonly=True, admin_token="s3cret")
+    assert not s.may_launch(None) and not s.may_launch("") and not s.may_launch("wrong")
+    assert s.may_launch("s3cret")
+    assert not Settings(tmp_path, readonly=True).may_launch("anything")
+    assert Settings(tmp_path).may_launch(None)
+    monkeypatch.setenv("SPACE_ID", "user/space")
+    assert Settings.from_env().readonly
+
+
+# ---------------------------------------------------------------------------------------------- the job queue
+FAKE_JOB = """
+import json, os, sys, time
+run = sys.argv[1]
+os.makedirs(run, exist_ok=True)
+open(os.path.join(run, "config.json"), "w").write("{}")
+total = int(sys.argv[2])
+for step in range(1, total + 1):
+    with open(os.path.join(run, "events.jsonl"), "a") as f:
+        f.write(json.dumps({"type": "progress", "step": step, "total": total, "eta_s": 0.1 * (total - step)}) + "\\n")
+    time.sleep(0.1)
+if total > 3:
+    open(os.path.join(run, "manifest.json"), "w").write("{}")
+else:
+    print("error: something went wrong", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_job_queue_runs_one_at_a_time_reports_progress_and_cancels(tmp_path):
+    ended = []
+    q = jobs.JobQueue(max_running=1, on_exit=ended.append, logs_dir=tmp_path / "logs")
+
+    def submit(name: str, total: int) -> jobs.Job:
+        return q.submit_command("fake", [sys.executable, "-c", FAKE_JOB, str(tmp_path / name), str(total)], name,
+                                tmp_path / name, title=name)
+    try:
+        a, b, c = submit("ok", 5), submit("fails", 2), submit("slow", 400)
+        time.sleep(0.3)
+        assert [v.status for v in q.snapshot()][::-1][:2] == ["running", "queued"]
+        q.wait(a.job_id, 30)
+        assert a.status == "finished" and q.snapshot()[-1].fraction == 1.0
+        q.wait(b.job_id, 30)
+        assert b.status == "failed" and "something went wrong" in b.message
+        assert "error: something went wrong" in q.log_tail(b.job_id)
+        view = next(v for v in _wait_running(q, c.job_id))
+        assert view.total == 400 and view.step >= 1
+        q.cancel(c.job_id)
+        q.wait(c.job_id, 30)
+        assert c.status == "cancelled"
+        events = [json.loads(ln) for ln in (tmp_path / "slow" / "events.jsonl").read_text().splitlines()]
+        assert events[-1]["type"] == "error" and "cancelled" in events[-1]["error"]
+        assert [j.job_id for j in ended] == [a.job_id, b.job_id, c.job_id]
+        with pytest.raises(ValueError, match="already ended"):
+            q.cancel(a.job_id)
+        with pytest.raises(ValueError, match="no job"):
+            q.get("nope")
+    finally:
+        q.shutdown()
+
+
+def _wait_running(q: jobs.JobQueue, job_id: str):
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        v = next(v for v in q.snapshot() if v.job_id == job_id)
+        if v.status == "running" and v.step:
+            yield v
+            return
+        time.sleep(0.05)
+    raise AssertionError("the job never reported progress")
+
+
+def test_max_jobs_from_env(monkeypatch):
+    monkeypatch.setenv("TOKVIZ_MAX_JOBS", "3")
+    assert jobs.max_jobs_from_env() == 3
+    monkeypatch.setenv("TOKVIZ_MAX_JOBS", "0")
+    with pytest.raises(ValueError, match="TOKVIZ_MAX_JOBS"):
+        jobs.max_jobs_from_env()
+
+
+# ---------------------------------------------------------------------------------------------- schemes
+def test_scheme_table_matches_the_registry():
+    from backend.schemes import SCHEMES
+    from tokviz.schemes_info import SCHEMES as INFO
+    assert list(INFO) == list(SCHEMES)
+    for name, s in SCHEMES.items():
+        assert INFO[name].defaults == s.defaults and INFO[name].doc == s.doc and INFO[name].needs_ref == s.needs_ref
+
+
+def test_what_if_weights_match_hand_computed_weights():
+    from tokviz.schemes_info import what_if_weights
+    loss = np.array([0.1, 0.2, 4.0, 0.5, 3.0, 9.0, 0.3])
+    resp = np.array([False, True, True, True, True, True, True])
+    df = pd.DataFrame({"loss": loss, "is_response": resp, "entropy": np.arange(7.0)})
+    c = 3.0 * np.median(loss[resp])                                    # antiop: clip at 3 x median loss
+    want = np.where(resp, np.where(loss <= c, 1.0, c / loss), 0.0)
+    np.testing.assert_allclose(what_if_weights(df, "antiop").to_numpy(), want, rtol=1e-6)
+    keep = np.zeros(7)
+    keep[np.flatnonzero(resp)[np.argsort(loss[resp], kind="stable")[:3]]] = 1.0   # topk 0.5 of 6: 3 lowest
+    np.testing.assert_allclose(what_if_weights(df, "topk", {"keep_ratio": 0.5}).to_numpy(), keep)
+    np.testing.assert_allclose(what_if_weights(df, "dft").to_numpy(), np.where(resp, np.exp(-loss), 0), rtol=1e-6)
+    with pytest.raises(ValueError, match="reference model"):
+        what_if_weights(df, "rho1")
+
+
+# ---------------------------------------------------------------------------------------------- figures
+def test_token_breakdown_heatmap_sums_parts_per_cell():
+    rows = pd.DataFrame({"layer": [0, 0, 1, 1], "module": ["q_proj", "q_proj", "q_proj", "v_proj"],
+                         "part": ["lora_A", "lora_B", "lora_A", "lora_B"], "alignment": [0.1, -0.2, 0.3, 0.4],
+                         "dot": [1.0, 2.0, 3.0, 4.0], "magnitude": [1.0, 1.0, 1.0, 1.0]})
+    fig = figures.token_breakdown(rows, "dot")
+    hm = fig.data[0]
+    assert list(hm.x) == ["q_proj A", "q_proj B", "v_proj B"] and list(hm.y) == ["0", "1"]
+    z = np.array(hm.z, dtype=float)
+    assert z[0, 0] == 1.0 and z[0, 1] == 2.0 and z[1, 0] == 3.0 and z[1, 2] == 4.0 and np.isnan(z[0, 2])
+    bars = figures.token_breakdown(rows, kind="bars")
+    assert {t.name for t in bars.data} == {"q_proj", "v_proj"}
+    assert sum(sum(t.y) for t in bars.data) == 10.0
+    assert figures.token_breakdown(rows.iloc[:0]).layout.annotations      # says why it is empty
+    with pytest.raises(ValueError, match="value must be"):
+        figures.token_breakdown(rows, "loss")
+
+
+def test_concentration_and_loss_figures():
+    stats = pd.DataFrame({"step": [10, 20], "n": [5, 5], "gini": [0.3, 0.4], "tokens_for_50pct": [0.2, 0.1],
+                          "tokens_for_80pct": [0.5, 0.4], "tokens_for_90pct": [0.7, 0.6]})
+    fig = figures.concentration_over_training(stats)
+    assert [t.name for t in fig.data] == ["Gini", "tokens for 50%", "tokens for 80%", "tokens for 90%"]
+    assert list(fig.data[0].y) == [0.3, 0.4]
+    two = figures.concentration_over_training(pd.concat([stats.assign(run="a"), stats.assign(run="b")]))
+    assert len(two.data) == 8
+    train = pd.DataFrame({"step": [1, 2], "loss": [2.0, 1.0], "ce_loss": [2.5, 1.5], "lr": [1e-3, 2e-3]})
+    names = [t.name for t in figures.loss_curve(train).data]
+    assert names == ["loss (scheme)", "cross-entropy", "learning rate"]
+
+
+# ---------------------------------------------------------------------------------------------- start-up
+def test_the_app_starts_without_importing_torch(tmp_path):
+    code = ("import sys, app, tokviz.ui, backend.jobs, backend.report\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft'))\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "TOKVIZ_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_every_config_field_has_a_form_input_or_is_set_by_the_app():
+    from tokviz.tabs.launch import HIDDEN, form_fields
+    assert {f.name for f in form_fields()} | set(HIDDEN) == {f.name for f in fields(TrainConfig)}
+    assert paths.PROJECT_ROOT == ROOT

@@ -1,0 +1,302 @@
+"""Inspect: one sample at one traced step, token by token, coloured by a metric; a token's layer x module
+breakdown and its neighbours; previous/next sample; search samples by text.
+
+The run and step come from the header; this tab owns the sample, the metric and the selected token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+
+from backend import figures, queries
+from tokviz import overlay
+from tokviz.common import (ExportRow, as_int, empty_figure, export_zip, for_display, require_run_step, table,
+                           user_errors)
+from tokviz.schemes_info import WHAT_IF, what_if_weights
+
+VIEWS = ("heatmap: dot", "heatmap: alignment", "heatmap: magnitude", "bars: dot per layer")
+NEIGHBOURS = 6
+NEIGHBOUR_COLS = ["", "position", "token", "category", "alignment", "share", "magnitude", "loss", "prob", "entropy",
+                  "weight"]
+SEARCH_COLS = ["step", "sample_idx", "n_tokens", "mean_alignment", "match"]
+
+
+def metric_choices() -> list[tuple[str, str]]:
+    base = [(m.label, m.name) for m in overlay.METRICS.values()]
+    return base + [(f"what scheme {s} would weigh it", f"{overlay.WHAT_IF_PREFIX}{s}") for s in WHAT_IF]
+
+
+@dataclass
+class InspectTab:
+    sample: gr.Dropdown
+    prev: gr.Button
+    next: gr.Button
+    metric: gr.Dropdown
+    search: gr.Textbox
+    results: gr.Dataframe
+    overlay: gr.HTML
+    token: gr.Number
+    view: gr.Radio
+    title: gr.Markdown
+    breakdown: gr.Plot
+    neighbours: gr.Dataframe
+    export: ExportRow
+
+    @property
+    def inputs(self) -> list:
+        """Controls the header-driven render reads besides run and step."""
+        return [self.sample, self.metric, self.token, self.view]
+
+    @property
+    def outputs(self) -> list:
+        return [self.sample, self.overlay, self.token, self.title, self.breakdown, self.neighbours]
+
+
+def build() -> InspectTab:
+    with gr.Row(equal_height=True):
+        sample = gr.Dropdown(label="Sample", choices=[], elem_id="tv-sample", scale=4, allow_custom_value=True)
+        prev = gr.Button("◀ Previous", size="sm", elem_id="tv-prev", scale=0, min_width=110)
+        nxt = gr.Button("Next ▶", size="sm", elem_id="tv-next", scale=0, min_width=110)
+        metric = gr.Dropdown(label="Colour tokens by", choices=metric_choices(), value="alignment",
+                             elem_id="tv-metric", scale=3)
+    with gr.Accordion("Search samples by text", open=False):
+        search = gr.Textbox(label="Text to find (case-insensitive, all traced steps)", elem_id="tv-search",
+                            submit_btn="Search")
+        results = gr.Dataframe(headers=SEARCH_COLS, interactive=False, max_height=220, elem_id="tv-results",
+                               label="Matches: click a row to open it")
+    ov = gr.HTML("", css_template=overlay.CSS, js_on_load=overlay.JS, elem_id="tv-overlay", min_height=120,
+                 server_functions=[token_numbers])
+    with gr.Row():
+        token = gr.Number(label="Selected token (position): click a token above", precision=0, minimum=0,
+                          elem_id="tv-token", scale=2)
+        view = gr.Radio(VIEWS, value=VIEWS[0], label="Breakdown", elem_id="tv-view", scale=5)
+    title = gr.Markdown("", elem_id="tv-token-title")
+    with gr.Row():
+        breakdown = gr.Plot(label="Per-layer x module breakdown", elem_id="tv-breakdown", scale=3)
+        neighbours = gr.Dataframe(headers=NEIGHBOUR_COLS, interactive=False, label="Neighbours", max_height=420,
+                                  elem_id="tv-neighbours", scale=2)
+    export = ExportRow("Export the breakdown (PNG + HTML)")
+    return InspectTab(sample, prev, nxt, metric, search, results, ov, token, view, title, breakdown, neighbours,
+                      export)
+
+
+# ---------------------------------------------------------------------------------------------- data -> views
+def sample_choices(run_id: str, step: int) -> list[tuple[str, int]]:
+    df = queries.step_samples(run_id, step, preview_chars=70)
+    out = []
+    for r in df.itertuples():
+        align = "" if pd.isna(r.mean_alignment) else f" · align {r.mean_alignment:+.3f}"
+        preview = str(r.preview).replace("\n", "⏎ ")
+        out.append((f"#{r.sample_idx} · {r.n_tokens} tokens{align} · {preview}", int(r.sample_idx)))
+    return out
+
+
+@lru_cache(maxsize=16)
+def _what_if_step(run_id: str, step: int, scheme: str, generation: int) -> pd.DataFrame:
+    toks = queries.step_token_stats(run_id, step)
+    return toks.assign(what_if=what_if_weights(toks, scheme))[["sample_idx", "position", "what_if"]]
+
+
+def _what_if_values(run_id: str, step: int, sample: int, toks: pd.DataFrame, scheme: str, generation: int
+                    ) -> pd.Series:
+    w = _what_if_step(run_id, step, scheme, generation)
+    w = w[w["sample_idx"] == sample].set_index("position")["what_if"]
+    return toks["position"].map(w)
+
+
+def overlay_html(run_id: str, step: int, sample: int, metric: str, token: int | None, generation: int = 0) -> str:
+    toks = queries.sample_tokens(run_id, step, sample)
+    key = (run_id, step, sample)
+    if metric.startswith(overlay.WHAT_IF_PREFIX):
+        scheme = metric[len(overlay.WHAT_IF_PREFIX):]
+        values = _what_if_values(run_id, step, sample, toks, scheme, generation)
+        return overlay.render(toks, overlay.what_if_metric(scheme), token, what_if=values, key=key,
+                              note=f"What {scheme} would weigh each token, with its batch statistics over the "
+                                   f"traced sequences of step {step} (prompt tokens: 0).")
+    if metric not in overlay.METRICS:
+        raise ValueError(f"unknown metric {metric!r}; available: {', '.join(m for _, m in metric_choices())}")
+    m = overlay.METRICS[metric]
+    note = "" if toks[m.column].notna().any() else f"this trace has no {m.column} values"
+    return overlay.render(toks, m, token, key=key, note=note)
+
+
+def token_numbers(key: list) -> str:
+    """Every token's numbers of one sample as JSON: what the overlay's tooltip shows. The overlay's script
+    calls this (a server function of its gr.HTML, which receives its arguments as one list: run, step,
+    sample, metric) on the first hover of a sample, so switching samples does not carry them."""
+    if not isinstance(key, (list, tuple)) or len(key) != 4:
+        raise ValueError(f"token_numbers takes [run, step, sample, metric], got {key!r}")
+    run_id, step, sample, metric = key
+    step, sample = as_int(step, "step"), as_int(sample, "sample")
+    toks = queries.sample_tokens(run_id, step, sample)
+    if str(metric).startswith(overlay.WHAT_IF_PREFIX):
+        scheme = metric[len(overlay.WHAT_IF_PREFIX):]
+        values = _what_if_values(run_id, step, sample, toks, scheme, 0).to_numpy(dtype=np.float64)
+        return overlay.tip_data(toks, values, scheme)
+    return overlay.tip_data(toks)
+
+
+def token_views(run_id: str, step: int, sample: int, token: int | None, view: str
+                ) -> tuple[str, object, pd.DataFrame]:
+    """(title, breakdown figure, neighbours table) of one token; blanks when no token is selected."""
+    if token is None:
+        return "", empty_figure("click a token to see its per-layer and per-module breakdown"), \
+            pd.DataFrame(columns=NEIGHBOUR_COLS)
+    toks = queries.sample_tokens(run_id, step, sample)
+    if token not in set(toks["position"]):
+        raise ValueError(f"sample {sample} at step {step} has no token at position {token}; positions "
+                         f"{int(toks['position'].min())}..{int(toks['position'].max())}")
+    row = toks[toks["position"] == token].iloc[0]
+    where = f"response token {int(row['resp_pos'])}" if row["is_response"] else "prompt token"
+    title = (f"**Token #{token}** `{overlay._show(str(row['token']))}` · {where} · {row['category']} · "
+             f"alignment {row['alignment']:.4f} · share {row['share']:.3%} · loss {row['loss']:.3f}"
+             if pd.notna(row["alignment"]) and pd.notna(row["loss"]) and pd.notna(row["share"]) else
+             f"**Token #{token}** `{overlay._show(str(row['token']))}` · {where} · {row['category']}")
+    kind, value = ("bars", "dot") if view.startswith("bars") else ("heatmap", view.split(": ")[1])
+    rows = queries.token_breakdown(run_id, step, sample, token)
+    fig = figures.token_breakdown(rows, value=value, kind=kind,
+                                  title=f"Token #{token} {overlay._show(str(row['token']))}: {value} by layer "
+                                        f"and module (step {step}, sample {sample})")
+    i = int(np.flatnonzero(toks["position"].to_numpy() == token)[0])
+    near = toks.iloc[max(0, i - NEIGHBOURS): i + NEIGHBOURS + 1].copy()
+    near[""] = np.where(near["position"] == token, "▶", "")
+    near["token"] = near["token"].map(lambda t: overlay._show(str(t)))
+    return title, for_display(fig), table(near[NEIGHBOUR_COLS])
+
+
+def render(run_id: str | None, step: int | None, sample: int | None, metric: str, token: int | None, view: str,
+           generation: int = 0) -> tuple[list, dict]:
+    """Everything the tab shows for (run, step); keeps ``sample`` (and ``token``) when the step has it."""
+    run_id, step = require_run_step(run_id, step)
+    sample, token = as_int(sample, "sample"), as_int(token, "token")
+    choices = sample_choices(run_id, step)
+    ids = [c[1] for c in choices]
+    if not ids:
+        raise ValueError(f"step {step} of run {run_id!r} has no samples")
+    if sample not in ids:
+        sample, token = ids[0], None
+    html = overlay_html(run_id, step, sample, metric or "alignment", token, generation)
+    title, fig, near = token_views(run_id, step, sample, token, view or VIEWS[0])
+    values = [gr.update(choices=choices, value=sample), html, token, title, fig, near]
+    return values, {"sample": sample, "token": token}
+
+
+# ---------------------------------------------------------------------------------------------- wiring
+def wire(t: InspectTab, run: gr.Dropdown, step: gr.Dropdown, query: gr.Textbox, generation: gr.State) -> None:
+    """The tab's own events. ``query`` receives the deep link of what is shown."""
+    from tokviz.links import Focus
+
+    def link(run_id, step_, sample, token) -> str:
+        return Focus("inspect", run_id, step_, sample, token).query()
+
+    @user_errors
+    def show_sample(run_id, step_, sample, metric, token, gen):
+        """The overlay of another sample; the token views are cleared only if a token was selected (redrawing
+        an empty figure on every switch would cost more than the overlay)."""
+        run_id, step_ = require_run_step(run_id, step_)
+        sample = as_int(sample, "sample")
+        if sample is None:
+            raise ValueError("choose a sample")
+        html = overlay_html(run_id, step_, sample, metric, None, gen)
+        views = token_views(run_id, step_, sample, None, VIEWS[0]) if token is not None else (gr.skip(),) * 3
+        return (html, None, *views, link(run_id, step_, sample, None))
+
+    sample_in = [run, step, t.sample, t.metric, t.token, generation]
+    sample_out = [t.overlay, t.token, t.title, t.breakdown, t.neighbours, query]
+    # queue=False: these answer in one HTTP round trip instead of the queue's join + event stream (about half
+    # the latency of a sample switch); they are short, read-only and safe to run side by side
+    t.sample.input(show_sample, sample_in, sample_out, api_name="inspect_sample", show_progress="hidden",
+                   queue=False)
+
+    @user_errors
+    def move(run_id, step_, sample, metric, token, gen, delta):
+        run_id, step_ = require_run_step(run_id, step_)
+        ids = queries.step_samples(run_id, step_, preview_chars=0)["sample_idx"].tolist()
+        sample = as_int(sample, "sample")
+        i = ids.index(sample) if sample in ids else -1
+        new = ids[(i + delta) % len(ids)] if i >= 0 else ids[0]
+        return (new,) + show_sample(run_id, step_, new, metric, token, gen)
+
+    move_out = [t.sample] + sample_out
+    t.prev.click(lambda *a: move(*a, -1), sample_in, move_out, api_name="previous_sample", show_progress="hidden",
+                 queue=False)
+    t.next.click(lambda *a: move(*a, +1), sample_in, move_out, api_name="next_sample", show_progress="hidden",
+                 queue=False)
+
+    @user_errors
+    def recolour(run_id, step_, sample, metric, token, gen):
+        run_id, step_ = require_run_step(run_id, step_)
+        sample = as_int(sample, "sample")
+        if sample is None:
+            return gr.skip()
+        return overlay_html(run_id, step_, sample, metric, as_int(token, "token"), gen)
+
+    t.metric.input(recolour, [run, step, t.sample, t.metric, t.token, generation], t.overlay, api_name="recolour",
+                   show_progress="hidden", queue=False)
+
+    @user_errors
+    def select_token(run_id, step_, sample, token, view):
+        run_id, step_ = require_run_step(run_id, step_)
+        sample, token = as_int(sample, "sample"), as_int(token, "token")
+        if sample is None:
+            raise ValueError("choose a sample first")
+        title, fig, near = token_views(run_id, step_, sample, token, view)
+        return token, title, fig, near, link(run_id, step_, sample, token)
+
+    token_out = [t.token, t.title, t.breakdown, t.neighbours, query]
+    t.token.submit(select_token, [run, step, t.sample, t.token, t.view], token_out, api_name="inspect_token",
+                   show_progress="hidden", queue=False)
+    t.view.input(select_token, [run, step, t.sample, t.token, t.view], token_out, api_visibility="private",
+                 show_progress="hidden", queue=False)
+
+    def clicked(run_id, step_, sample, view, evt: gr.EventData):
+        position = evt._data.get("position") if isinstance(evt._data, dict) else None
+        if position is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return select_token(run_id, step_, sample, int(position), view)
+
+    t.overlay.click(clicked, [run, step, t.sample, t.view], token_out, api_visibility="private",
+                    show_progress="hidden", queue=False)
+
+    @user_errors
+    def search(run_id, text):
+        if not run_id:
+            raise ValueError("choose a run first")
+        df = queries.search_samples(run_id, (text or "").strip(), limit=50)
+        low = (text or "").lower()
+
+        def snippet(s: str) -> str:
+            i = s.lower().find(low)
+            return s[max(0, i - 40): i + len(low) + 40].replace("\n", "⏎ ")
+        df["match"] = df["text"].map(snippet)
+        if df.empty:
+            gr.Info(f"no sample of this run contains {text!r}")
+        return table(df[SEARCH_COLS])
+
+    t.search.submit(search, [run, t.search], t.results, api_name="search_samples")
+
+    @user_errors
+    def open_result(run_id, results: pd.DataFrame, metric, gen, evt: gr.SelectData):
+        row = results.iloc[evt.index[0]]
+        step_, sample = int(row["step"]), int(row["sample_idx"])
+        values, focus = render(run_id, step_, sample, metric, None, VIEWS[0], gen)
+        return [step_] + values + [link(run_id, step_, focus["sample"], None)]
+
+    t.results.select(open_result, [run, t.results, t.metric, generation], [step] + t.outputs + [query],
+                     api_visibility="private")
+
+    @user_errors
+    def export(run_id, step_, sample, token, view):
+        run_id, step_ = require_run_step(run_id, step_)
+        sample, token = as_int(sample, "sample"), as_int(token, "token")
+        if sample is None or token is None:
+            raise ValueError("select a token first: the export holds its breakdown figure")
+        kind, value = ("bars", "dot") if view.startswith("bars") else ("heatmap", view.split(": ")[1])
+        fig = figures.token_breakdown(queries.token_breakdown(run_id, step_, sample, token), value, kind)
+        return export_zip({f"token_{token}_breakdown": fig}, f"{run_id}-step{step_}-sample{sample}-token{token}")
+
+    t.export.button.click(export, [run, step, t.sample, t.token, t.view], t.export.file, api_visibility="private")

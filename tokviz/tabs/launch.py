@@ -1,0 +1,328 @@
+"""Launch: a form for a (traced) training job, built from ``backend.config.TrainConfig`` (the dataclass the
+CLI parses), so the form, the CLI and a YAML file cannot drift apart. Jobs run through the app's job queue
+as ``python -m backend train ...`` processes; the jobs table shows status, a live progress bar and ETA from
+the run's ``events.jsonl``, the log tail, and a cancel button. A finished job is ingested and appears in
+every run list.
+
+Read-only mode (a Space, or TOKVIZ_READONLY=1): launching is refused unless the owner set
+TOKVIZ_ADMIN_TOKEN and the visitor enters it. User-given paths (an uploaded dataset, a model directory)
+must stay inside the data root.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import html
+import os
+import re
+import shutil
+from dataclasses import MISSING, Field, dataclass, fields
+from pathlib import Path
+
+import gradio as gr
+import yaml
+
+from backend import paths
+from backend.config import TrainConfig, _parse_list, _parse_mapping
+from backend.jobs import JobView, confine_paths
+from backend.tasks import TASKS
+from tokviz.context import AppContext
+from tokviz.schemes_info import SCHEMES
+
+# fields the form shows up front (the rest are under "Advanced"); the queue decides where runs go
+MAIN = ("name", "model", "task", "task_params", "n_train", "n_eval", "scheme", "scheme_params", "lora_r",
+        "lora_alpha", "lora_dropout", "lora_targets", "steps", "batch_size", "lr", "trace_every", "trace_mode",
+        "trace_sequences")
+HIDDEN = ("dataset", "runs_root", "run_id")
+MODELS = ("default", "tiny-arith", "tiny-modadd")
+UPLOAD_TYPES = (".jsonl", ".json", ".parquet")
+
+
+def form_fields() -> list[Field]:
+    """The TrainConfig fields the form edits, main ones first."""
+    fs = [f for f in fields(TrainConfig) if f.name not in HIDDEN]
+    return sorted(fs, key=lambda f: (f.name not in MAIN, MAIN.index(f.name) if f.name in MAIN else 0))
+
+
+def _default(f: Field) -> object:
+    return f.default if f.default is not MISSING else f.default_factory()
+
+
+def _text(v: object, kind: str) -> str:
+    if kind == "list":
+        return ", ".join(str(x) for x in v)  # type: ignore[union-attr]
+    if kind == "dict":
+        return yaml.safe_dump(v, default_flow_style=True).strip() if v else ""
+    return str(v)
+
+
+def _component(f: Field) -> gr.components.Component:
+    meta, kind, default = f.metadata, f.type, _default(f)
+    label, info = f.name, meta.get("help", "")
+    if "range" in meta:
+        lo, hi, lo_open, hi_open = meta["range"]
+        info += f" · allowed {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    eid = f"tv-f-{f.name}"
+    if f.name == "scheme":
+        return gr.Dropdown(list(SCHEMES), value=default, label=label, info=SCHEMES[str(default)].doc, elem_id=eid)
+    if f.name == "task":
+        return gr.Dropdown(list(TASKS), value=default, label=label, info=info, elem_id=eid)
+    if f.name == "model":
+        return gr.Dropdown(list(MODELS), value=default, label=label, info=info + " (inside the data root)",
+                           allow_custom_value=True, elem_id=eid)
+    if "choices" in meta:
+        return gr.Dropdown(list(meta["choices"]), value=default, label=label, info=info, elem_id=eid)
+    if kind == "bool":
+        return gr.Checkbox(value=bool(default), label=label, info=info, elem_id=eid)
+    if kind in ("int", "float"):
+        return gr.Number(value=default, label=label, info=info, precision=0 if kind == "int" else None, elem_id=eid)
+    if kind == "dict":
+        info += " · JSON or key=value, comma separated"
+    if kind == "list":
+        info += " · comma separated"
+    return gr.Textbox(value=_text(default, kind), label=label, info=info, elem_id=eid)
+
+
+@dataclass
+class LaunchTab:
+    notice: gr.Markdown
+    token: gr.Textbox
+    fields: dict[str, gr.components.Component]     # TrainConfig field name -> its input, in form order
+    upload: gr.File
+    launch: gr.Button
+    message: gr.Markdown
+    jobs: gr.HTML
+    job: gr.Dropdown
+    cancel: gr.Button
+    log: gr.Textbox
+
+
+def build(ctx: AppContext) -> LaunchTab:
+    s = ctx.settings
+    if s.readonly:
+        notice = gr.Markdown("**This app is read-only**: launching jobs is disabled"
+                             + (". The owner can enter the admin token below to enable it." if s.admin_token
+                                else " (no admin token is configured)."), elem_id="tv-readonly")
+    else:
+        notice = gr.Markdown("A job runs `python -m backend train ...` in its own process with these settings; "
+                             f"{s.max_jobs} at a time (TOKVIZ_MAX_JOBS).", elem_id="tv-launch-notice")
+    token = gr.Textbox(label="Admin token", type="password", visible=s.readonly and bool(s.admin_token),
+                       elem_id="tv-admin-token")
+    comps: dict[str, gr.components.Component] = {}
+    fs = form_fields()
+    main = [f for f in fs if f.name in MAIN]
+    rest = [f for f in fs if f.name not in MAIN]
+    with gr.Group():
+        for i in range(0, len(main), 3):
+            with gr.Row():
+                for f in main[i:i + 3]:
+                    comps[f.name] = _component(f)
+    upload = gr.File(label=f"Dataset upload (instead of a task): {', '.join(UPLOAD_TYPES)} with prompt/response or "
+                     "messages fields", file_types=list(UPLOAD_TYPES), height=90, elem_id="tv-upload")
+    with gr.Accordion("Advanced settings", open=False):
+        for i in range(0, len(rest), 3):
+            with gr.Row():
+                for f in rest[i:i + 3]:
+                    comps[f.name] = _component(f)
+    launch = gr.Button("Launch job", variant="primary", elem_id="tv-launch",
+                       interactive=not s.readonly or bool(s.admin_token))
+    message = gr.Markdown("", elem_id="tv-launch-message")
+    gr.Markdown("### Jobs")
+    jobs = gr.HTML(jobs_html([]), elem_id="tv-jobs", css_template=JOBS_CSS, js_on_load=None)
+    with gr.Row(equal_height=True):
+        job = gr.Dropdown(label="Job", choices=[], elem_id="tv-job", scale=4, allow_custom_value=True)
+        cancel = gr.Button("Cancel job", variant="stop", elem_id="tv-cancel", scale=0, min_width=140)
+    log = gr.Textbox(label="Log tail", lines=10, max_lines=14, interactive=False, autoscroll=True, elem_id="tv-log")
+    return LaunchTab(notice, token, comps, upload, launch, message, jobs, job, cancel, log)
+
+
+# ---------------------------------------------------------------------------------------------- form -> config
+def _value(f: Field, v: object) -> object:
+    """One form value as the field's type; ValueError naming the field."""
+    kind = f.type
+    if kind == "int":
+        if v is None or (isinstance(v, float) and not v.is_integer()):
+            raise ValueError(f"{f.name}: expected a whole number, got {v!r}")
+        return int(v)  # type: ignore[arg-type]
+    if kind == "float":
+        if v is None:
+            raise ValueError(f"{f.name}: expected a number")
+        return float(v)  # type: ignore[arg-type]
+    if kind == "bool":
+        return bool(v)
+    text = "" if v is None else str(v)
+    try:
+        if kind == "list":
+            return _parse_list(text)
+        if kind == "dict":
+            return _parse_mapping(text)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"{f.name}: {e}") from e
+    return text.strip()
+
+
+def config_from_form(values: dict[str, object], dataset: str = "") -> TrainConfig:
+    """The TrainConfig of the form's values (field name -> value); TrainConfig's own ValueErrors name the
+    field and what is allowed."""
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - set(by_name))
+    if unknown:
+        raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+    d = {k: _value(by_name[k], v) for k, v in values.items()}
+    if dataset:
+        d["dataset"] = dataset
+    return TrainConfig.from_dict(d)
+
+
+def store_upload(tmp_path: str, root: Path) -> str:
+    """Copy an uploaded dataset into ``<data root>/uploads`` (named by content hash) and return that path."""
+    src = Path(tmp_path)
+    if src.suffix.lower() not in UPLOAD_TYPES:
+        raise ValueError(f"dataset upload {src.name!r}: expected one of {', '.join(UPLOAD_TYPES)}")
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", src.stem)[:60] or "dataset"
+    dest = root / "uploads" / f"{stem}-{digest}{src.suffix.lower()}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.exists():
+        shutil.copyfile(src, dest)
+    return str(dest)
+
+
+def allowed_roots(ctx: AppContext) -> list[Path]:
+    """Where user-given paths may point: the data root (plus TOKVIZ_ALLOWED_DIRS when not read-only)."""
+    roots = [ctx.settings.data_root]
+    extra = os.environ.get("TOKVIZ_ALLOWED_DIRS", "")
+    if extra and not ctx.settings.readonly:
+        roots += [Path(p).expanduser() for p in extra.split(os.pathsep) if p]
+    return roots
+
+
+def submit(ctx: AppContext, values: dict[str, object], upload: str | None, token: str | None) -> str:
+    """Validate and queue one job; returns its id. Raises PermissionError when launching is not allowed
+    here and ValueError for a bad config."""
+    if not ctx.settings.may_launch(token):
+        raise PermissionError("this app is read-only: launching jobs is disabled"
+                              + (" (wrong or missing admin token)" if ctx.settings.admin_token else ""))
+    root = ctx.settings.data_root
+    dataset = store_upload(upload, root) if upload else ""
+    cfg = config_from_form(values, dataset)
+    if cfg.runs_root or cfg.run_id:
+        raise ValueError("runs_root and run_id are chosen by the app")
+    confine_paths(cfg, allowed_roots(ctx))
+    return ctx.jobs.submit_train(cfg).job_id
+
+
+# ---------------------------------------------------------------------------------------------- jobs view
+def _dur(s: float | None) -> str:
+    if s is None:
+        return ""
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def jobs_html(views: list[JobView]) -> str:
+    """The jobs table: status, a progress bar (step / total), ETA, elapsed time, run and message."""
+    if not views:
+        return '<div class="tv-jobs-empty">No jobs yet in this session of the app.</div>'
+    rows = []
+    for v in views:
+        frac = v.fraction
+        bar = (f'<div class="tv-pbar" title="{frac:.0%}"><div style="width:{frac * 100:.1f}%"></div></div>'
+               f'<span class="tv-pnum">{v.step or 0}/{v.total}</span>' if frac is not None else
+               '<span class="tv-pnum">starting…</span>' if v.status == "running" else "")
+        eta = _dur(v.eta_s) if v.status == "running" and v.eta_s is not None else ""
+        rows.append(
+            f'<tr class="tv-job tv-{v.status}" data-job="{html.escape(v.job_id, quote=True)}">'
+            f'<td>{html.escape(v.title)}</td><td><span class="tv-status">{v.status}</span></td><td>{bar}</td>'
+            f'<td>{eta}</td><td>{_dur(v.elapsed_s)}</td><td><code>{html.escape(v.run_id)}</code></td>'
+            f'<td>{html.escape(v.message or v.last_event)}</td></tr>')
+    head = "<tr><th>job</th><th>status</th><th>progress</th><th>ETA</th><th>elapsed</th><th>run</th><th></th></tr>"
+    return f'<table class="tv-jobs-table">{head}{"".join(rows)}</table>'
+
+
+JOBS_CSS = """
+.tv-jobs-table { width: 100%; border-collapse: collapse; font-size: .9em; }
+.tv-jobs-table th, .tv-jobs-table td { text-align: left; padding: 4px 8px; border-bottom: 1px solid #e5e5e5; }
+.tv-pbar { display: inline-block; width: 160px; height: 10px; background: #eee; border-radius: 5px; overflow: hidden;
+           vertical-align: middle; }
+.tv-pbar > div { height: 100%; background: #2b7bd8; transition: width .4s; }
+.tv-pnum { margin-left: 6px; font-variant-numeric: tabular-nums; }
+.tv-status { padding: 1px 6px; border-radius: 8px; background: #eee; }
+.tv-finished .tv-status { background: #d6f5d6; } .tv-failed .tv-status { background: #f8d0d0; }
+.tv-running .tv-status { background: #d6e6fb; } .tv-cancelled .tv-status { background: #eee2c8; }
+.tv-jobs-empty { color: #666; padding: .5em 0; }
+"""
+
+
+def job_choices(views: list[JobView]) -> list[tuple[str, str]]:
+    return [(f"{v.title} · {v.status} · {v.run_id}", v.job_id) for v in views]
+
+
+def jobs_state(ctx: AppContext, job_id: str | None) -> tuple[str, object, str]:
+    """(jobs table, job dropdown update, log tail of the chosen job or the newest)."""
+    views = ctx.jobs.snapshot()
+    ids = [v.job_id for v in views]
+    chosen = job_id if job_id in ids else (ids[0] if ids else None)
+    log = ctx.jobs.log_tail(chosen) if chosen else ""
+    return jobs_html(views), gr.update(choices=job_choices(views), value=chosen), log
+
+
+def _message(text: str, ok: bool) -> str:
+    return f'<span class="tv-{"ok" if ok else "err"}">{"✅" if ok else "⚠️"} {html.escape(text)}</span>'
+
+
+# ---------------------------------------------------------------------------------------------- wiring
+def wire(t: LaunchTab, ctx: AppContext) -> None:
+    names = list(t.fields)
+    comps = [t.fields[n] for n in names]
+
+    def on_launch(token, upload, *values):
+        try:
+            job_id = submit(ctx, dict(zip(names, values)), upload, token)
+        except (ValueError, PermissionError) as e:
+            table, jobs, log = jobs_state(ctx, None)
+            return _message(str(e), False), table, jobs, log
+        table, jobs, log = jobs_state(ctx, job_id)
+        return _message(f"queued {job_id}", True), table, jobs, log
+
+    t.launch.click(on_launch, [t.token, t.upload, *comps], [t.message, t.jobs, t.job, t.log],
+                   api_visibility="private")
+
+    def launch_config(config_yaml: str, admin_token: str = "") -> str:
+        """Queue a job from TrainConfig fields as YAML or JSON text (what a YAML config file holds); returns
+        the job id, or the reason it was refused."""
+        try:
+            d = yaml.safe_load(config_yaml or "{}") or {}
+            if not isinstance(d, dict):
+                raise ValueError("the config must be a mapping of TrainConfig fields")
+            if "dataset" in d:
+                raise ValueError("dataset: upload the file on the Launch tab (paths are not accepted here)")
+            return submit(ctx, d, None, admin_token)
+        except (ValueError, PermissionError, yaml.YAMLError) as e:
+            raise gr.Error(str(e), print_exception=False) from e
+
+    gr.api(launch_config, api_name="launch")
+
+    def scheme_defaults(name):
+        info = SCHEMES.get(name)
+        if info is None:
+            return gr.skip(), gr.skip()
+        return _text(info.defaults, "dict"), gr.update(info=info.doc)
+
+    t.fields["scheme"].input(scheme_defaults, t.fields["scheme"], [t.fields["scheme_params"], t.fields["scheme"]],
+                             api_visibility="private")
+
+    def on_cancel(job_id, token):
+        if not job_id:
+            raise gr.Error("choose a job to cancel", print_exception=False)
+        if not ctx.settings.may_launch(token):
+            raise gr.Error("this app is read-only: only its owner (with the admin token) can cancel jobs",
+                           print_exception=False)
+        try:
+            ctx.jobs.cancel(job_id)
+        except ValueError as e:
+            raise gr.Error(str(e), print_exception=False) from e
+        return jobs_state(ctx, job_id)
+
+    t.cancel.click(on_cancel, [t.job, t.token], [t.jobs, t.job, t.log], api_name="cancel_job")
+    t.job.input(lambda j: jobs_state(ctx, j), t.job, [t.jobs, t.job, t.log], api_visibility="private")

@@ -1,0 +1,86 @@
+"""Layers & positions: layer x position heatmap (all modules or one), step x position heatmap, module-type
+comparison, LoRA A/B magnitudes, and each (layer, module)'s share of the update over training."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+import plotly.graph_objects as go
+
+from backend import analyses, figures, sql
+from backend.queries import cursor
+from tokviz.common import ExportRow, export_zip, for_display, require_run_step, user_errors
+
+ALL = "all modules"
+
+
+@dataclass
+class LayersTab:
+    module: gr.Dropdown
+    layer_position: gr.Plot
+    step_position: gr.Plot
+    module_types: gr.Plot
+    lora_ab: gr.Plot
+    contribution: gr.Plot
+    export: ExportRow
+
+    @property
+    def inputs(self) -> list:
+        return [self.module]
+
+    @property
+    def outputs(self) -> list:
+        return [self.module, self.layer_position, self.step_position, self.module_types, self.lora_ab,
+                self.contribution]
+
+
+def build() -> LayersTab:
+    module = gr.Dropdown(label="Layer x position heatmap: module type", choices=[ALL], value=ALL,
+                         elem_id="tv-layers-module", allow_custom_value=True)
+    with gr.Row():
+        lp = gr.Plot(label="Layer x response position", elem_id="tv-layer-position")
+        sp = gr.Plot(label="Step x response position", elem_id="tv-step-position")
+    with gr.Row():
+        mt = gr.Plot(label="Module types", elem_id="tv-module-types")
+        ab = gr.Plot(label="LoRA A vs B", elem_id="tv-lora-ab")
+    contribution = gr.Plot(label="Share of the update per layer and module", elem_id="tv-contribution")
+    return LayersTab(module, lp, sp, mt, ab, contribution, ExportRow())
+
+
+def module_names(run_id: str, step: int) -> list[str]:
+    with cursor(None) as cur:
+        return [r[0] for r in cur.execute(sql.MODULE_NAMES, [run_id, step]).fetchall()]
+
+
+def make_figures(run_id: str, step: int, module: str | None) -> dict[str, go.Figure]:
+    params = analyses.AnalysisParams(module=None if module in (None, ALL) else module)
+    names = ("layer_position_heatmap", "step_position_heatmap", "module_types", "lora_ab", "layer_module_contribution")
+    results = analyses.run_all(run_id, step, params, only=list(names))
+    return {n: figures.build(n, results[n]) for n in names}
+
+
+def render(run_id: str | None, step: int | None, module: str | None) -> tuple[list, dict]:
+    run_id, step = require_run_step(run_id, step)
+    mods = module_names(run_id, step)
+    if module not in mods:
+        module = ALL
+    figs = make_figures(run_id, step, module)
+    return [gr.update(choices=[ALL] + mods, value=module)] + [for_display(f) for f in figs.values()], {}
+
+
+def wire(t: LayersTab, run: gr.Dropdown, step: gr.Dropdown) -> None:
+    @user_errors
+    def on_module(run_id, step_, module):
+        run_id, step_ = require_run_step(run_id, step_)
+        params = analyses.AnalysisParams(module=None if module in (None, ALL) else module)
+        return for_display(figures.build("layer_position_heatmap",
+                                         analyses.run("layer_position_heatmap", run_id, step_, params)))
+
+    t.module.input(on_module, [run, step, t.module], t.layer_position, api_name="layer_position_heatmap")
+
+    @user_errors
+    def export(run_id, step_, module):
+        run_id, step_ = require_run_step(run_id, step_)
+        return export_zip(make_figures(run_id, step_, module), f"{run_id}-step{step_}-layers")
+
+    t.export.button.click(export, [run, step, t.module], t.export.file, api_visibility="private")

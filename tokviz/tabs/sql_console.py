@@ -1,0 +1,76 @@
+"""SQL: a read-only console over the index for the questions no tab foresaw. One SELECT at a time, run
+read-only (external access disabled: no files, no extensions, no ATTACH), at most 10,000 rows, stopped after
+10 s; results as a table and a CSV download."""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from backend import queries
+from tokviz.common import table, user_errors
+
+EXAMPLES = {
+    "Tables and columns": "SELECT table_name, column_name, data_type FROM information_schema.columns\n"
+                          "WHERE table_schema = 'main' ORDER BY table_name, ordinal_position",
+    "Runs": "SELECT run_id, name, status, scheme, n_traced_steps, n_tokens, n_token_modules FROM runs",
+    "Mean alignment per category and step": "SELECT run_id, step, category, count(*) AS n, avg(alignment) AS "
+                                            "mean_alignment\nFROM tokens WHERE is_response\nGROUP BY ALL ORDER BY "
+                                            "run_id, step, mean_alignment",
+    "Most opposing modules": "SELECT run_id, step, layer, module, part, avg(alignment) AS mean_alignment, "
+                             "count(*) AS n\nFROM token_modules GROUP BY ALL ORDER BY mean_alignment LIMIT 20",
+    "Tokens carrying the most of the update": "SELECT run_id, step, sample_idx, position, token, share, alignment\n"
+                                              "FROM tokens ORDER BY share DESC LIMIT 50",
+}
+DEFAULT = EXAMPLES["Mean alignment per category and step"]
+
+
+@dataclass
+class SqlTab:
+    example: gr.Dropdown
+    query: gr.Code
+    limit: gr.Number
+    run: gr.Button
+    message: gr.Markdown
+    result: gr.Dataframe
+    download: gr.DownloadButton
+
+
+def build() -> SqlTab:
+    gr.Markdown("Read-only SQL over the index (DuckDB): tables `runs`, `tokens`, `token_modules`, "
+                "`train_steps`, `eval`. One SELECT at a time; no file or network access.")
+    with gr.Row():
+        example = gr.Dropdown(label="Examples", choices=list(EXAMPLES), value=None, scale=3, elem_id="tv-sql-example")
+        limit = gr.Number(label="Max rows", value=1000, minimum=1, maximum=queries.CONSOLE_MAX_ROWS, precision=0,
+                          scale=1, elem_id="tv-sql-limit")
+    query = gr.Code(DEFAULT, language="sql", lines=6, label="SELECT ...", elem_id="tv-sql-query")
+    with gr.Row():
+        run = gr.Button("Run query", variant="primary", scale=0, min_width=160, elem_id="tv-sql-run")
+        download = gr.DownloadButton("Download CSV", visible=False, scale=0, min_width=160, elem_id="tv-sql-csv")
+    message = gr.Markdown("", elem_id="tv-sql-message")
+    result = gr.Dataframe(interactive=False, max_height=520, label="Result", elem_id="tv-sql-result")
+    return SqlTab(example, query, limit, run, message, result, download)
+
+
+def run_query(query: str, limit: float | None) -> tuple[str, pd.DataFrame, str]:
+    """(message, table, CSV path) of one console query; ValueError for SQL the console refuses."""
+    n = int(limit or 1000)
+    df = queries.console_query(query or "", limit=n)
+    out = Path(tempfile.mkdtemp(prefix="tokviz-sql-")) / "query.csv"
+    df.to_csv(out, index=False)
+    more = f" (the first {n}; raise Max rows for more)" if len(df) == n else ""
+    return f"{len(df):,} row{'s' if len(df) != 1 else ''}{more}", table(df, 6), str(out)
+
+
+def wire(t: SqlTab) -> None:
+    t.example.input(lambda name: EXAMPLES.get(name, ""), t.example, t.query, api_visibility="private")
+
+    @user_errors
+    def go(query, limit):
+        msg, df, path = run_query(query, limit)
+        return msg, df, gr.DownloadButton(value=path, visible=True)
+
+    t.run.click(go, [t.query, t.limit], [t.message, t.result, t.download], api_name="sql")

@@ -1,0 +1,85 @@
+"""Training: the loss curve (scheme loss, cross-entropy, learning rate), alignment of response tokens over
+the traced steps, gradient norms, and the run's evaluation and config."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import gradio as gr
+import plotly.graph_objects as go
+
+from backend import analyses, figures, queries
+from tokviz.common import ExportRow, empty_figure, export_zip, for_display, user_errors
+
+
+@dataclass
+class TrainingTab:
+    summary: gr.Markdown
+    loss: gr.Plot
+    evolution: gr.Plot
+    magnitude: gr.Plot
+    config: gr.JSON
+    export: ExportRow
+
+    @property
+    def inputs(self) -> list:
+        return []
+
+    @property
+    def outputs(self) -> list:
+        return [self.summary, self.loss, self.evolution, self.magnitude, self.config]
+
+
+def build() -> TrainingTab:
+    summary = gr.Markdown("", elem_id="tv-train-summary")
+    loss = gr.Plot(label="Loss", elem_id="tv-loss")
+    with gr.Row():
+        evolution = gr.Plot(label="Alignment over training", elem_id="tv-evolution")
+        magnitude = gr.Plot(label="Gradient magnitude", elem_id="tv-magnitude")
+    with gr.Accordion("Run config and manifest", open=False):
+        config = gr.JSON(label="config.json and manifest.json", elem_id="tv-config")
+    return TrainingTab(summary, loss, evolution, magnitude, config, ExportRow())
+
+
+def make_figures(run_id: str) -> dict[str, go.Figure]:
+    figs = {"loss_curve": figures.loss_curve(queries.train_steps(run_id))}
+    if queries.traced_steps(run_id):
+        res = analyses.run_all(run_id, only=["alignment_evolution", "gradient_magnitude"])
+        figs["alignment_evolution"] = figures.build("alignment_evolution", res["alignment_evolution"])
+        figs["gradient_magnitude"] = figures.build("gradient_magnitude", res["gradient_magnitude"])
+    return figs
+
+
+def summary_md(run_id: str) -> tuple[str, dict]:
+    info = queries.run_info(run_id).iloc[0]
+    manifest = json.loads(info["manifest_json"]) if isinstance(info["manifest_json"], str) else {}
+    config = json.loads(info["config_json"]) if isinstance(info["config_json"], str) else {}
+    ev = queries.eval_rows(run_id)
+    greedy = ev[ev["sample_k"] == -1] if len(ev) else ev
+    acc = f"{greedy['correct'].mean():.1%} of {len(greedy)} (greedy)" if len(greedy) else "no evaluation"
+    steps = queries.train_steps(run_id)
+    last = f"{steps['loss'].iloc[-1]:.4f} at step {int(steps['step'].iloc[-1])}" if len(steps) else "no steps"
+    md = (f"**{info['name'] or run_id}** · status **{info['status']}** · model `{info['model']}` · data "
+          f"`{info['dataset']}` · scheme `{info['scheme']}` · final loss {last} · eval accuracy {acc}")
+    return md, {"config": config, "manifest": manifest}
+
+
+def render(run_id: str | None, step: int | None) -> tuple[list, dict]:
+    if not run_id:
+        raise ValueError("choose a run first (no run is selected)")
+    figs = make_figures(run_id)
+    md, cfg = summary_md(run_id)
+    none = empty_figure("this run has no traced steps")
+    return [md, for_display(figs["loss_curve"]),
+            for_display(figs["alignment_evolution"]) if "alignment_evolution" in figs else none,
+            for_display(figs["gradient_magnitude"]) if "gradient_magnitude" in figs else none, cfg], {}
+
+
+def wire(t: TrainingTab, run: gr.Dropdown, step: gr.Dropdown) -> None:
+    @user_errors
+    def export(run_id):
+        if not run_id:
+            raise ValueError("choose a run first")
+        return export_zip(make_figures(run_id), f"{run_id}-training")
+
+    t.export.button.click(export, [run], t.export.file, api_visibility="private")
