@@ -10,7 +10,9 @@ The reference shares nothing with the tracer's fast paths but the loss definitio
   only. dot = sum of <P, G> elementwise, magnitude = Frobenius norm of the materialised pieces, G from a plain
   backward. The pieces of the positions that are not recorded are checked to be zero.
 - ``token``: one backward per token on the whole micro-batch (g_t = grad l_t), dotted with G; a sketched
-  magnitude is recomputed from the materialised g_t and the same random directions.
+  magnitude is recomputed from the materialised g_t and the same random directions. l_t is written as
+  ``backend.tracer.token.token_loss`` (cross-entropy in a form whose float32 derivatives stay accurate for
+  confident tokens); its value is the cross-entropy.
 
 Errors (all "relative", each on its natural scale): dot |a - b| / (|g| ||G||) (relative to the Cauchy-Schwarz
 bound, so a near-zero dot does not blow up), magnitude |a - b| / b, alignment |a - b| (a cosine), and
@@ -233,6 +235,7 @@ def _sum_modules(mod: list[dict], stats: list[dict]) -> list[dict]:
 
 def _naive_token(model, ranks, sites, G, scheme, params, device, cfg):
     from backend.tracer.sites import sketch_direction
+    from backend.tracer.token import token_loss
     tok, mod = [], []
     ws = [s["param"] for s in sites]
     dirs = None
@@ -247,10 +250,7 @@ def _naive_token(model, ranks, sites, G, scheme, params, device, cfg):
         row0 = 0
         for ch in chunks:
             out = forward_loss(model, ch, scheme, params)
-            lg = out.logits[:, :-1].float()
-            tgt = ch["input_ids"][:, 1:]
-            losses = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1),
-                                                       reduction="none").view(tgt.shape)
+            losses = token_loss(out.logits[:, :-1], ch["input_ids"][:, 1:])          # (n, T-1), as the tracer
             n_rows = ch["input_ids"].shape[0]
             here = [(b - row0, tt) for (b, tt) in rec if row0 <= b < row0 + n_rows]
             stats: list[dict] = []
