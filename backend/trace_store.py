@@ -46,7 +46,7 @@ def state_dir(run_path: Path, step: int) -> Path:
     return Path(run_path) / STATE_DIR / f"step_{step:06d}"
 
 
-def _column(values: Any, typ: pa.DataType, n: int) -> pa.Array:
+def _column(values: Any, typ: pa.DataType) -> pa.Array:
     if isinstance(values, np.ndarray) and values.dtype.kind == "f":
         return pa.array(values, type=typ, from_pandas=True)           # NaN -> null
     if isinstance(values, np.ndarray) and values.dtype == object:
@@ -59,8 +59,7 @@ def _table(columns: dict[str, Any], sch: pa.Schema) -> pa.Table:
     extra = [k for k in columns if sch.get_field_index(k) < 0]
     assert not missing and not extra, f"columns do not match {sch.metadata[schema.TABLE_KEY]!r}: " \
                                       f"missing {missing}, unexpected {extra}"
-    n = len(columns["step"])
-    arrays = [_column(columns[f.name], f.type, n) for f in sch]
+    arrays = [_column(columns[f.name], f.type) for f in sch]
     return pa.Table.from_arrays(arrays, schema=sch)
 
 

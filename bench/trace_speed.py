@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         res[f"sketch_k{k}_s"] = ts
         rows.append(dict(mode=f"token sketch k={k}", tokens=n_tok, time=ts, ratio=ts / t2["plain"],
                          mem=float("nan"), mem_ratio=float("nan"),
-                         note=f"rms rel err {res[f'sketch_k{k}_rms_rel_err']:.3f} (sqrt(1/2k) = {(0.5 / k) ** 0.5:.3f})"))
+                         note=f"rms rel err {res[f'sketch_k{k}_rms_rel_err']:.3f} "
+                              f"(sqrt(1/2k) = {(0.5 / k) ** 0.5:.3f})"))
     return report(res, rows, args, desc, sites)
 
 

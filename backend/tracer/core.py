@@ -13,7 +13,9 @@ A re-run leaves training untouched: it runs inside ``torch.random.fork_rng`` (dr
 uses ``torch.autograd.grad`` (no ``.grad`` is written), and restores every module's train/eval flag and the
 attention implementation. The traced loss of ``n`` sequences in K micro-batches on W ranks is
 L = (1/W) sum_r (1/K) sum_k L_{r,k}, each L_{r,k} the scheme loss of one micro-batch: as DDP with gradient
-accumulation averages, so G is the gradient training would apply.
+accumulation averages, so G is the gradient training would apply. Token mode runs the model with eager
+attention (fused SDPA kernels have no forward-mode derivative); ``checks["attn_implementation_used"]`` says
+which kernel a trace ran with, ``checks["attn_implementation_model"]`` the model's own.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from backend.loss import LossOutput, forward_loss, unwrap
 from backend.schemes import Scheme, get_scheme
 from backend.tracer.batch import TracedBatch, build_columns
 from backend.tracer.config import TraceConfig
-from backend.tracer.hooks import PositionHooks, all_reduce_mean, attached
+from backend.tracer.hooks import PositionHooks, attached
 from backend.tracer.position import check_indices, run_position
 from backend.tracer.sites import LoraSite, discover_lora_modules
 from backend.tracer.token import run_token

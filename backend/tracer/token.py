@@ -6,8 +6,8 @@
   along G (exact). Needs attention with a forward-mode derivative (eager; the caller switches).
 - ``magnitude`` exact: per sequence, batched backward passes over one-hot cotangents (``is_grads_batched``: a
   vmap over the backward), ``grad_chunk`` tokens at a time, each on a forward of the prefix the chunk needs;
-  per-module dots and norms come with it. Sketch: ||g_t||^2 ~ mean_i <g_t, v_i>^2 over k standard normal directions v_i, from vmapped
-  JVPs (relative error of the norm about sqrt(1/(2k))).
+  per-module dots and norms come with it. Sketch: ||g_t||^2 ~ mean_i <g_t, v_i>^2 over k standard normal
+  directions v_i, from vmapped JVPs (relative error of the norm about sqrt(1/(2k))).
 - module rows without exact magnitudes: one JVP per LoRA matrix (its part of G as the tangent), vmapped in
   groups of ``jvp_chunk``.
 """
