@@ -336,6 +336,7 @@ def autocorrelation(lags: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     for i, (run, g) in enumerate(_runs(lags)):
         c = _color(i)
+        g = g.dropna(subset=["r", "band"])      # lags no sequence is long enough for: a gap would tear the band
         fig.add_trace(go.Scatter(x=list(g["lag"]) + list(g["lag"])[::-1], y=list(g["band"]) + list(-g["band"])[::-1],
                                  fill="toself", fillcolor=_rgba(c, 0.12), line=dict(width=0), hoverinfo="skip",
                                  name=f"{run + ' ' if run else ''}95% noise band"))

@@ -33,7 +33,7 @@ from backend.rundir import CONFIG, EVENTS, MANIFEST, new_run_id, read_events
 STATUSES = ("queued", "running", "finished", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 POLL_S = 0.25              # how often the watcher looks at running processes
-CANCEL_GRACE_S = 10.0      # SIGINT first (the job records its own failure), SIGKILL after this
+CANCEL_GRACE_S = 5.0       # SIGINT first (the job records its own failure), SIGKILL after this
 LOG_TAIL_BYTES = 16_384
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -247,15 +247,16 @@ class JobQueue:
             return f.read().decode("utf-8", errors="replace")
 
     # ---- cancelling
-    def cancel(self, job_id: str) -> Job:
-        """Cancel a queued job, or interrupt a running one (SIGINT, then SIGKILL after a grace period)."""
+    def cancel(self, job_id: str, reason: str = "cancelled by the user") -> Job:
+        """Cancel a queued job, or interrupt a running one (SIGINT, then SIGKILL after a grace period: a job
+        started with SIGINT ignored, e.g. from a background shell, cannot record its own end)."""
         job = self.get(job_id)
         with self._lock:
             if job.status == "queued":
-                job.status, job.ended, job.message = "cancelled", time.time(), "cancelled before it started"
+                job.status, job.ended, job.message = "cancelled", time.time(), f"{reason} before it started"
             elif job.status == "running" and job.cancel_at is None:
                 job.cancel_at = time.time()
-                job.message = "cancelled by the user"
+                job.message = reason
                 _signal_group(job.proc, signal.SIGINT)
             elif job.status not in ACTIVE:
                 raise ValueError(f"job {job_id} already ended ({job.status})")
@@ -279,7 +280,7 @@ class JobQueue:
             ids = [j.job_id for j in self._jobs if j.status in ACTIVE]
         for i in ids:
             try:
-                self.cancel(i)
+                self.cancel(i, reason="stopped: the app shut down")
             except ValueError:
                 pass      # it ended between the listing and the cancel: nothing left to stop
         deadline = time.time() + timeout
@@ -357,8 +358,7 @@ class JobQueue:
             events = progress_of(j.run_dir)
             if "error" not in events:       # killed before it could record why: say so for the index
                 with open(j.run_dir / EVENTS, "a") as f:
-                    f.write(json.dumps({"time": time.time(), "type": "error", "error": "cancelled by the user"})
-                            + "\n")
+                    f.write(json.dumps({"time": time.time(), "type": "error", "error": j.message}) + "\n")
         try:
             if self.on_exit is not None:
                 self.on_exit(j)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
 import gradio as gr
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -118,11 +119,16 @@ class ExportRow:
 
 
 def table(df: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
-    """A DataFrame ready to show: floats rounded, no index."""
+    """A DataFrame ready to show: floats to ``digits`` significant digits (a magnitude of 3e-5 stays 3e-05,
+    not 0), no index."""
     out = df.copy()
     for c in out.columns:
         if pd.api.types.is_float_dtype(out[c]):      # float32 as float64 first: 0.0069, not 0.0068999
-            out[c] = out[c].astype("float64").round(digits)
+            a = out[c].astype("float64").to_numpy()
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                mag = np.where(np.isfinite(a) & (a != 0), np.floor(np.log10(np.abs(a))), 0)
+                scale = 10.0 ** (digits - 1 - mag)
+                out[c] = np.round(a * scale) / scale
     return out.reset_index(drop=True)
 
 

@@ -93,7 +93,8 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
 
 # Gradio's run history keeps every event's outputs in the browser's storage: with a 2,000-token overlay per
 # sample switch it grows by hundreds of kB a click and each switch gets slower. The app does not use it.
-LAUNCH_OPTIONS = {"run_history": False, "footer_links": ["api", "settings"]}
+# Uploads (datasets on the Launch tab) are capped: a hosted Space takes files from anyone.
+LAUNCH_OPTIONS = {"run_history": False, "footer_links": ["api", "settings"], "max_file_size": "200mb"}
 
 
 def serve(demo: gr.Blocks, **launch_kwargs: object) -> object:

@@ -44,7 +44,8 @@ def build() -> CompareTab:
         with gr.Row():
             for n in names[i:i + 2]:
                 plots.append(gr.Plot(label=TITLES.get(n, n), elem_id=f"tv-cmp-{n}"))
-    summary = gr.Dataframe(interactive=False, label="Summary by run", max_height=520, elem_id="tv-cmp-summary")
+    summary = gr.Dataframe(interactive=False, label="Summary by run", max_height=520, elem_id="tv-cmp-summary",
+                           wrap=True)
     return CompareTab(runs, button, tuple(plots), summary, ExportRow())
 
 
@@ -62,6 +63,12 @@ def compare(run_ids: list[str]) -> tuple[dict, pd.DataFrame]:
     return figs, tbl.map(_fmt).reset_index()
 
 
+def summary_update(tbl: pd.DataFrame) -> gr.Dataframe:
+    """The summary table with fixed column widths (a long cell, e.g. the per-category JSON, would otherwise
+    widen every column to the page and hide all runs but the first behind a scroll)."""
+    return gr.Dataframe(value=tbl, column_widths=["230px"] + ["360px"] * (len(tbl.columns) - 1))
+
+
 def _fmt(v: object) -> str:
     """A summary value as a short string (4 significant digits for numbers)."""
     if isinstance(v, float):
@@ -77,14 +84,15 @@ def render(run_id: str | None, step: int | None, runs: list[str] | None, choices
         return [gr.update(choices=choices, value=runs), *empty, pd.DataFrame()], \
             {"notice": "⚠️ Compare runs needs at least two runs with traced steps"}
     figs, tbl = compare(runs)
-    return [gr.update(choices=choices, value=runs)] + [for_display(figs[n]) for n in figures.COMPARE] + [tbl], {}
+    return [gr.update(choices=choices, value=runs)] + [for_display(figs[n]) for n in figures.COMPARE] + \
+        [summary_update(tbl)], {}
 
 
 def wire(t: CompareTab) -> None:
     @user_errors
     def go(runs):
         figs, tbl = compare(runs)
-        return [for_display(figs[n]) for n in figures.COMPARE] + [tbl]
+        return [for_display(figs[n]) for n in figures.COMPARE] + [summary_update(tbl)]
 
     t.button.click(go, [t.runs], [*t.plots, t.summary], api_name="compare_runs")
 

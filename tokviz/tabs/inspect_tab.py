@@ -14,7 +14,7 @@ import pandas as pd
 
 from backend import figures, queries
 from tokviz import overlay
-from tokviz.common import (ExportRow, as_int, empty_figure, export_zip, for_display, require_run_step, table,
+from tokviz.common import (ExportRow, as_int, export_zip, for_display, require_run_step, table,
                            user_errors)
 from tokviz.schemes_info import WHAT_IF, what_if_weights
 
@@ -23,6 +23,7 @@ NEIGHBOURS = 6
 NEIGHBOUR_COLS = ["", "position", "token", "category", "alignment", "share", "magnitude", "loss", "prob", "entropy",
                   "weight"]
 SEARCH_COLS = ["step", "sample_idx", "n_tokens", "mean_alignment", "match"]
+HINT = "*Click a token to see its gradient per layer and module, and its neighbours.*"
 
 
 def metric_choices() -> list[tuple[str, str]]:
@@ -143,9 +144,8 @@ def token_numbers(key: list) -> str:
 def token_views(run_id: str, step: int, sample: int, token: int | None, view: str
                 ) -> tuple[str, object, pd.DataFrame]:
     """(title, breakdown figure, neighbours table) of one token; blanks when no token is selected."""
-    if token is None:
-        return "", empty_figure("click a token to see its per-layer and per-module breakdown"), \
-            pd.DataFrame(columns=NEIGHBOUR_COLS)
+    if token is None:       # no figure (not even an empty one): the page's first paint needs no plotting
+        return HINT, None, pd.DataFrame(columns=NEIGHBOUR_COLS)
     toks = queries.sample_tokens(run_id, step, sample)
     if token not in set(toks["position"]):
         raise ValueError(f"sample {sample} at step {step} has no token at position {token}; positions "

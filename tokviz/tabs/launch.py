@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import html
+import json
 import os
 import re
 import shutil
@@ -52,7 +53,7 @@ def _text(v: object, kind: str) -> str:
     if kind == "list":
         return ", ".join(str(x) for x in v)  # type: ignore[union-attr]
     if kind == "dict":
-        return yaml.safe_dump(v, default_flow_style=True).strip() if v else ""
+        return json.dumps(v) if v else ""
     return str(v)
 
 
@@ -236,7 +237,7 @@ def jobs_html(views: list[JobView]) -> str:
             f'<td>{html.escape(v.title)}</td><td><span class="tv-status">{v.status}</span></td><td>{bar}</td>'
             f'<td>{eta}</td><td>{_dur(v.elapsed_s)}</td><td><code>{html.escape(v.run_id)}</code></td>'
             f'<td>{html.escape(v.message or v.last_event)}</td></tr>')
-    head = "<tr><th>job</th><th>status</th><th>progress</th><th>ETA</th><th>elapsed</th><th>run</th><th></th></tr>"
+    head = "<tr><th>job</th><th>status</th><th>progress</th><th>ETA</th><th>elapsed</th><th>run</th><th>note</th></tr>"
     return f'<table class="tv-jobs-table">{head}{"".join(rows)}</table>'
 
 
