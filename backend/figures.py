@@ -375,7 +375,6 @@ def token_breakdown(rows: pd.DataFrame, value: str = "dot", kind: str = "heatmap
     title = title or "Per-layer and per-module breakdown of the token's gradient"
     if rows.empty:
         return _empty(title, NO_MODULES + " for this token")
-    units = {"dot": "dot <P_m, G_m>", "alignment": "per-module alignment (cosine)", "magnitude": MAG}
     if kind == "bars":
         fig = go.Figure()
         per = rows.groupby(["layer", "module"], sort=True)["dot"].sum().reset_index()

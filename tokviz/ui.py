@@ -72,7 +72,8 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
                                                                                     view, g)),
             TabSpec("concentration", t_conc, conc.inputs, conc.outputs,
                     lambda r, s, g, steps, others: concentration.render(r, s, steps, others)),
-            TabSpec("layers", t_lay, lay.inputs, lay.outputs, lambda r, s, g, module: layers.render(r, s, module)),
+            TabSpec("layers", t_lay, lay.inputs, lay.outputs,
+                    lambda r, s, g, module, more_open: layers.render(r, s, module, more_open)),
             TabSpec("tokens", t_tok, tok.inputs, tok.outputs, lambda r, s, g: tokens.render(r, s)),
             TabSpec("training", t_train, train.inputs, train.outputs, lambda r, s, g: training.render(r, s)),
             TabSpec("compare", t_cmp, cmp.inputs, cmp.outputs,
@@ -206,9 +207,13 @@ def wire(demo: gr.Blocks, ctx: AppContext, h: header_mod.Header, tabs: gr.Tabs, 
                  header_mod.run_info_md(run_id), notice, gr.Tabs(selected=focus.tab), focus.tab, r, gen, q,
                  conc_runs] + out)
 
-    demo.load(on_load, all_inputs,
-              [h.run, h.step, h.info, h.notice, tabs, active, rendered, generation, h.query, conc.runs, *all_outputs],
-              api_visibility="private", show_progress="hidden")
+    loaded = demo.load(on_load, all_inputs,
+                       [h.run, h.step, h.info, h.notice, tabs, active, rendered, generation, h.query, conc.runs,
+                        *all_outputs], api_visibility="private", show_progress="hidden", queue=False)
+    # Once the first view is painted, draw the (empty) token breakdown: the browser then loads the plotting
+    # library while the reader looks at the page, not on the first click of a token or a tab.
+    loaded.then(lambda token: inspect_tab.breakdown_placeholder() if token is None else gr.skip(), ins.token,
+                ins.breakdown, api_visibility="private", show_progress="hidden", queue=False)
 
     # ---- the address bar follows what is shown; "copy link"
     h.query.change(None, h.query, h.link, js=SET_URL_JS)

@@ -14,7 +14,7 @@ import pandas as pd
 
 from backend import figures, queries
 from tokviz import overlay
-from tokviz.common import (ExportRow, as_int, export_zip, for_display, require_run_step, table,
+from tokviz.common import (ExportRow, as_int, empty_figure, export_zip, for_display, require_run_step, table,
                            user_errors)
 from tokviz.schemes_info import WHAT_IF, what_if_weights
 
@@ -166,6 +166,11 @@ def token_views(run_id: str, step: int, sample: int, token: int | None, view: st
     near[""] = np.where(near["position"] == token, "▶", "")
     near["token"] = near["token"].map(lambda t: overlay._show(str(t)))
     return title, for_display(fig), table(near[NEIGHBOUR_COLS])
+
+
+def breakdown_placeholder() -> object:
+    """The breakdown plot before a token is selected: empty, with the hint."""
+    return empty_figure("click a token to see its gradient per layer and module")
 
 
 def render(run_id: str | None, step: int | None, sample: int | None, metric: str, token: int | None, view: str,

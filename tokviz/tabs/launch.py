@@ -23,7 +23,6 @@ from pathlib import Path
 import gradio as gr
 import yaml
 
-from backend import paths
 from backend.config import TrainConfig, _parse_list, _parse_mapping
 from backend.jobs import JobView, confine_paths
 from backend.tasks import TASKS

@@ -1,5 +1,6 @@
 """Layers & positions: layer x position heatmap (all modules or one), step x position heatmap, module-type
-comparison, LoRA A/B magnitudes, and each (layer, module)'s share of the update over training."""
+comparison, LoRA A/B magnitudes, and (opened on demand: it scans every module row of several steps) each
+(layer, module)'s share of the update early, midway and late in training."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,12 +22,14 @@ class LayersTab:
     step_position: gr.Plot
     module_types: gr.Plot
     lora_ab: gr.Plot
+    more: gr.Accordion
+    more_open: gr.State
     contribution: gr.Plot
     export: ExportRow
 
     @property
     def inputs(self) -> list:
-        return [self.module]
+        return [self.module, self.more_open]
 
     @property
     def outputs(self) -> list:
@@ -43,8 +46,10 @@ def build() -> LayersTab:
     with gr.Row():
         mt = gr.Plot(label="Module types", elem_id="tv-module-types")
         ab = gr.Plot(label="LoRA A vs B", elem_id="tv-lora-ab")
-    contribution = gr.Plot(label="Share of the update per layer and module", elem_id="tv-contribution")
-    return LayersTab(module, lp, sp, mt, ab, contribution, ExportRow())
+    with gr.Accordion("Share of the update per layer and module, early / middle / late in training", open=False,
+                      elem_id="tv-contribution-box") as more:
+        contribution = gr.Plot(label="Share of the update per layer and module", elem_id="tv-contribution")
+    return LayersTab(module, lp, sp, mt, ab, more, gr.State(False), contribution, ExportRow())
 
 
 def module_names(run_id: str, step: int) -> list[str]:
@@ -52,20 +57,28 @@ def module_names(run_id: str, step: int) -> list[str]:
         return [r[0] for r in cur.execute(sql.MODULE_NAMES, [run_id, step]).fetchall()]
 
 
-def make_figures(run_id: str, step: int, module: str | None) -> dict[str, go.Figure]:
+QUICK = ("layer_position_heatmap", "step_position_heatmap", "module_types", "lora_ab")
+SLOW = "layer_module_contribution"
+
+
+def make_figures(run_id: str, step: int, module: str | None, with_contribution: bool = True
+                 ) -> dict[str, go.Figure]:
     params = analyses.AnalysisParams(module=None if module in (None, ALL) else module)
-    names = ("layer_position_heatmap", "step_position_heatmap", "module_types", "lora_ab", "layer_module_contribution")
-    results = analyses.run_all(run_id, step, params, only=list(names))
+    names = list(QUICK) + ([SLOW] if with_contribution else [])
+    results = analyses.run_all(run_id, step, params, only=names)
     return {n: figures.build(n, results[n]) for n in names}
 
 
-def render(run_id: str | None, step: int | None, module: str | None) -> tuple[list, dict]:
+def render(run_id: str | None, step: int | None, module: str | None, more_open: bool = False
+           ) -> tuple[list, dict]:
     run_id, step = require_run_step(run_id, step)
     mods = module_names(run_id, step)
     if module not in mods:
         module = ALL
-    figs = make_figures(run_id, step, module)
-    return [gr.update(choices=[ALL] + mods, value=module)] + [for_display(f) for f in figs.values()], {}
+    figs = make_figures(run_id, step, module, with_contribution=bool(more_open))
+    contribution = for_display(figs[SLOW]) if SLOW in figs else gr.skip()
+    return [gr.update(choices=[ALL] + mods, value=module)] + [for_display(figs[n]) for n in QUICK] + \
+        [contribution], {}
 
 
 def wire(t: LayersTab, run: gr.Dropdown, step: gr.Dropdown) -> None:
@@ -77,6 +90,14 @@ def wire(t: LayersTab, run: gr.Dropdown, step: gr.Dropdown) -> None:
                                          analyses.run("layer_position_heatmap", run_id, step_, params)))
 
     t.module.input(on_module, [run, step, t.module], t.layer_position, api_name="layer_position_heatmap")
+
+    @user_errors
+    def on_expand(run_id, step_):
+        run_id, step_ = require_run_step(run_id, step_)
+        return True, for_display(figures.build(SLOW, analyses.run(SLOW, run_id, step_)))
+
+    t.more.expand(on_expand, [run, step], [t.more_open, t.contribution], api_name="layer_module_contribution")
+    t.more.collapse(lambda: False, None, t.more_open, api_visibility="private", show_progress="hidden")
 
     @user_errors
     def export(run_id, step_, module):
