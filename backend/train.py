@@ -156,6 +156,7 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
 
     rows: dict[str, list] = {f.name: [] for f in schema.TRAIN_STEPS}
     part = 0
+    seen_tokens = 0
     t0 = time.time()
     bar = tqdm(total=cfg.steps, desc=f"train {cfg.scheme}", disable=not (progress and info.is_main), unit="step")
     for step in range(1, cfg.steps + 1):
@@ -190,7 +191,8 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
         bdist.all_reduce_sum(stats)
         loss_avg, ce_avg = (stats / (cfg.grad_accum * info.world_size)).tolist()
         elapsed = time.time() - t0
-        tps = float(n_tok) * step / elapsed if elapsed > 0 else 0.0   # response tokens/s, all ranks, running avg
+        seen_tokens += int(n_tok)
+        tps = seen_tokens / elapsed if elapsed > 0 else 0.0      # response tokens/s, all ranks, since the start
         for k, v in dict(run_id=rd.run_id, step=step, loss=loss_avg, ce_loss=ce_avg, lr=lr_now,
                          grad_norm=float(grad_norm), tokens=int(n_tok), tokens_per_s=tps, elapsed_s=elapsed).items():
             rows[k].append(v)
