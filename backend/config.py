@@ -33,6 +33,14 @@ def _f(default: Any, help: str, range: tuple | None = None, choices: tuple | Non
     return field(default=default, metadata=meta, **kw)
 
 
+def check_range(what: str, v: float, rng: tuple) -> None:
+    """Raise ValueError naming ``what`` unless ``v`` lies in ``rng`` = (low, high, low_open, high_open)."""
+    lo, hi, lo_open, hi_open = rng
+    if not ((v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)):
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{what}={v} is outside the allowed range {interval}")
+
+
 POS = (0, INF, True, True)        # > 0
 NONNEG = (0, INF, False, True)    # >= 0
 
@@ -104,12 +112,9 @@ class TrainConfig:
             if "choices" in f.metadata and v not in f.metadata["choices"]:
                 raise ValueError(f"{f.name}={v!r} is not allowed; choose one of: {', '.join(f.metadata['choices'])}")
             if "range" in f.metadata:
-                lo, hi, lo_open, hi_open = f.metadata["range"]
-                if not ((v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)):
-                    interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-                    raise ValueError(f"{f.name}={v} is outside the allowed range {interval}")
+                check_range(f.name, v, f.metadata["range"])
         self._floats_as_floats()
-        from backend.schemes import get_scheme
+        from backend.schemes import get_scheme          # imports torch: only when a config is built
         self.scheme_params = get_scheme(self.scheme).resolve_params(self.scheme_params)
         if self.dataset:
             if not Path(self.dataset).expanduser().is_file():

@@ -24,6 +24,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from backend.config import check_range
+
 
 @dataclass
 class SchemeInputs:
@@ -127,10 +129,7 @@ class Scheme:
             v = out[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError(f"scheme {self.name!r}: {key} must be a number, got {v!r}")
-            ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-            if not ok:
-                interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-                raise ValueError(f"scheme {self.name!r}: {key}={v} is outside the allowed range {interval}")
+            check_range(f"scheme {self.name!r}: {key}", v, (lo, hi, lo_open, hi_open))
         return out
 
     def compute(self, x: SchemeInputs, params: dict) -> torch.Tensor:
