@@ -201,7 +201,7 @@ def positional_decay(con: duckdb.DuckDBPyConnection, run_id: str, step: int, p: 
     """Response tokens binned by position in the response (0 = first response token; ``n_bins`` equal
     bins): mean, std, standard error of the alignment, mean magnitude; ``fit``: least-squares slope of
     alignment on response position over all tokens (alignment per token)."""
-    t = _q(con, sql.RESPONSE_TOKENS_AT_STEP, [run_id, step]).dropna(subset=["alignment"])
+    t = _q(con, sql.RESPONSE_POSITIONS_AT_STEP, [run_id, step]).dropna(subset=["alignment"])
     width = _bin_width(con, run_id, step, p.n_bins)
     t["bin_start"] = (t["resp_pos"] // width) * width
     b = t.groupby("bin_start").agg(n=("alignment", "size"), mean_alignment=("alignment", "mean"),
@@ -256,7 +256,7 @@ def step_position_heatmap(con: duckdb.DuckDBPyConnection, run_id: str, step: int
 def lora_ab(con: duckdb.DuckDBPyConnection, run_id: str, step: int, p: AnalysisParams) -> Frames:
     """Per layer: the norm of a response token's lora_A piece and lora_B piece in that layer (over the
     layer's modules), averaged over tokens, and their ratio B/A; ``overall``: the same over all layers."""
-    df = _q(con, sql.LORA_AB, [run_id, step, run_id, step])
+    df = _q(con, sql.LORA_AB, [run_id, step])
     wide = df.pivot(index="layer", columns="part", values="mean_magnitude") if len(df) else pd.DataFrame()
     wide = wide.reindex(columns=["lora_A", "lora_B"]).rename_axis(index="layer", columns=None).reset_index()
     wide["ratio_b_over_a"] = wide["lora_B"] / wide["lora_A"]
@@ -294,7 +294,7 @@ def magnitude_alignment(con: duckdb.DuckDBPyConnection, run_id: str, step: int, 
 def module_types(con: duckdb.DuckDBPyConnection, run_id: str, step: int, p: AnalysisParams) -> Frames:
     """Per (module type, LoRA part), over all layers and response tokens: per-module alignment (mean, std,
     fraction negative), mean magnitude, summed dot and its share of the total."""
-    df = _q(con, sql.MODULE_TYPES, [run_id, step, run_id, step])
+    df = _q(con, sql.MODULE_TYPES, [run_id, step])
     total = df["dot_sum"].sum()
     df["share"] = df["dot_sum"] / total if total != 0 else np.nan
     return {"modules": df}
@@ -306,7 +306,7 @@ def concentration(con: duckdb.DuckDBPyConnection, run_id: str, step: int, p: Ana
     """Over response-token magnitudes at one step: Lorenz curve (ascending, from (0, 0); at most
     ``lorenz_points`` of its exact vertices), Gini, and the fraction of tokens (largest first) holding 50,
     80 and 90% of the total."""
-    v = _q(con, sql.RESPONSE_TOKENS_AT_STEP, [run_id, step])["magnitude"].dropna().to_numpy(dtype=np.float64)
+    v = _q(con, sql.RESPONSE_MAGNITUDES_AT_STEP, [run_id, step])["magnitude"].dropna().to_numpy(dtype=np.float64)
     if v.size == 0 or v.sum() <= 0:     # nothing to distribute: say so instead of failing the whole report
         return {"lorenz": pd.DataFrame({"token_fraction": [], "mass_fraction": []}),
                 "stats": pd.DataFrame([{"value": "magnitude", "n": int(v.size), "gini": np.nan,
@@ -327,7 +327,7 @@ def concentration(con: duckdb.DuckDBPyConnection, run_id: str, step: int, p: Ana
 def autocorrelation(con: duckdb.DuckDBPyConnection, run_id: str, step: int, p: AnalysisParams) -> Frames:
     """r_k of the response tokens' alignment of each sequence, k = 1..max_lag, averaged over sequences with
     N > 2k; ``band``: the 95% white-noise band +-1.96 sqrt(sum 1/N_i)/M (Bartlett), not a shuffle."""
-    t = _q(con, sql.RESPONSE_TOKENS_AT_STEP, [run_id, step]).dropna(subset=["alignment"])
+    t = _q(con, sql.RESPONSE_SEQUENCES_AT_STEP, [run_id, step]).dropna(subset=["alignment"])
     seqs = [g["alignment"].to_numpy(dtype=np.float64) for _, g in t.groupby("sample_idx", sort=True)]
     r, n, band = metrics.mean_autocorr(seqs, p.max_lag)
     return {"lags": pd.DataFrame({"lag": np.arange(1, p.max_lag + 1), "r": r, "n_sequences": n, "band": band})}

@@ -378,6 +378,8 @@ def ingest_run(con: duckdb.DuckDBPyConnection, run_path: str | Path, *, force: b
                 st = f.stat()
                 con.execute(sql.INSERT_FILE, [run_id, str(f.relative_to(run_path)), table, st.st_size,
                                               st.st_mtime_ns])
+        for stmt in sql.AGG_FILL.values():
+            con.execute(stmt, [run_id] * stmt.count("?"))
         cfg = rf.config.get("config") if isinstance(rf.config.get("config"), dict) else {}
         n_steps = con.execute(sql.COUNT_TRACED_STEPS, [run_id]).fetchone()[0]
         con.execute(sql.INSERT_RUN, [

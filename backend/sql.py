@@ -11,6 +11,9 @@ The tables mirror ``backend.schema`` (the Parquet contract) so the DDL is derive
 Index schema versions (``meta.schema_version``): bump ``INDEX_VERSION`` on any change of the tables below
 and add the statements that take an index from the previous version to ``MIGRATIONS``; an index older than
 the oldest migration is rebuilt from the run directories.
+
+Version 2 added the per-step aggregates of ``token_modules`` (``agg_*``), filled at ingest: the module-level
+analyses read a few hundred rows from them instead of scanning millions (an index of version 1 is rebuilt).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import pyarrow as pa
 
 from backend import schema
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 # from-version -> statements that turn an index of that version into one of version + 1
 MIGRATIONS: dict[int, tuple[str, ...]] = {}
@@ -37,8 +40,9 @@ def _create(table: str, s: pa.Schema, extra: str = "") -> str:
 
 
 # ------------------------------------------------------------------------------------------------ schema
-INDEX_TABLES = ("meta", "runs", "files", "tokens", "token_modules", "train_steps", "eval")
 DATA_TABLES = ("tokens", "token_modules", "train_steps", "eval")   # read from Parquet, keyed by run_id
+AGG_TABLES = ("agg_layer_module", "agg_module_types", "agg_lora_ab")   # derived at ingest, keyed by run_id
+INDEX_TABLES = ("meta", "runs", "files") + DATA_TABLES + AGG_TABLES
 
 CREATE_META = "CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)"
 CREATE_RUNS = """CREATE TABLE runs (
@@ -54,8 +58,20 @@ CREATE_TOKENS = _create("tokens", schema.TOKENS, ", resp_pos INTEGER")
 CREATE_TOKEN_MODULES = _create("token_modules", schema.TOKEN_MODULES)
 CREATE_TRAIN_STEPS = _create("train_steps", schema.TRAIN_STEPS)
 CREATE_EVAL = _create("eval", schema.EVAL)
+# Per-step aggregates of token_modules, one row per (run, step, group), computed at ingest by the AGG_FILL
+# statements below: what the module-level analyses used to compute from the raw rows on every view.
+CREATE_AGG_LAYER_MODULE = """CREATE TABLE agg_layer_module (
+    run_id VARCHAR NOT NULL, step INTEGER NOT NULL, layer SMALLINT NOT NULL, module VARCHAR NOT NULL,
+    dot_sum DOUBLE, mean_alignment DOUBLE, mean_magnitude DOUBLE, n BIGINT NOT NULL)"""
+CREATE_AGG_MODULE_TYPES = """CREATE TABLE agg_module_types (
+    run_id VARCHAR NOT NULL, step INTEGER NOT NULL, module VARCHAR NOT NULL, part VARCHAR NOT NULL,
+    n BIGINT NOT NULL, mean_alignment DOUBLE, std_alignment DOUBLE, frac_negative DOUBLE, mean_magnitude DOUBLE,
+    dot_sum DOUBLE)"""
+CREATE_AGG_LORA_AB = """CREATE TABLE agg_lora_ab (
+    run_id VARCHAR NOT NULL, step INTEGER NOT NULL, layer VARCHAR NOT NULL, part VARCHAR NOT NULL,
+    mean_magnitude DOUBLE, n BIGINT NOT NULL)"""
 CREATE_ALL = (CREATE_META, CREATE_RUNS, CREATE_FILES, CREATE_TOKENS, CREATE_TOKEN_MODULES, CREATE_TRAIN_STEPS,
-              CREATE_EVAL)
+              CREATE_EVAL, CREATE_AGG_LAYER_MODULE, CREATE_AGG_MODULE_TYPES, CREATE_AGG_LORA_AB)
 # DROP statements cannot take parameters; the names come from INDEX_TABLES, never from input.
 DROP_TABLE = {t: f"DROP TABLE IF EXISTS {t}" for t in INDEX_TABLES}
 
@@ -73,7 +89,7 @@ RUN_PATHS = "SELECT run_id, path FROM runs"
 
 # ------------------------------------------------------------------------------------------------ ingest
 RUN_FINGERPRINT = "SELECT fingerprint, path FROM runs WHERE run_id = ?"
-DELETE_RUN_ROWS = {t: f"DELETE FROM {t} WHERE run_id = ?" for t in DATA_TABLES + ("files", "runs")}
+DELETE_RUN_ROWS = {t: f"DELETE FROM {t} WHERE run_id = ?" for t in DATA_TABLES + AGG_TABLES + ("files", "runs")}
 
 # (file_name, value) of one metadata key over a list of Parquet files; reads footers only
 PARQUET_KV = ("SELECT file_name, decode(value) AS value FROM parquet_kv_metadata(?) "
@@ -100,6 +116,38 @@ INSERT_FROM_PARQUET = {
     "token_modules": _insert_from_parquet("token_modules", schema.TOKEN_MODULES),
     "train_steps": _insert_from_parquet("train_steps", schema.TRAIN_STEPS),
     "eval": _insert_from_parquet("eval", schema.EVAL),
+}
+# token_modules rows of response positions (every traced step of one run: parameters run_id, run_id)
+_RESPONSE_MODULE_ROWS_ALL_STEPS = """SELECT m.* FROM token_modules m SEMI JOIN (
+        SELECT step, sample_idx, position FROM tokens WHERE run_id = ? AND is_response) r
+    ON m.step = r.step AND m.sample_idx = r.sample_idx AND m.position = r.position
+    WHERE m.run_id = ?"""
+# The aggregates of one run (parameter: run_id, as many times as there are ?), after its tokens and
+# token_modules rows are in. Definitions (module shares of the update use every traced position; the
+# module-type and LoRA A/B statistics use response tokens):
+AGG_FILL = {
+    # per (step, layer, module), both LoRA parts, every traced position
+    "agg_layer_module": """INSERT INTO agg_layer_module
+SELECT run_id, step, layer, module, sum(dot), avg(alignment), avg(magnitude), count(*)
+FROM token_modules WHERE run_id = ? GROUP BY run_id, step, layer, module""",
+    # per (step, module type, LoRA part), over all layers and response tokens
+    "agg_module_types": f"""INSERT INTO agg_module_types
+WITH m AS ({_RESPONSE_MODULE_ROWS_ALL_STEPS})
+SELECT run_id, step, module, part, count(*), avg(alignment), stddev_samp(alignment),
+    avg(CASE WHEN alignment < 0 THEN 1.0 ELSE 0.0 END), avg(magnitude), sum(dot)
+FROM m GROUP BY run_id, step, module, part""",
+    # per (step, layer, part): the norm of a response token's piece in that layer (over its modules), averaged
+    # over tokens; the 'all' rows take the norm over every layer
+    "agg_lora_ab": f"""INSERT INTO agg_lora_ab
+WITH m AS ({_RESPONSE_MODULE_ROWS_ALL_STEPS}),
+per_tok AS (SELECT run_id, step, sample_idx, position, layer, part, sum(magnitude * magnitude) AS sq
+            FROM m GROUP BY ALL)
+SELECT run_id, step, CAST(layer AS VARCHAR), part, avg(sqrt(sq)), count(*) FROM per_tok
+GROUP BY run_id, step, layer, part
+UNION ALL
+SELECT run_id, step, 'all', part, avg(sqrt(sq)), count(*)
+FROM (SELECT run_id, step, sample_idx, position, part, sum(sq) AS sq FROM per_tok GROUP BY ALL)
+GROUP BY run_id, step, part""",
 }
 INSERT_FILE = "INSERT INTO files VALUES (?, ?, ?, ?, ?)"
 INSERT_RUN = f"INSERT INTO runs VALUES ({', '.join(['?'] * 20)})"
@@ -159,9 +207,8 @@ PROMPT_VS_RESPONSE = """SELECT CASE WHEN is_response THEN 'response' ELSE 'promp
     avg(CASE WHEN alignment < 0 THEN 1.0 ELSE 0.0 END) AS frac_negative, avg(magnitude) AS mean_magnitude,
     sum(share) AS share_sum, sum(dot) AS dot_sum
 FROM tokens WHERE run_id = ? AND step = ? GROUP BY ALL"""
-LAYER_MODULE_AT_STEP = """SELECT layer, module, sum(dot) AS dot_sum, avg(alignment) AS mean_alignment,
-    avg(magnitude) AS mean_magnitude, count(*) AS n
-FROM token_modules WHERE run_id = ? AND step = ? GROUP BY layer, module ORDER BY layer, module"""
+LAYER_MODULE_AT_STEP = """SELECT layer, module, dot_sum, mean_alignment, mean_magnitude, n
+FROM agg_layer_module WHERE run_id = ? AND step = ? ORDER BY layer, module"""
 MAGNITUDE_TRACED = """SELECT step, count(*) AS n, avg(magnitude) AS mean, quantile_cont(magnitude, 0.5) AS median,
     quantile_cont(magnitude, 0.9) AS p90, sqrt(sum(magnitude * magnitude)) AS rss
 FROM tokens WHERE run_id = ? AND is_response AND magnitude IS NOT NULL GROUP BY step ORDER BY step"""
@@ -171,6 +218,12 @@ WHERE run_id = ? AND mode = 'position' GROUP BY step ORDER BY step"""
 RESPONSE_TOKENS_AT_STEP = """SELECT sample_idx, position, resp_pos, token, category, alignment, magnitude, dot,
     share, loss, prob
 FROM tokens WHERE run_id = ? AND step = ? AND is_response ORDER BY sample_idx, position"""
+# narrower reads of the same rows, for analyses that need a column or three (no token text to convert)
+RESPONSE_MAGNITUDES_AT_STEP = "SELECT magnitude FROM tokens WHERE run_id = ? AND step = ? AND is_response"
+RESPONSE_POSITIONS_AT_STEP = """SELECT resp_pos, alignment, magnitude FROM tokens
+WHERE run_id = ? AND step = ? AND is_response"""
+RESPONSE_SEQUENCES_AT_STEP = """SELECT sample_idx, alignment FROM tokens
+WHERE run_id = ? AND step = ? AND is_response ORDER BY sample_idx, position"""
 ALL_TOKENS_AT_STEP = """SELECT sample_idx, position, resp_pos, token, category, is_response, alignment,
     magnitude, loss, prob
 FROM tokens WHERE run_id = ? AND step = ? ORDER BY sample_idx, position"""
@@ -182,25 +235,11 @@ CATEGORY_AT_STEP = """SELECT category, count(*) AS n, avg(alignment) AS mean_ali
     stddev_samp(alignment) AS std_alignment, avg(CASE WHEN alignment < 0 THEN 1.0 ELSE 0.0 END) AS frac_negative,
     avg(magnitude) AS mean_magnitude, sum(share) AS share_sum, avg(loss) AS mean_loss
 FROM tokens WHERE run_id = ? AND step = ? AND is_response GROUP BY category ORDER BY mean_alignment"""
-# token_modules rows of response positions at one step
-_RESPONSE_MODULE_ROWS = """SELECT m.* FROM token_modules m SEMI JOIN (
-        SELECT sample_idx, position FROM tokens WHERE run_id = ? AND step = ? AND is_response) r
-    ON m.sample_idx = r.sample_idx AND m.position = r.position
-    WHERE m.run_id = ? AND m.step = ?"""
-# per layer and part: the norm of a token's piece in that layer (over modules), averaged over tokens; the
-# 'all' rows take the norm over every layer
-LORA_AB = f"""WITH m AS ({_RESPONSE_MODULE_ROWS}),
-per_tok AS (SELECT sample_idx, position, layer, part, sum(magnitude * magnitude) AS sq FROM m GROUP BY ALL)
-SELECT CAST(layer AS VARCHAR) AS layer, part, avg(sqrt(sq)) AS mean_magnitude, count(*) AS n
-FROM per_tok GROUP BY layer, part
-UNION ALL
-SELECT 'all' AS layer, part, avg(sqrt(sq)) AS mean_magnitude, count(*) AS n
-FROM (SELECT sample_idx, position, part, sum(sq) AS sq FROM per_tok GROUP BY ALL) GROUP BY part"""
-MODULE_TYPES = f"""WITH m AS ({_RESPONSE_MODULE_ROWS})
-SELECT module, part, count(*) AS n, avg(alignment) AS mean_alignment, stddev_samp(alignment) AS std_alignment,
-    avg(CASE WHEN alignment < 0 THEN 1.0 ELSE 0.0 END) AS frac_negative, avg(magnitude) AS mean_magnitude,
-    sum(dot) AS dot_sum
-FROM m GROUP BY module, part ORDER BY module, part"""
+# per layer and part (and 'all' layers): see AGG_FILL["agg_lora_ab"]
+LORA_AB = """SELECT layer, part, mean_magnitude, n FROM agg_lora_ab WHERE run_id = ? AND step = ?"""
+# per (module type, LoRA part): see AGG_FILL["agg_module_types"]
+MODULE_TYPES = """SELECT module, part, n, mean_alignment, std_alignment, frac_negative, mean_magnitude, dot_sum
+FROM agg_module_types WHERE run_id = ? AND step = ? ORDER BY module, part"""
 MODULE_NAMES = "SELECT DISTINCT module FROM token_modules WHERE run_id = ? AND step = ? ORDER BY module"
 LAYER_POSITION = """SELECT m.layer, (t.resp_pos // ?) * ? AS bin_start, count(*) AS n,
     avg(m.alignment) AS mean_alignment, avg(m.magnitude) AS mean_magnitude

@@ -43,7 +43,8 @@ def snapshot(con: duckdb.DuckDBPyConnection) -> dict:
     out = {}
     for t, cols in (("tokens", "sum(alignment), sum(position), sum(resp_pos)"),
                     ("token_modules", "sum(dot), sum(layer)"), ("train_steps", "sum(loss)"),
-                    ("eval", "sum(sample_idx)")):
+                    ("eval", "sum(sample_idx)"), ("agg_layer_module", "sum(n), sum(layer)"),
+                    ("agg_module_types", "sum(n)"), ("agg_lora_ab", "sum(n)")):
         # test-only SQL: table names from a fixed tuple
         out[t] = sorted(con.execute(f"SELECT run_id, count(*), {cols} FROM {t} GROUP BY run_id").fetchall())
     out["runs"] = sorted(con.execute("SELECT run_id, status, n_tokens, n_token_modules FROM runs").fetchall())
@@ -70,6 +71,23 @@ def test_ingest_counts_match_parquet(home, run_a):
     info = queries.run_info("run-a", con).iloc[0]
     got = (info["model"], info["dataset"], info["scheme"], info["n_traced_steps"])
     assert got == ("synthetic/2L", "synthetic-math", "sft", 3)
+
+
+def test_aggregates_cover_every_traced_step(home, run_a):
+    """The per-step aggregates hold one row per (step, group) of the run's token_modules rows."""
+    con = index.connect()
+    index.ingest_run(con, run_a)
+    mod = read_shards(run_a, "token_modules")
+    got = con.execute("SELECT step, layer, module, n FROM agg_layer_module ORDER BY ALL").fetchall()
+    sizes = mod.groupby(["step", "layer", "module"]).size()
+    want = sorted((int(s), int(la), m, int(n)) for (s, la, m), n in sizes.items())
+    assert got == want
+    # every response token is counted once per layer in agg_lora_ab, and once in the 'all' row of each part
+    tok = read_shards(run_a, "tokens")
+    n_resp = tok[tok.is_response].groupby("step").size()
+    for step, part, n in con.execute("SELECT step, part, n FROM agg_lora_ab WHERE layer = 'all'").fetchall():
+        assert n == n_resp[step], (step, part)
+    assert {r[0] for r in con.execute("SELECT DISTINCT step FROM agg_module_types").fetchall()} == set(n_resp.index)
 
 
 def test_ingest_twice_equals_once(home, run_a, run_b):
