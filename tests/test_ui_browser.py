@@ -129,10 +129,13 @@ def test_every_analysis_tab_renders(page, name):
 
 def test_a_surprising_token_opens_in_inspect(page):
     open_tab(page, "tokens")
-    cell = page.locator("#tv-surprising [data-testid='cell-0-4']")       # first row, token column
-    cell.click()
+    row = page.locator("#tv-surprising tr[data-pos]").first              # the most opposing token
+    sample, position = row.get_attribute("data-sample"), row.get_attribute("data-pos")
+    row.locator("td.ctx b").click()
     page.wait_for_function("location.search.includes('tab=inspect') && location.search.includes('token=')")
-    page.wait_for_selector("#tv-overlay .t.sel")
+    assert f"sample={sample}" in page.evaluate("location.search") and f"token={position}" in page.evaluate(
+        "location.search")
+    assert page.get_attribute("#tv-overlay .t.sel", "data-i") == position
     page.wait_for_selector("#tv-breakdown .js-plotly-plot")
 
 

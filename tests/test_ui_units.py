@@ -50,6 +50,20 @@ def test_overlay_escapes_token_text_and_keeps_whitespace():
     assert "sel" in text.split('data-i="3"')[0].rsplit("<span", 1)[1]
 
 
+def test_surprising_tokens_table_escapes_text_and_carries_the_token():
+    from tokviz.tabs import tokens
+    df = pd.DataFrame([{"kind": "opposing", "rank": 1, "sample_idx": 3, "position": 57, "resp_pos": 4,
+                        "token": "<script>alert(1)</script>", "category": "<b>", "alignment": -0.5,
+                        "magnitude": 1e-3, "loss": float("nan"), "prob": 0.25,
+                        "context_before": 'x="<img src=x onerror=alert(2)>"\n', "context_after": " &"}])
+    out = tokens.surprising_html(df)
+    assert "<script>" not in out and "<img" not in out and "<b><" not in out
+    assert "«&lt;script&gt;alert(1)&lt;/script&gt;»" in out and "&lt;img src=x onerror=alert(2)&gt;" in out
+    assert '<tr data-sample="3" data-pos="57">' in out
+    assert ">-0.5000<" in out and ">–<" in out and ">0.250<" in out        # formats; NaN as a dash
+    assert "no response tokens" in tokens.surprising_html(df.iloc[:0])
+
+
 def test_overlay_colour_scale_is_diverging_around_the_centre():
     df = tokens_frame(["a", "b", "c", "d"], [-0.5, 0.0, 0.5, 0.25], n_prompt=0)
     m = overlay.METRICS["alignment"]

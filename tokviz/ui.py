@@ -16,7 +16,7 @@ import gradio as gr
 
 from backend import index
 from tokviz import header as header_mod
-from tokviz.common import pick_step, step_choices, user_errors
+from tokviz.common import as_int, pick_step, step_choices, user_errors
 from tokviz.context import AppContext
 from tokviz.links import COPY_JS, SET_URL_JS, TABS, Focus
 from tokviz.tabs import compare, concentration, inspect_tab, launch, layers, sql_console, tokens, training
@@ -250,15 +250,17 @@ def wire(demo: gr.Blocks, ctx: AppContext, h: header_mod.Header, tabs: gr.Tabs, 
 
     # ---- Tokens: a surprising token opens in Inspect
     @user_errors
-    def open_in_inspect(run_id, step, table, metric, view, gen, rendered_, evt: gr.SelectData):
-        row = table.iloc[evt.index[0]]
-        sample, token = int(row["sample_idx"]), int(row["position"])
+    def open_in_inspect(run_id, step, metric, view, gen, rendered_, evt: gr.EventData):
+        data = evt._data if isinstance(evt._data, dict) else {}
+        if data.get("sample") is None or data.get("position") is None:     # a click beside the rows
+            return [gr.skip()] * (4 + len(ins.outputs))
+        sample = as_int(data["sample"], "sample")
+        token = as_int(data["position"], "position")
         values, f = inspect_tab.render(run_id, step, sample, metric, token, view, gen)
         q = Focus("inspect", run_id, step).with_(**f).query()
         r = {**(rendered_ or {}), "inspect": _key(run_id, step, gen)}
         return [gr.Tabs(selected="inspect"), "inspect", r, q] + values
 
-    tok.surprising.select(open_in_inspect, [h.run, h.step, tok.surprising, ins.metric, ins.view, generation,
-                                            rendered],
-                          [tabs, active, rendered, h.query, *ins.outputs], api_visibility="private")
+    tok.surprising.click(open_in_inspect, [h.run, h.step, ins.metric, ins.view, generation, rendered],
+                         [tabs, active, rendered, h.query, *ins.outputs], api_visibility="private")
     assert set(TABS) == {s.name for s in specs} | set(other_tabs), "links.TABS must name every tab"

@@ -2,18 +2,47 @@
 positional decay, and the most surprising tokens (a row click opens that token in Inspect)."""
 from __future__ import annotations
 
+import html
+import math
 from dataclasses import dataclass
 
 import gradio as gr
+import pandas as pd
 import plotly.graph_objects as go
 
 from backend import analyses, figures
-from tokviz.common import ExportRow, export_zip, for_display, require_run_step, table, user_errors
-from tokviz.overlay import _show
+from tokviz.common import ExportRow, export_zip, for_display, require_run_step, user_errors
+from tokviz.overlay import _show, token_html
 
 NAMES = ("category_breakdown", "magnitude_alignment", "autocorrelation", "positional_decay")
-SURPRISE_COLS = ["kind", "rank", "sample_idx", "position", "token", "category", "alignment", "magnitude", "loss",
-                 "prob", "context_before", "context_after"]
+# the surprising-tokens table: (header, column, number format or None for text)
+SURPRISE_COLS = [("", "rank", "d"), ("sample", "sample_idx", "d"), ("position", "position", "d"),
+                 ("token in context", "token", None), ("category", "category", None),
+                 ("alignment", "alignment", "+.4f"), ("magnitude", "magnitude", ".4g"), ("loss", "loss", ".4g"),
+                 ("p", "prob", ".3f")]
+# The table is HTML, not a gr.Dataframe: Gradio's table took ~0.3 s of the tab's first render in the browser
+# for 30 rows. A row click is sent to the server as the HTML component's click event with the row's token.
+TABLE_CSS = """
+.tv-surprise { width: 100%; border-collapse: collapse; font-size: 13px; }
+.tv-surprise th { text-align: left; font-weight: 600; border-bottom: 2px solid #ccc; padding: 4px 8px; }
+.tv-surprise td { border-bottom: 1px solid #eee; padding: 3px 8px; vertical-align: top; }
+.tv-surprise td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.tv-surprise tr[data-pos] { cursor: pointer; }
+.tv-surprise tr[data-pos]:hover { background: #f3f6fa; }
+.tv-surprise tr.kind td { font-weight: 600; background: #fafafa; padding-top: 10px; }
+.tv-surprise .ctx { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; white-space: pre-wrap;
+                    word-break: break-word; color: #666; }
+.tv-surprise .ctx b { color: #111; background: #fde8c8; border-radius: 2px; font-weight: 600; }
+.tv-surprise .ctx .nl { opacity: .45; }
+.tv-surprise-box { max-height: 460px; overflow-y: auto; }
+.tv-surprise-cap { font-weight: 600; margin-bottom: .4em; }
+"""
+TABLE_JS = """
+element.addEventListener('click', (e) => {
+  const row = e.target.closest('tr[data-pos]');
+  if (row) trigger('click', {sample: parseInt(row.dataset.sample), position: parseInt(row.dataset.pos)});
+});
+"""
 
 
 @dataclass
@@ -22,7 +51,7 @@ class TokensTab:
     scatter: gr.Plot
     autocorr: gr.Plot
     decay: gr.Plot
-    surprising: gr.Dataframe
+    surprising: gr.HTML
     export: ExportRow
 
     @property
@@ -41,31 +70,62 @@ def build() -> TokensTab:
     with gr.Row():
         ac = gr.Plot(label="Autocorrelation", elem_id="tv-autocorr")
         pd_ = gr.Plot(label="Positional decay", elem_id="tv-decay")
-    surprising = gr.Dataframe(headers=SURPRISE_COLS, interactive=False, max_height=420, elem_id="tv-surprising",
-                              label="Most opposing and most aligned tokens: click a row to open it in Inspect")
+    surprising = gr.HTML("", css_template=TABLE_CSS, js_on_load=TABLE_JS, elem_id="tv-surprising")
     return TokensTab(cat, sc, ac, pd_, surprising, ExportRow())
 
 
 # points drawn in the magnitude/alignment scatter (Pearson r and the slope use every token): an SVG scatter of
-# 4,000 markers takes longer to draw than the rest of the tab
-SCATTER_POINTS = 1500
+# 4,000 markers takes longer to draw than the rest of the tab, and 1,500 took ~0.2 s of its first render
+SCATTER_POINTS = 1000
 
 
-def compute(run_id: str, step: int) -> tuple[dict[str, go.Figure], object]:
+def compute(run_id: str, step: int) -> tuple[dict[str, go.Figure], pd.DataFrame]:
     params = analyses.AnalysisParams(scatter_points=SCATTER_POINTS)
     results = analyses.run_all(run_id, step, params, only=list(NAMES) + ["surprising_tokens"])
     figs = {n: figures.build(n, results[n]) for n in NAMES}
-    surprising = results["surprising_tokens"]["tokens"].copy()
     figs["surprising_tokens"] = figures.build("surprising_tokens", results["surprising_tokens"])
-    for c in ("token", "context_before", "context_after"):
-        surprising[c] = surprising[c].map(lambda s: _show(str(s))[1:-1] if c != "token" else _show(str(s)))
-    return figs, table(surprising[SURPRISE_COLS])
+    return figs, results["surprising_tokens"]["tokens"]
+
+
+def _cell(v: object, fmt: str | None) -> str:
+    if fmt is None:
+        return html.escape(str(v), quote=True)
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return format(int(v), fmt) if fmt == "d" else format(float(v), fmt)
+
+
+def surprising_html(df: pd.DataFrame) -> str:
+    """The surprising tokens as an HTML table, opposing then aligned; the token shown in its context (the
+    tokens before it and the next three), every text escaped; a row carries its sample and position."""
+    if df.empty:
+        return '<div class="tv-surprise-box">no response tokens with an alignment at this step</div>'
+    head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in SURPRISE_COLS)
+    rows = []
+    what = {"opposing": "most opposing (lowest alignment)", "aligned": "most aligned (highest alignment)"}
+    for kind, g in df.groupby("kind", sort=False):
+        label = html.escape(what.get(kind, kind))
+        rows.append(f'<tr class="kind"><td colspan="{len(SURPRISE_COLS)}">{label}</td></tr>')
+        for r in g.itertuples(index=False):
+            cells = []
+            for _, col, fmt in SURPRISE_COLS:
+                if col == "token":
+                    cells.append(f'<td class="ctx">{token_html(str(r.context_before))}<b>'
+                                 f'{html.escape(_show(str(r.token)), quote=True)}</b>'
+                                 f'{token_html(str(r.context_after))}</td>')
+                else:
+                    cells.append(f'<td class="{"" if fmt is None else "n"}">{_cell(getattr(r, col), fmt)}</td>')
+            rows.append(f'<tr data-sample="{int(r.sample_idx)}" data-pos="{int(r.position)}">{"".join(cells)}</tr>')
+    return ('<div class="tv-surprise-cap">Most opposing and most aligned response tokens: click a row to open '
+            'the token in Inspect.</div>'
+            f'<div class="tv-surprise-box"><table class="tv-surprise"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div>')
 
 
 def render(run_id: str | None, step: int | None) -> tuple[list, dict]:
     run_id, step = require_run_step(run_id, step)
     figs, surprising = compute(run_id, step)
-    return [for_display(figs[n]) for n in NAMES] + [surprising], {}
+    return [for_display(figs[n]) for n in NAMES] + [surprising_html(surprising)], {}
 
 
 def wire(t: TokensTab, run: gr.Dropdown, step: gr.Dropdown) -> None:
