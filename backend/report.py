@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -245,11 +246,22 @@ def compare_indexed(run_ids: Sequence[str], step: int | None = None, params: ana
     with queries.cursor(con) as cur:
         infos = [queries.run_info(i, cur).iloc[0] for i in run_ids]
         labels = _labels(infos)
+
+        def one(rid: str) -> tuple[int, dict[str, analyses.Frames]]:
+            # a cursor per thread: DuckDB runs the runs' queries side by side (it releases the GIL)
+            c = cur.cursor()
+            try:
+                s = analyses.resolve_step(c, rid, step)
+                return s, analyses.run_all(rid, s, params, con=c, only=COMPARE_NEEDS)
+            finally:
+                c.close()
+
+        with ThreadPoolExecutor(max_workers=min(len(run_ids), os.cpu_count() or 1)) as pool:
+            done = list(pool.map(one, run_ids))
         per_run, summaries = {}, {}
-        for rid, label in zip(run_ids, labels):
-            s = analyses.resolve_step(cur, rid, step)
-            per_run[label] = analyses.run_all(rid, s, params, con=cur, only=COMPARE_NEEDS)
-            summaries[label] = summarize(rid, s, per_run[label])
+        for rid, label, (s, frames) in zip(run_ids, labels, done):
+            per_run[label] = frames
+            summaries[label] = summarize(rid, s, frames)
     figs = {}
     for name in figures.COMPARE:
         keys = per_run[labels[0]][name].keys()
