@@ -10,7 +10,8 @@ run). Every figure has axis titles with units and hover templates. No I/O here; 
 """
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -466,6 +467,72 @@ FOR_ANALYSIS: dict[str, Callable[[Frames], go.Figure]] = {
 # the analyses whose figures ``compare`` overlays across runs (their builders read the ``run`` column)
 COMPARE: tuple[str, ...] = ("alignment_evolution", "positional_decay", "concentration", "category_breakdown",
                             "module_types", "autocorrelation")
+
+
+def _axis_ref(kind: str, k: int) -> str:
+    return kind if k == 1 else f"{kind}{k}"
+
+
+def _remap_ref(ref: object, axes: dict[str, str]) -> object:
+    """'x', 'y2 domain', ... of a source figure as the grid's axis names ('paper' and others unchanged)."""
+    if not isinstance(ref, str):
+        return ref
+    base, _, rest = ref.partition(" ")
+    return f"{axes[base]} {rest}".strip() if base in axes else ref
+
+
+def grid(figs: Sequence[go.Figure], cols: int = 2, row_height: int = 440) -> dict:
+    """Several figures as one, as a plotly figure dict: each in its own cell (row-major) with its title, axes
+    (titles, ranges, tick formats, a secondary y axis) and shapes; each legend entry shown once (entries of the
+    same name toggle together). Built from the figures' JSON without re-validating it: the app draws a
+    comparison this way, as one figure of six panels instead of six figures (``go.Figure(grid(...))`` gives
+    a validated Figure). Every source figure must use one x and one y axis, plus at most one overlaying y2."""
+    if not figs:
+        raise ValueError("grid needs at least one figure")
+    n, rows = len(figs), math.ceil(len(figs) / cols)
+    hgap, vgap = 0.09, 0.32 / rows
+    w, h = (1 - hgap * (cols - 1)) / cols, (1 - vgap * (rows - 1)) / rows
+    jsons = [f.to_plotly_json() for f in figs]
+    layout: dict = {"template": jsons[0]["layout"].get("template", {}), "annotations": [], "shapes": [],
+                    "height": row_height * rows, "margin": dict(l=70, r=40, t=60, b=120),
+                    "legend": dict(orientation="h", yref="container", y=0.01, yanchor="bottom", x=0)}
+    data: list[dict] = []
+    shown: set[str] = set()
+    extra = n                                   # secondary y axes are numbered after the n primary ones
+    for i, fj in enumerate(jsons):
+        src = fj["layout"]
+        k, r, c = i + 1, i // cols, i % cols
+        x0, y1 = c * (w + hgap), 1 - r * (h + vgap)
+        axes = {"x": _axis_ref("x", k), "y": _axis_ref("y", k)}
+        layout[_axis_ref("xaxis", k)] = {**src.get("xaxis", {}), "domain": [x0, x0 + w], "anchor": axes["y"]}
+        layout[_axis_ref("yaxis", k)] = {**src.get("yaxis", {}), "domain": [y1 - h, y1], "anchor": axes["x"]}
+        if "yaxis2" in src and any(tr.get("yaxis") == "y2" for tr in fj["data"]):
+            extra += 1
+            axes["y2"] = f"y{extra}"
+            layout[f"yaxis{extra}"] = {**src["yaxis2"], "overlaying": axes["y"], "anchor": axes["x"], "side": "right"}
+        for tr in fj["data"]:
+            tr = dict(tr, xaxis=axes["x"], yaxis=axes.get(tr.get("yaxis", "y"), axes["y"]))
+            name = tr.get("name") or ""
+            if tr.get("showlegend") is not False and name:
+                tr.update(legendgroup=name, showlegend=name not in shown)
+                shown.add(name)
+            data.append(tr)
+        for shape in src.get("shapes", []):
+            layout["shapes"].append({**shape, "xref": _remap_ref(shape.get("xref", "x"), axes),
+                                     "yref": _remap_ref(shape.get("yref", "y"), axes)})
+        title = (src.get("title") or {}).get("text")
+        if title:
+            layout["annotations"].append(dict(text=title, x=x0 + w / 2, y=y1, xref="paper", yref="paper",
+                                              xanchor="center", yanchor="bottom", showarrow=False,
+                                              font=dict(size=15)))
+        for a in src.get("annotations", []):      # a message of an empty figure: placed inside its cell
+            if a.get("xref") == "paper" and a.get("yref") == "paper":
+                a = {**a, "x": x0 + w * a.get("x", 0.5), "y": y1 - h + h * a.get("y", 0.5)}
+            layout["annotations"].append({**a, "xref": _remap_ref(a.get("xref", "x"), axes),
+                                          "yref": _remap_ref(a.get("yref", "y"), axes)})
+        if src.get("barmode"):
+            layout["barmode"] = src["barmode"]
+    return {"data": data, "layout": layout}
 
 
 def build(name: str, frames: Frames) -> go.Figure:

@@ -43,7 +43,7 @@ from backend.synth import SynthConfig, make_run  # noqa: E402
 
 TARGETS = {"first_paint_s": (2.0, "max"), "switch_sample_ms": (300.0, "max"), "tab_render_s_max": (1.0, "max")}
 TABS = {"concentration": ("Concentration", 2), "layers": ("Layers & positions", 4), "tokens": ("Tokens", 4),
-        "training": ("Training", 3), "compare": ("Compare runs", 6)}
+        "training": ("Training", 3), "compare": ("Compare runs", 1)}     # Compare: six panels, one figure
 BIG, LONG = "bench-big", "bench-long"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]

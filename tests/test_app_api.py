@@ -132,6 +132,9 @@ def test_search_concentration_layers_compare(server, shards):
     out = client.predict(["synth-sft", "synth-antiop"], api_name="/compare_runs")
     summary = out[-1].get("value", out[-1])          # the table comes as an update (it sets column widths)
     assert summary["headers"] == ["metric", "synthetic sft", "synthetic antiop"]
+    grid = pio.from_json(out[0]["plot"])             # the six figures as one grid, both runs in each panel
+    assert len(grid.layout.annotations) >= 6 and {t.name for t in grid.data} >= {"synthetic sft", "synthetic antiop"}
+    assert {t.xaxis for t in grid.data} == {"x", "x2", "x3", "x4", "x5", "x6"}
 
 
 def test_user_errors_are_messages(server):

@@ -299,6 +299,34 @@ def test_token_breakdown_heatmap_sums_parts_per_cell():
         figures.token_breakdown(rows, "loss")
 
 
+def test_grid_keeps_every_panel_its_axes_shapes_and_one_legend_entry_per_name():
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+    a = go.Figure([go.Scatter(x=[0, 1], y=[1, 2], name="run A"), go.Scatter(x=[0, 1], y=[2, 1], name="run B")])
+    a.add_hline(y=0)
+    a.update_layout(title_text="first", xaxis_title_text="step", yaxis_title_text="alignment",
+                    yaxis_tickformat=".0%")
+    b = make_subplots(specs=[[{"secondary_y": True}]])
+    b.add_trace(go.Bar(x=["q", "k"], y=[1, 2], name="run A"))
+    b.add_trace(go.Scatter(x=["q", "k"], y=[5, 6], name="lr"), secondary_y=True)
+    b.update_layout(title_text="second", barmode="group")
+    b.update_yaxes(title_text="lr", secondary_y=True)
+    c = go.Figure(go.Scatter(x=[1], y=[1], name="run B"))
+    g = go.Figure(figures.grid([a, b, c], cols=2))                              # validates the dict
+    assert [t.text for t in g.layout.annotations] == ["first", "second"]       # no title, no label
+    assert [(t.name, t.xaxis, t.yaxis) for t in g.data] == [
+        ("run A", "x", "y"), ("run B", "x", "y"), ("run A", "x2", "y2"), ("lr", "x2", "y4"), ("run B", "x3", "y3")]
+    assert [t.showlegend for t in g.data] == [True, True, False, True, False]     # each name once
+    assert [t.legendgroup for t in g.data] == ["run A", "run B", "run A", "lr", "run B"]
+    assert g.layout.xaxis.title.text == "step" and g.layout.yaxis.tickformat == ".0%"
+    assert g.layout.yaxis4.title.text == "lr" and g.layout.yaxis4.overlaying == "y2"      # secondary axes last
+    assert [(s.xref, s.yref) for s in g.layout.shapes] == [("x domain", "y")]
+    assert g.layout.xaxis3.anchor == "y3" and g.layout.yaxis3.domain[1] < g.layout.yaxis.domain[0]   # row 2
+    assert g.layout.barmode == "group"
+    with pytest.raises(ValueError, match="at least one"):
+        figures.grid([])
+
+
 def test_concentration_and_loss_figures():
     stats = pd.DataFrame({"step": [10, 20], "n": [5, 5], "gini": [0.3, 0.4], "tokens_for_50pct": [0.2, 0.1],
                           "tokens_for_80pct": [0.5, 0.4], "tokens_for_90pct": [0.7, 0.6]})

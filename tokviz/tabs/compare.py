@@ -1,26 +1,25 @@
 """Compare runs: the cross-run figures (alignment over training, positional decay, Lorenz curves, token
 categories, module types, autocorrelation) overlaid, and the summaries side by side, for any runs chosen
-(each at its last traced step)."""
+(each at its last traced step). The six figures are drawn as one grid (``figures.grid``): the browser draws one
+figure of six panels ~0.35 s faster than six figures; the export holds them one by one."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import gradio as gr
 import pandas as pd
+import plotly.io as pio
+from gradio.components.plot import PlotData
+from plotly.graph_objects import Figure
 
 from backend import figures, report
 from tokviz.common import ExportRow, export_zip, for_display, user_errors
-
-TITLES = {"alignment_evolution": "Alignment over training", "positional_decay": "Positional decay",
-          "concentration": "Lorenz curves", "category_breakdown": "Token categories",
-          "module_types": "Module types", "autocorrelation": "Autocorrelation"}
-
 
 @dataclass
 class CompareTab:
     runs: gr.Dropdown
     button: gr.Button
-    plots: tuple[gr.Plot, ...]       # one per figures.COMPARE entry, in that order
+    grid: gr.Plot                    # figures.COMPARE as one grid figure
     summary: gr.Dataframe
     export: ExportRow
 
@@ -30,7 +29,7 @@ class CompareTab:
 
     @property
     def outputs(self) -> list:
-        return [self.runs, *self.plots, self.summary]
+        return [self.runs, self.grid, self.summary]
 
 
 def build() -> CompareTab:
@@ -38,15 +37,10 @@ def build() -> CompareTab:
         runs = gr.Dropdown(label="Runs to compare (two or more)", multiselect=True, choices=[], elem_id="tv-cmp-runs",
                            scale=5, allow_custom_value=True)
         button = gr.Button("Compare", variant="primary", scale=0, min_width=140, elem_id="tv-cmp-go")
-    plots = []
-    names = list(figures.COMPARE)
-    for i in range(0, len(names), 2):
-        with gr.Row():
-            for n in names[i:i + 2]:
-                plots.append(gr.Plot(label=TITLES.get(n, n), elem_id=f"tv-cmp-{n}"))
+    grid = gr.Plot(label="Runs overlaid", elem_id="tv-cmp-grid")
     summary = gr.Dataframe(interactive=False, label="Summary by run", max_height=520, elem_id="tv-cmp-summary",
                            wrap=True)
-    return CompareTab(runs, button, tuple(plots), summary, ExportRow())
+    return CompareTab(runs, button, grid, summary, ExportRow())
 
 
 def default_runs(run_id: str | None, choices: list[tuple[str, str]]) -> list[str]:
@@ -61,6 +55,14 @@ def compare(run_ids: list[str]) -> tuple[dict, pd.DataFrame]:
         raise ValueError("choose at least two runs to compare")
     figs, tbl, _ = report.compare_indexed(list(run_ids))
     return figs, tbl.map(_fmt).reset_index()
+
+
+def grid_figure(figs: dict[str, Figure]) -> PlotData:
+    """The six comparison figures as one grid, sized by the page (the legend below the panels). Sent as the
+    grid's JSON: its parts were validated when each figure was built."""
+    d = figures.grid([figs[n] for n in figures.COMPARE])
+    d["layout"].update(autosize=True, height=1320)
+    return PlotData(type="plotly", plot=pio.to_json(d, validate=False))
 
 
 def summary_update(tbl: pd.DataFrame) -> gr.Dataframe:
@@ -80,21 +82,19 @@ def render(run_id: str | None, step: int | None, runs: list[str] | None, choices
            ) -> tuple[list, dict]:
     runs = [r for r in (runs or []) if r in {v for _, v in choices}] or default_runs(run_id, choices)
     if len(runs) < 2:
-        empty = [gr.skip()] * len(figures.COMPARE)
-        return [gr.update(choices=choices, value=runs), *empty, pd.DataFrame()], \
+        return [gr.update(choices=choices, value=runs), gr.skip(), pd.DataFrame()], \
             {"notice": "⚠️ Compare runs needs at least two runs with traced steps"}
     figs, tbl = compare(runs)
-    return [gr.update(choices=choices, value=runs)] + [for_display(figs[n]) for n in figures.COMPARE] + \
-        [summary_update(tbl)], {}
+    return [gr.update(choices=choices, value=runs), grid_figure(figs), summary_update(tbl)], {}
 
 
 def wire(t: CompareTab) -> None:
     @user_errors
     def go(runs):
         figs, tbl = compare(runs)
-        return [for_display(figs[n]) for n in figures.COMPARE] + [summary_update(tbl)]
+        return grid_figure(figs), summary_update(tbl)
 
-    t.button.click(go, [t.runs], [*t.plots, t.summary], api_name="compare_runs")
+    t.button.click(go, [t.runs], [t.grid, t.summary], api_name="compare_runs")
 
     @user_errors
     def export(runs):
