@@ -130,8 +130,9 @@ def test_search_concentration_layers_compare(server, shards):
     heat = client.predict("synth-sft", 20, "v_proj", api_name="/layer_position_heatmap")
     assert "modules: v_proj" in pio.from_json(heat["plot"]).layout.title.text
     out = client.predict(["synth-sft", "synth-antiop"], api_name="/compare_runs")
-    summary = out[-1].get("value", out[-1])          # the table comes as an update (it sets column widths)
-    assert summary["headers"] == ["metric", "synthetic sft", "synthetic antiop"]
+    summary = out[-1]                                # an HTML table: metric, then a column per run
+    assert "<th>metric</th><th>synthetic sft</th><th>synthetic antiop</th>" in summary
+    assert "<td>gini</td>" in summary and "<td>synth-sft</td><td>synth-antiop</td>" in summary
     grid = pio.from_json(out[0]["plot"])             # the six figures as one grid, both runs in each panel
     assert len(grid.layout.annotations) >= 6 and {t.name for t in grid.data} >= {"synthetic sft", "synthetic antiop"}
     assert {t.xaxis for t in grid.data} == {"x", "x2", "x3", "x4", "x5", "x6"}

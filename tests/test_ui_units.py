@@ -64,6 +64,15 @@ def test_surprising_tokens_table_escapes_text_and_carries_the_token():
     assert "no response tokens" in tokens.surprising_html(df.iloc[:0])
 
 
+def test_compare_summary_table_escapes_run_names_and_shortens_per_category_values():
+    from tokviz.tabs import compare
+    t = pd.DataFrame({"metric": ["gini", "category_alignment"],
+                      "<img src=x onerror=alert(1)>": ["0.5", '{"word": 0.123456789, "<b>": -0.5}']})
+    out = compare.summary_html(t)
+    assert "<img" not in out and "<b>" not in out and "&lt;img src=x onerror=alert(1)&gt;" in out
+    assert "<td>word 0.1235 · &lt;b&gt; -0.5</td>" in out
+
+
 def test_overlay_colour_scale_is_diverging_around_the_centre():
     df = tokens_frame(["a", "b", "c", "d"], [-0.5, 0.0, 0.5, 0.25], n_prompt=0)
     m = overlay.METRICS["alignment"]
