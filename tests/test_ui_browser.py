@@ -50,6 +50,8 @@ def page(app, browser):
     pg.errors = []
     pg.on("pageerror", lambda e: pg.errors.append(str(e)))
     pg.on("dialog", lambda d: (pg.errors.append(f"dialog: {d.message}"), d.dismiss()))
+    pg.goto(app[0])                     # loaded here, so any subset of these tests runs on its own
+    pg.wait_for_selector("#tv-overlay .t")
     yield pg
     ctx.close()
 
@@ -135,9 +137,10 @@ def test_a_surprising_token_opens_in_inspect(page):
     sample, position = row.get_attribute("data-sample"), row.get_attribute("data-pos")
     row.locator("td.ctx b").click()
     page.wait_for_function("location.search.includes('tab=inspect') && location.search.includes('token=')")
-    assert f"sample={sample}" in page.evaluate("location.search") and f"token={position}" in page.evaluate(
-        "location.search")
     assert page.get_attribute("#tv-overlay .t.sel", "data-i") == position
+    page.wait_for_timeout(2000)         # the tab's own select event and a poll later, the link still holds it
+    search = page.evaluate("location.search")
+    assert f"sample={sample}" in search and f"token={position}" in search, search
     page.wait_for_selector("#tv-breakdown .js-plotly-plot")
 
 

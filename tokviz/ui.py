@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 from dataclasses import dataclass
 from typing import Callable
+from urllib.parse import parse_qsl
 
 import gradio as gr
 
@@ -168,9 +169,16 @@ def wire(demo: gr.Blocks, ctx: AppContext, h: header_mod.Header, tabs: gr.Tabs, 
     # ---- tab switching: render what is stale. Without the queue (one HTTP round trip): a tab's render is
     # read-only and independent of other sessions, and the queue's join + event stream costs 0.1-0.3 s.
     for spec in specs:
-        def on_select(run_id, step, rendered_, gen, *inputs, _spec=spec):
+        def on_select(run_id, step, rendered_, gen, shown_query, *inputs, _spec=spec):
             query = Focus(_spec.name, run_id, step).query()
             if not run_id or (rendered_ or {}).get(_spec.name) == _key(run_id, step, gen):
+                # nothing to redraw. The link keeps what the tab shows: a view opened on this tab (a surprising
+                # token opened in Inspect) has set it already; else Inspect's sample and token go into it.
+                if Focus.from_query(dict(parse_qsl(str(shown_query or "").lstrip("?")))).tab == _spec.name:
+                    query = gr.skip()
+                elif _spec.name == "inspect" and run_id:
+                    sample, _metric, token, _view = inputs
+                    query = Focus("inspect", run_id, step, as_int(sample, "sample"), as_int(token, "token")).query()
                 return [_spec.name, gr.skip(), query, gr.skip()] + [gr.skip()] * len(_spec.outputs)
             values, f, notice = render_tab(_spec.name, run_id, step, gen, list(inputs))
             if values is None:
@@ -178,7 +186,7 @@ def wire(demo: gr.Blocks, ctx: AppContext, h: header_mod.Header, tabs: gr.Tabs, 
             r = {**(rendered_ or {}), _spec.name: _key(run_id, step, gen)}
             return [_spec.name, r, Focus(_spec.name, run_id, step).with_(**f).query(), notice] + values
 
-        spec.tab.select(on_select, [h.run, h.step, rendered, generation, *spec.inputs],
+        spec.tab.select(on_select, [h.run, h.step, rendered, generation, h.query, *spec.inputs],
                         [active, rendered, h.query, h.notice, *spec.outputs], api_visibility="private",
                         show_progress="minimal", queue=False)
     for name, tab in other_tabs.items():
