@@ -11,7 +11,6 @@ Each command lives in its own module; this file only dispatches, so ``--help`` s
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 

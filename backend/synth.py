@@ -21,6 +21,7 @@ import argparse
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +29,9 @@ import pyarrow as pa
 from backend import schema
 from backend.categories import categorize
 from backend.rundir import RunDir
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PARTS = ("lora_A", "lora_B")
