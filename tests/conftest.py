@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,3 +95,20 @@ def wait_for(pred, timeout: float, what: str, every: float = 0.2):
 CHROMIUM = os.environ.get("TOKVIZ_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
+
+
+@contextmanager
+def index_held_elsewhere(path: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding the DuckDB file ``path`` open (as a running app would) until the block ends."""
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import duckdb, sys
+        con = duckdb.connect({str(path)!r})
+        print("ready", flush=True)
+        sys.stdin.read()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        yield holder
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=20)

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import duckdb
@@ -19,6 +16,7 @@ import pytest
 from backend import index, queries, schema, sql
 from backend.rundir import MANIFEST, RunDir
 from backend.synth import SynthConfig, make_run, read_shards
+from tests.conftest import index_held_elsewhere
 
 
 @pytest.fixture()
@@ -236,21 +234,11 @@ def test_newer_index_is_refused(home):
 def test_locked_index_is_reported(home, run_a, capsys):
     path = home / "tokviz.duckdb"
     index.connect(path).close()
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import duckdb, sys, time
-        con = duckdb.connect({str(path)!r})
-        print("ready", flush=True)
-        sys.stdin.read()
-    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "ready"
+    with index_held_elsewhere(path) as holder:
         with pytest.raises(index.IndexLockedError, match=f"in use by another process \\(pid {holder.pid}"):
             index.connect(path)
         assert index.main([]) == 2
         assert "The tokviz app holds it while it runs" in capsys.readouterr().err
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=20)
 
 
 # ------------------------------------------------------------------------------------------------ queries

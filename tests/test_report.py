@@ -6,9 +6,6 @@ the Parquet shards (pyarrow + numpy, no DuckDB).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ import pytest
 
 from backend import analyses, index, report
 from backend.synth import SynthConfig, make_run, read_shards
+from tests.conftest import index_held_elsewhere
 
 
 @pytest.fixture()
@@ -129,20 +127,10 @@ def test_analyze_uses_a_private_index_when_the_index_is_held(home, capsys):
     run = make_run(SynthConfig.tiny(), home / "runs", run_id="run-a")
     path = home / "tokviz.duckdb"
     index.connect(path).close()
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import duckdb, sys
-        con = duckdb.connect({str(path)!r})
-        print("ready", flush=True)
-        sys.stdin.read()
-    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "ready"
+    with index_held_elsewhere(path):
         assert report.main(["analyze", str(run), "--static", "off"]) == 0
         err = capsys.readouterr().err
         assert "in use by another process" in err and "private in-memory index" in err
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=20)
     assert json.loads((run / "analysis" / "summary.json").read_text())["run_id"] == "run-a"
 
 
