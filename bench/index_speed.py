@@ -24,8 +24,10 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backend import analyses, figures, index, queries  # noqa: E402
-from backend.synth import SynthConfig, make_run  # noqa: E402
+from backend import index
+from backend.analysis import analyses, figures  # noqa: E402
+from backend.dev.synth import SynthConfig, make_run  # noqa: E402
+from backend.index import queries
 
 TARGETS = {"ingest_rows_per_s": (1_000_000, "min"), "inspector_p95_ms": (50.0, "max"),
            "analyses_total_s": (10.0, "max")}

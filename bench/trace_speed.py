@@ -33,11 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backend import paths                                     # noqa: E402
-from backend.loss import forward_loss                         # noqa: E402
-from backend.schemes import get_scheme                        # noqa: E402
-from backend.tracer import TraceConfig, discover_lora_modules, trace_batch   # noqa: E402
-from backend.tracer.token import token_loss                   # noqa: E402
+from backend.lm.loss import forward_loss  # noqa: E402
+from backend.lm.schemes import get_scheme  # noqa: E402
+from backend.store import paths  # noqa: E402
+from backend.trace import TraceConfig, discover_lora_modules, trace_batch  # noqa: E402
+from backend.trace.token import token_loss  # noqa: E402
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -5,7 +5,7 @@
 
 Side by side in one process, on the same batches:
 - baseline: the Hugging Face path, ``model(**batch, labels=labels).loss.backward()`` + AdamW step;
-- ours: ``backend.loss.forward_loss`` under the chosen scheme + the same optimizer step.
+- ours: ``backend.lm.loss.forward_loss`` under the chosen scheme + the same optimizer step.
 Steps alternate (baseline, ours) on each batch so that a busy machine slows both alike. It prints tokens/s
 (all tokens, and response tokens) for both, their ratio, and the memory peak: CUDA's ``max_memory_allocated``
 per path on a GPU, the process's peak RSS on CPU (one number for both paths: coarse, but honest).
@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from backend.data import collate, encode_examples  # noqa: E402
-from backend.loss import forward_loss  # noqa: E402
-from backend.models import apply_lora, load_model_and_tokenizer  # noqa: E402
-from backend.schemes import get_scheme  # noqa: E402
-from backend.tasks import get_task  # noqa: E402
+from backend.lm.data import collate, encode_examples  # noqa: E402
+from backend.lm.loss import forward_loss  # noqa: E402
+from backend.lm.models import apply_lora, load_model_and_tokenizer  # noqa: E402
+from backend.lm.schemes import get_scheme  # noqa: E402
+from backend.lm.tasks import get_task  # noqa: E402
 
 
 def peak_rss_mb() -> float:

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backend.synth import SynthConfig, make_run  # noqa: E402
+from backend.dev.synth import SynthConfig, make_run  # noqa: E402
 
 TARGETS = {"first_paint_s": (2.0, "max"), "switch_sample_ms": (300.0, "max"), "tab_render_s_max": (1.0, "max")}
 TABS = {"concentration": ("Concentration", 2), "layers": ("Layers & positions", 4), "tokens": ("Tokens", 4),

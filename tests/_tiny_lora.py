@@ -76,7 +76,7 @@ def tiny_tokenizer():
 
 
 def save_tiny_model(path, arch: str = "qwen2", seed: int = 0) -> str:
-    """A tiny random base model plus tokenizer saved with save_pretrained (loadable by backend.models)."""
+    """A tiny random base model plus tokenizer saved with save_pretrained (loadable by backend.lm.models)."""
     tiny_base_model(arch, seed).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return str(path)

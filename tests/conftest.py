@@ -40,7 +40,7 @@ def plant_tokens(run_dir: Path, texts: tuple[str, ...], sample_idx: int | None =
 
 def make_home(root: Path, *, xss: bool = True) -> Path:
     """A data root with two small synthetic trace runs (one with hostile token texts planted)."""
-    from backend.synth import SynthConfig, make_run
+    from backend.dev.synth import SynthConfig, make_run
     runs = root / "runs"
     cfg = dict(n_layers=2, n_samples=4, traced_steps=(5, 10, 20), max_step=20, prompt_len=(6, 12),
                response_len=(30, 60))

@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from backend import analyses, figures, index
-from backend.synth import SynthConfig, make_run, read_shards
+from backend import index
+from backend.analysis import analyses, figures
+from backend.dev.synth import SynthConfig, make_run, read_shards
 
 RUN = "tiny"
 

@@ -16,8 +16,8 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from backend import metrics
-from backend.synth import read_shards
+from backend.analysis import metrics
+from backend.dev.synth import read_shards
 from tests.conftest import XSS_TOKENS, app_server
 
 ENDPOINTS = {"/inspect_sample", "/inspect_token", "/previous_sample", "/next_sample", "/recolour",

@@ -3,7 +3,8 @@ import argparse
 
 import pytest
 
-from backend.config import TrainConfig, add_config_args, config_from_args
+from backend.jobs.config import add_config_args, config_from_args
+from backend.jobs.train import TrainConfig
 
 
 @pytest.mark.parametrize("kwargs,msg", [
@@ -38,8 +39,8 @@ def test_unknown_field_in_dict():
 
 def _parse(argv):
     p = argparse.ArgumentParser()
-    add_config_args(p)
-    return config_from_args(p.parse_args(argv))
+    add_config_args(p, TrainConfig)
+    return config_from_args(p.parse_args(argv), TrainConfig)
 
 
 def test_cli_yaml_and_dataclass_agree(tmp_path):

@@ -6,10 +6,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from backend import paths
-from backend.data import (IGNORE_INDEX, TaskDataset, collate, encode, encode_examples, has_chat_template,
-                          load_examples, render_prompt)
-from backend.tasks import get_task
+from backend.lm.data import (
+    IGNORE_INDEX,
+    TaskDataset,
+    collate,
+    encode,
+    encode_examples,
+    has_chat_template,
+    load_examples,
+    render_prompt,
+)
+from backend.lm.tasks import get_task
+from backend.store import paths
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ import re
 import pytest
 import torch
 
-from backend import paths
-from backend.data import prompt_ids
-from backend.evaluate import evaluate, generate_batch
-from backend.tasks import get_task
+from backend.lm.data import prompt_ids
+from backend.lm.evaluate import evaluate, generate_batch
+from backend.lm.tasks import get_task
+from backend.store import paths
 
 
 @pytest.fixture(scope="module")

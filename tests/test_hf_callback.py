@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from backend import trace_store
-from backend.hf_callback import TokvizTraceCallback
-from backend.tracer import TraceConfig
-from backend.verify import main as verify_main
+from backend.trace import TraceConfig
+from backend.trace import store as trace_store
+from backend.trace.hf_callback import TokvizTraceCallback
+from backend.trace.verify import main as verify_main
 from tests._tiny_lora import ALL_TARGETS, save_tiny_model, tiny_batch
 
 

@@ -13,9 +13,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from backend import index, queries, schema, sql
-from backend.rundir import MANIFEST, RunDir
-from backend.synth import SynthConfig, make_run, read_shards
+from backend import index
+from backend.dev.synth import SynthConfig, make_run, read_shards
+from backend.index import queries, sql
+from backend.store import schema
+from backend.store.rundir import MANIFEST, RunDir
 from tests.conftest import index_held_elsewhere
 
 

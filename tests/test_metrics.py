@@ -1,4 +1,4 @@
-"""backend.metrics against hand-computed values and textbook formulas.
+"""backend.analysis.metrics against hand-computed values and textbook formulas.
 
     pytest tests/test_metrics.py
 """
@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from backend import metrics
+from backend.analysis import metrics
 
 
 def gini_mean_abs_difference(v: np.ndarray) -> float:

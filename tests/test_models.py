@@ -3,8 +3,8 @@ import time
 
 import pytest
 
-from backend import models
-from backend.models import HubUnreachableError, apply_lora, load_model_and_tokenizer, resolve_model_source
+from backend.lm import models
+from backend.lm.models import HubUnreachableError, apply_lora, load_model_and_tokenizer, resolve_model_source
 
 
 def test_default_model_is_a_qwen2_with_lora_targets():

@@ -6,9 +6,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from backend import analyses, index, report, verify
-from backend.config import TrainConfig
-from backend.train import train
+from backend import index
+from backend.analysis import analyses, report
+from backend.jobs.train import TrainConfig
+from backend.lm.trainer import train
+from backend.trace import verify
 
 
 @pytest.fixture(scope="module")

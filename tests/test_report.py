@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from backend import analyses, index, report
-from backend.synth import SynthConfig, make_run, read_shards
+from backend import index
+from backend.analysis import analyses, report
+from backend.dev.synth import SynthConfig, make_run, read_shards
 from tests.conftest import index_held_elsewhere
 
 

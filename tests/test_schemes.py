@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from backend.loss import per_token_ce, scheme_loss
-from backend.schemes import SCHEMES, SchemeInputs, get_scheme, kl_per_token
+from backend.lm.loss import per_token_ce, scheme_loss
+from backend.lm.schemes import SCHEMES, SchemeInputs, get_scheme, kl_per_token
 
 # one sequence, five predicted positions; position 0 is prompt (masked)
 LOSS = torch.tensor([[0.3, 2.0, 0.5, 4.0, 0.2]])

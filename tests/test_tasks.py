@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from backend.tasks import TASKS, Example, get_task
+from backend.lm.tasks import TASKS, Example, get_task
 
 
 def _bytes(split):

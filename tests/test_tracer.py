@@ -1,4 +1,4 @@
-"""The tracer against the naive reference of backend.verify (explicit pieces / one backward per token), on tiny
+"""The tracer against the naive reference of backend.trace.verify (explicit pieces / one backward per token), on tiny
 random Qwen2 and Llama models with LoRA on every attention and MLP projection (lora_B randomised)."""
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import pandas as pd
 import pytest
 import torch
 
-from backend import trace_store
-from backend.loss import forward_loss
-from backend.rundir import RunDir
-from backend.schemes import get_scheme
-from backend.tracer import InlineTrace, TraceConfig, discover_lora_modules, trace_batch
-from backend.verify import compare, failures, reference
+from backend.lm.loss import forward_loss
+from backend.lm.schemes import get_scheme
+from backend.store.rundir import RunDir
+from backend.trace import InlineTrace, TraceConfig, discover_lora_modules, trace_batch
+from backend.trace import store as trace_store
+from backend.trace.verify import compare, failures, reference
 from tests._tiny_lora import ALL_TARGETS, tiny_base_model, tiny_batch, tiny_lora_model, tiny_tokenizer
 
 TOL = 1e-4
@@ -258,7 +258,7 @@ def test_inline_trace_of_the_real_step():
 # ---- storage ------------------------------------------------------------------------------------------------
 
 def test_shards_have_the_schema_and_nulls(tmp_path):
-    from backend import schema
+    from backend.store import schema
     model = tiny_lora_model("qwen2")
     rd = RunDir.create(kind="train", name="t", config={}, root=tmp_path)
     for step, cfg in ((1, TraceConfig(mode="position")), (2, TraceConfig(mode="token", magnitude="none"))):
@@ -282,9 +282,9 @@ KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {root!r})
     import pyarrow.parquet as pq
-    from backend import trace_store
-    from backend.rundir import RunDir
-    from backend.tracer import TraceConfig, trace_batch
+    from backend.trace import store as trace_store
+    from backend.store.rundir import RunDir
+    from backend.trace import TraceConfig, trace_batch
     from tests._tiny_lora import tiny_batch, tiny_lora_model
     model = tiny_lora_model("qwen2")
     rd = RunDir.create(kind="train", name="kill", config={{}}, root={root_runs!r}, run_id="killed")
@@ -323,7 +323,7 @@ DDP_SCRIPT = textwrap.dedent("""
     import os, sys, pickle
     sys.path.insert(0, {root!r})
     import torch, torch.distributed as dist
-    from backend.tracer import TraceConfig, trace_batch
+    from backend.trace import TraceConfig, trace_batch
     from tests._tiny_lora import tiny_batch, tiny_lora_model
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

@@ -11,15 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from backend import schema
-from backend.config import TrainConfig
-from backend.data import collate, encode_examples
-from backend.loss import forward_loss
-from backend.models import load_model_and_tokenizer
-from backend.rundir import read_events
-from backend.schemes import get_scheme
-from backend.tasks import get_task
-from backend.train import train
+from backend.jobs.train import TrainConfig
+from backend.lm.data import collate, encode_examples
+from backend.lm.loss import forward_loss
+from backend.lm.models import load_model_and_tokenizer
+from backend.lm.schemes import get_scheme
+from backend.lm.tasks import get_task
+from backend.lm.trainer import train
+from backend.store import schema
+from backend.store.rundir import read_events
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(n_train=96, n_eval=8, batch_size=8, eval_max_new_tokens=48, log_every=5)

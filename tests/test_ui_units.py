@@ -16,8 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from backend import figures, jobs, paths
-from backend.config import TrainConfig
+from backend.analysis import figures
+from backend.jobs import queue as jobs
+from backend.jobs import registry
+from backend.jobs.train import TrainConfig
+from backend.store import paths
 from tokviz import links, overlay
 from tokviz.context import Settings
 
@@ -117,20 +120,24 @@ def test_focus_round_trip_and_hostile_values():
 
 
 # ---------------------------------------------------------------------------------------------- the launch config
-def test_config_to_argv_round_trips_through_the_cli_parser():
+def test_a_queued_config_round_trips_through_its_config_file(tmp_path):
+    """The queue writes a job's config to its run directory and the job reads it back (``--config``): the
+    same object, whatever its fields hold (a comma inside a list entry, a leading dash)."""
     import argparse
 
-    from backend.config import add_config_args, config_from_args
+    from backend.jobs.config import add_config_args, config_from_args
+    from backend.store.rundir import queue_config
     cfg = TrainConfig(name="-odd name", task="modadd", task_params={"p": 13}, scheme="topk",
-                      scheme_params={"keep_ratio": 0.5}, lora_targets=["q_proj", "v_proj"], lora_alpha=8.0,
-                      chat_template=False, steps=4, trace_every=2, n_train=64, n_eval=8, batch_size=4, lr=1e-3)
-    argv = jobs.config_to_argv(cfg)
-    assert all("=" in a or a.startswith("--no-") for a in argv)
+                      scheme_params={"keep_ratio": 0.5}, lora_targets=["q_proj", "v,proj"], lora_alpha=8.0,
+                      chat_template=False, steps=4, trace_every=2, n_train=64, n_eval=8, batch_size=4, lr=1e-3,
+                      run_id="r1")
+    queue_config(tmp_path / "r1", "train", cfg)
     parser = argparse.ArgumentParser()
-    add_config_args(parser)
-    back = config_from_args(parser.parse_args(argv))
+    add_config_args(parser, TrainConfig)
+    back = config_from_args(parser.parse_args(["--config", str(tmp_path / "r1" / "config.json")]), TrainConfig)
     assert back.to_dict() == cfg.to_dict()
-    assert jobs.config_to_argv(TrainConfig()) == []
+    with pytest.raises(ValueError, match="already exists"):
+        queue_config(tmp_path / "r1", "train", cfg)
 
 
 def test_form_values_build_the_same_config_and_name_bad_fields(tmp_path):
@@ -141,7 +148,7 @@ def test_form_values_build_the_same_config_and_name_bad_fields(tmp_path):
     cfg = config_from_form({"steps": 4.0, "lora_targets": "q_proj, v_proj", "scheme": "antiop",
                             "scheme_params": "clip_mult=2", "trace_every": 2, "chat_template": False})
     assert cfg.steps == 4 and cfg.lora_targets == ["q_proj", "v_proj"] and cfg.scheme_params == {"clip_mult": 2}
-    from tokviz.schemes_info import SCHEMES
+    from backend.lm.scheme_specs import SCHEMES
     from tokviz.tabs.launch import _text
     for name, info in SCHEMES.items():          # the text the form shows for a scheme's defaults parses back
         cfg = config_from_form({"scheme": name, "scheme_params": _text(info.defaults, "dict")})
@@ -266,16 +273,32 @@ def test_max_jobs_from_env(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- schemes
-def test_scheme_table_matches_the_registry():
-    from backend.schemes import SCHEMES
-    from tokviz.schemes_info import SCHEMES as INFO
-    assert list(INFO) == list(SCHEMES)
-    for name, s in SCHEMES.items():
-        assert INFO[name].defaults == s.defaults and INFO[name].doc == s.doc and INFO[name].needs_ref == s.needs_ref
+def test_what_if_numpy_weights_match_the_torch_schemes():
+    """The app's numpy weights (scheme_specs) and training's torch weights (schemes) on random batches."""
+    import torch
+
+    from backend.lm.scheme_specs import SCHEMES as SPECS
+    from backend.lm.scheme_specs import WHAT_IF, what_if_weights
+    from backend.lm.schemes import SCHEMES, SchemeInputs
+    assert list(SPECS) == list(SCHEMES) and set(WHAT_IF) == {"sft", "dft", "asft", "topk", "antiop", "entropy"}
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        n = 40
+        loss = rng.exponential(1.0, n).astype(np.float32)
+        loss[rng.integers(0, n, 3)] = loss[0]                          # ties for the top-k cuts
+        resp = rng.random(n) < 0.8
+        ent = rng.exponential(2.0, n).astype(np.float32)
+        df = pd.DataFrame({"loss": loss, "is_response": resp, "entropy": ent})
+        for name in WHAT_IF:
+            s = SCHEMES[name]
+            x = SchemeInputs(loss=torch.tensor(loss)[None], mask=torch.tensor(resp)[None],
+                             entropy=torch.tensor(ent)[None])
+            want = s.compute(x, s.resolve_params({}))[0].numpy()
+            np.testing.assert_allclose(what_if_weights(df, name).to_numpy(), want, rtol=1e-6, err_msg=name)
 
 
 def test_what_if_weights_match_hand_computed_weights():
-    from tokviz.schemes_info import what_if_weights
+    from backend.lm.scheme_specs import what_if_weights
     loss = np.array([0.1, 0.2, 4.0, 0.5, 3.0, 9.0, 0.3])
     resp = np.array([False, True, True, True, True, True, True])
     df = pd.DataFrame({"loss": loss, "is_response": resp, "entropy": np.arange(7.0)})
@@ -351,7 +374,7 @@ def test_concentration_and_loss_figures():
 
 # ---------------------------------------------------------------------------------------------- start-up
 def test_the_app_starts_without_importing_torch(tmp_path):
-    code = ("import sys, app, tokviz.ui, backend.jobs, backend.report\n"
+    code = ("import sys, app, tokviz.ui, backend.jobs.queue, backend.analysis.report\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft'))\n"
             "assert not bad, bad\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -360,6 +383,7 @@ def test_the_app_starts_without_importing_torch(tmp_path):
 
 
 def test_every_config_field_has_a_form_input_or_is_set_by_the_app():
-    from tokviz.tabs.launch import HIDDEN, form_fields
+    from tokviz.tabs.launch import form_fields
+    HIDDEN = registry.get("train").hidden_fields
     assert {f.name for f in form_fields()} | set(HIDDEN) == {f.name for f in fields(TrainConfig)}
     assert paths.PROJECT_ROOT == ROOT

@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from backend import trace_store
-from backend.models import apply_lora, load_model_and_tokenizer
-from backend.rundir import RunDir
-from backend.tracer import TraceConfig, trace_batch
-from backend.verify import main
+from backend.lm.models import apply_lora, load_model_and_tokenizer
+from backend.store.rundir import RunDir
+from backend.trace import TraceConfig, trace_batch
+from backend.trace import store as trace_store
+from backend.trace.verify import main
 from tests._tiny_lora import ALL_TARGETS, randomise_lora, save_tiny_model, tiny_batch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +64,7 @@ def test_verify_fails_on_a_tampered_value(run, tmp_path, capsys):
 
 def test_verify_fails_on_a_tampered_adapter(run, tmp_path):
     import shutil
+
     from safetensors.torch import load_file, save_file
     bad = tmp_path / "bad"
     shutil.copytree(run, bad)

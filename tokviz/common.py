@@ -19,7 +19,9 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from backend import index, queries, report
+from backend import index
+from backend.analysis import report
+from backend.index import queries
 
 F = TypeVar("F", bound=Callable)
 PLOT_HEIGHT = 460
@@ -81,7 +83,7 @@ def require_run_step(run_id: str | None, step: int | None) -> tuple[str, int]:
 
 
 def empty_figure(message: str) -> go.Figure:
-    """A blank figure that says why it is blank (the template is backend.figures.TEMPLATE, plotly's default)."""
+    """A blank figure that says why it is blank (the template is backend.analysis.figures.TEMPLATE, plotly's default)."""
     fig = go.Figure()
     fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font=dict(size=15))
     fig.update_xaxes(visible=False)

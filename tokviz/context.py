@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from backend import index, paths, queries
-from backend.jobs import Job, JobQueue, max_jobs_from_env
+from backend import index
+from backend.index import queries
+from backend.jobs.queue import Job, JobQueue, max_jobs_from_env
+from backend.store import paths
 
 TRUE = ("1", "true", "yes", "on")
 

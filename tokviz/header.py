@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
-from backend import queries
+from backend.index import queries
 from tokviz.context import AppContext
 
 TITLE = ("<div class='tv-title'><b>tokviz</b> · which tokens drive a LoRA fine-tuning update? "

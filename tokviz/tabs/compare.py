@@ -15,7 +15,7 @@ import plotly.io as pio
 from gradio.components.plot import PlotData
 from plotly.graph_objects import Figure
 
-from backend import figures, report
+from backend.analysis import figures, report
 from tokviz.common import ExportRow, export_zip, user_errors
 
 

@@ -8,7 +8,8 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from backend import analyses, figures, queries
+from backend.analysis import analyses, figures
+from backend.index import queries
 from tokviz.common import ExportRow, export_zip, for_display, require_run_step, table, user_errors
 
 STAT_COLS = ["run", "step", "n", "gini", "tokens_for_50pct", "tokens_for_80pct", "tokens_for_90pct"]

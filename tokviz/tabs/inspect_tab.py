@@ -12,11 +12,11 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from backend import figures, queries
+from backend.analysis import figures
+from backend.index import queries
+from backend.lm.scheme_specs import WHAT_IF, what_if_weights
 from tokviz import overlay
-from tokviz.common import (ExportRow, as_int, empty_figure, export_zip, for_display, require_run_step, table,
-                           user_errors)
-from tokviz.schemes_info import WHAT_IF, what_if_weights
+from tokviz.common import ExportRow, as_int, empty_figure, export_zip, for_display, require_run_step, table, user_errors
 
 VIEWS = ("heatmap: dot", "heatmap: alignment", "heatmap: magnitude", "bars: dot per layer")
 NEIGHBOURS = 6

@@ -1,6 +1,6 @@
-"""Launch: a form for a (traced) training job, built from ``backend.config.TrainConfig`` (the dataclass the
-CLI parses), so the form, the CLI and a YAML file cannot drift apart. Jobs run through the app's job queue
-as ``python -m backend train ...`` processes; the jobs table shows status, a live progress bar and ETA from
+"""Launch: a form per job kind of the registry (``backend.jobs.registry``), each built from the kind's config
+dataclass (the one the CLI parses), so the form, the CLI and a YAML file cannot drift apart. Jobs run through
+the app's job queue as ``python -m backend KIND --config ...`` processes; the jobs table shows status, a live progress bar and ETA from
 the run's ``events.jsonl``, the log tail, and a cancel button. A finished job is ingested and appears in
 every run list.
 
@@ -23,25 +23,24 @@ from pathlib import Path
 import gradio as gr
 import yaml
 
-from backend.config import TrainConfig, _parse_list, _parse_mapping
-from backend.jobs import JobView, confine_paths
-from backend.tasks import TASKS
+from backend.jobs import registry
+from backend.jobs.config import JobConfig, parse_list, parse_mapping
+from backend.jobs.queue import JobView, confine_paths
+from backend.lm.scheme_specs import SCHEMES
+from backend.lm.tasks import TASKS
 from tokviz.context import AppContext
-from tokviz.schemes_info import SCHEMES
 
-# fields the form shows up front (the rest are under "Advanced"); the queue decides where runs go
-MAIN = ("name", "model", "task", "task_params", "n_train", "n_eval", "scheme", "scheme_params", "lora_r",
-        "lora_alpha", "lora_dropout", "lora_targets", "steps", "batch_size", "lr", "trace_every", "trace_mode",
-        "trace_sequences")
-HIDDEN = ("dataset", "runs_root", "run_id")
 MODELS = ("default", "tiny-arith", "tiny-modadd")
 UPLOAD_TYPES = (".jsonl", ".json", ".parquet")
+DEFAULT_KIND = "train"
 
 
-def form_fields() -> list[Field]:
-    """The TrainConfig fields the form edits, main ones first."""
-    fs = [f for f in fields(TrainConfig) if f.name not in HIDDEN]
-    return sorted(fs, key=lambda f: (f.name not in MAIN, MAIN.index(f.name) if f.name in MAIN else 0))
+def form_fields(kind: str = DEFAULT_KIND) -> list[Field]:
+    """The config fields the form of ``kind`` edits, its launch fields first."""
+    spec = registry.get(kind)
+    main = spec.launch_fields
+    fs = [f for f in fields(spec.config) if f.name not in spec.hidden_fields]
+    return sorted(fs, key=lambda f: (f.name not in main, main.index(f.name) if f.name in main else 0))
 
 
 def _default(f: Field) -> object:
@@ -56,13 +55,13 @@ def _text(v: object, kind: str) -> str:
     return str(v)
 
 
-def _component(f: Field) -> gr.components.Component:
+def _component(f: Field, job_kind: str) -> gr.components.Component:
     meta, kind, default = f.metadata, f.type, _default(f)
     label, info = f.name, meta.get("help", "")
     if "range" in meta:
         lo, hi, lo_open, hi_open = meta["range"]
         info += f" · allowed {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-    eid = f"tv-f-{f.name}"
+    eid = f"tv-f-{f.name}" if job_kind == DEFAULT_KIND else f"tv-f-{job_kind}-{f.name}"
     if f.name == "scheme":
         return gr.Dropdown(list(SCHEMES), value=default, label=label, info=SCHEMES[str(default)].doc, elem_id=eid)
     if f.name == "task":
@@ -84,11 +83,21 @@ def _component(f: Field) -> gr.components.Component:
 
 
 @dataclass
+class KindForm:
+    """One job kind's form: its group (shown when the kind is chosen) and an input per config field."""
+    kind: str
+    group: gr.Group
+    fields: dict[str, gr.components.Component]     # config field name -> its input, in form order
+    upload: gr.File | None                         # a dataset upload, for kinds with a ``dataset`` field
+
+
+@dataclass
 class LaunchTab:
     notice: gr.Markdown
     token: gr.Textbox
-    fields: dict[str, gr.components.Component]     # TrainConfig field name -> its input, in form order
-    upload: gr.File
+    kind: gr.Radio
+    forms: dict[str, KindForm]
+    launch: gr.Button
     launch: gr.Button
     message: gr.Markdown
     jobs: gr.HTML
@@ -104,26 +113,15 @@ def build(ctx: AppContext) -> LaunchTab:
                              + (". The owner can enter the admin token below to enable it." if s.admin_token
                                 else " (no admin token is configured)."), elem_id="tv-readonly")
     else:
-        notice = gr.Markdown("A job runs `python -m backend train ...` in its own process with these settings; "
+        notice = gr.Markdown("A job runs `python -m backend KIND ...` in its own process with these settings; "
                              f"{s.max_jobs} at a time (TOKVIZ_MAX_JOBS).", elem_id="tv-launch-notice")
     token = gr.Textbox(label="Admin token", type="password", visible=s.readonly and bool(s.admin_token),
                        elem_id="tv-admin-token")
-    comps: dict[str, gr.components.Component] = {}
-    fs = form_fields()
-    main = [f for f in fs if f.name in MAIN]
-    rest = [f for f in fs if f.name not in MAIN]
-    with gr.Group():
-        for i in range(0, len(main), 3):
-            with gr.Row():
-                for f in main[i:i + 3]:
-                    comps[f.name] = _component(f)
-    upload = gr.File(label=f"Dataset upload (instead of a task): {', '.join(UPLOAD_TYPES)} with prompt/response or "
-                     "messages fields", file_types=list(UPLOAD_TYPES), height=90, elem_id="tv-upload")
-    with gr.Accordion("Advanced settings", open=False):
-        for i in range(0, len(rest), 3):
-            with gr.Row():
-                for f in rest[i:i + 3]:
-                    comps[f.name] = _component(f)
+    kinds = list(registry.kinds().values())
+    kind = gr.Radio([(k.name, k.name) for k in kinds], value=kinds[0].name, label="Job kind",
+                    info=" · ".join(f"{k.name}: {k.help}" for k in kinds), visible=len(kinds) > 1,
+                    elem_id="tv-kind")
+    forms = {k.name: _kind_form(k, visible=i == 0) for i, k in enumerate(kinds)}
     launch = gr.Button("Launch job", variant="primary", elem_id="tv-launch",
                        interactive=not s.readonly or bool(s.admin_token))
     message = gr.Markdown("", elem_id="tv-launch-message")
@@ -133,7 +131,30 @@ def build(ctx: AppContext) -> LaunchTab:
         job = gr.Dropdown(label="Job", choices=[], elem_id="tv-job", scale=4, allow_custom_value=True)
         cancel = gr.Button("Cancel job", variant="stop", elem_id="tv-cancel", scale=0, min_width=140)
     log = gr.Textbox(label="Log tail", lines=10, max_lines=14, interactive=False, autoscroll=True, elem_id="tv-log")
-    return LaunchTab(notice, token, comps, upload, launch, message, jobs, job, cancel, log)
+    return LaunchTab(notice, token, kind, forms, launch, message, jobs, job, cancel, log)
+
+
+def _kind_form(spec: registry.JobSpec, visible: bool) -> KindForm:
+    comps: dict[str, gr.components.Component] = {}
+    fs = form_fields(spec.name)
+    main = [f for f in fs if f.name in spec.launch_fields]
+    rest = [f for f in fs if f.name not in spec.launch_fields]
+    upload = None
+    with gr.Group(visible=visible) as group:
+        for i in range(0, len(main), 3):
+            with gr.Row():
+                for f in main[i:i + 3]:
+                    comps[f.name] = _component(f, spec.name)
+        if "dataset" in {f.name for f in fields(spec.config)}:
+            upload = gr.File(label=f"Dataset upload (instead of a task): {', '.join(UPLOAD_TYPES)} with "
+                             "prompt/response or messages fields", file_types=list(UPLOAD_TYPES), height=90,
+                             elem_id="tv-upload" if spec.name == DEFAULT_KIND else f"tv-upload-{spec.name}")
+        with gr.Accordion("Advanced settings", open=False):
+            for i in range(0, len(rest), 3):
+                with gr.Row():
+                    for f in rest[i:i + 3]:
+                        comps[f.name] = _component(f, spec.name)
+    return KindForm(spec.name, group, comps, upload)
 
 
 # ---------------------------------------------------------------------------------------------- form -> config
@@ -153,25 +174,26 @@ def _value(f: Field, v: object) -> object:
     text = "" if v is None else str(v)
     try:
         if kind == "list":
-            return _parse_list(text)
+            return parse_list(text)
         if kind == "dict":
-            return _parse_mapping(text)
+            return parse_mapping(text)
     except argparse.ArgumentTypeError as e:
         raise ValueError(f"{f.name}: {e}") from e
     return text.strip()
 
 
-def config_from_form(values: dict[str, object], dataset: str = "") -> TrainConfig:
-    """The TrainConfig of the form's values (field name -> value); TrainConfig's own ValueErrors name the
-    field and what is allowed."""
-    by_name = {f.name: f for f in fields(TrainConfig)}
+def config_from_form(values: dict[str, object], dataset: str = "", kind: str = DEFAULT_KIND) -> JobConfig:
+    """The config of ``kind`` from the form's values (field name -> value); the config's own ValueErrors name
+    the field and what is allowed."""
+    config = registry.get(kind).config
+    by_name = {f.name: f for f in fields(config)}
     unknown = sorted(set(values) - set(by_name))
     if unknown:
         raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
     d = {k: _value(by_name[k], v) for k, v in values.items()}
     if dataset:
         d["dataset"] = dataset
-    return TrainConfig.from_dict(d)
+    return config.from_dict(d)
 
 
 def store_upload(tmp_path: str, root: Path) -> str:
@@ -197,7 +219,8 @@ def allowed_roots(ctx: AppContext) -> list[Path]:
     return roots
 
 
-def submit(ctx: AppContext, values: dict[str, object], upload: str | None, token: str | None) -> str:
+def submit(ctx: AppContext, values: dict[str, object], upload: str | None, token: str | None,
+           kind: str = DEFAULT_KIND) -> str:
     """Validate and queue one job; returns its id. Raises PermissionError when launching is not allowed
     here and ValueError for a bad config."""
     if not ctx.settings.may_launch(token):
@@ -205,11 +228,11 @@ def submit(ctx: AppContext, values: dict[str, object], upload: str | None, token
                               + (" (wrong or missing admin token)" if ctx.settings.admin_token else ""))
     root = ctx.settings.data_root
     dataset = store_upload(upload, root) if upload else ""
-    cfg = config_from_form(values, dataset)
+    cfg = config_from_form(values, dataset, kind)
     if cfg.runs_root or cfg.run_id:
         raise ValueError("runs_root and run_id are chosen by the app")
     confine_paths(cfg, allowed_roots(ctx))
-    return ctx.jobs.submit_train(cfg).job_id
+    return ctx.jobs.submit(cfg).job_id
 
 
 # ---------------------------------------------------------------------------------------------- jobs view
@@ -273,31 +296,42 @@ def _message(text: str, ok: bool) -> str:
 
 # ---------------------------------------------------------------------------------------------- wiring
 def wire(t: LaunchTab, ctx: AppContext) -> None:
-    names = list(t.fields)
-    comps = [t.fields[n] for n in names]
+    # one flat input list: every kind's upload (if any) and fields; a launch reads the chosen kind's slice
+    spans: dict[str, tuple[int, int]] = {}
+    inputs: list = []
+    for kind, form in t.forms.items():
+        comps = ([form.upload] if form.upload is not None else []) + list(form.fields.values())
+        spans[kind] = (len(inputs), len(inputs) + len(comps))
+        inputs += comps
 
-    def on_launch(token, upload, *values):
+    def on_launch(token, kind, *values):
+        form = t.forms[kind]
+        a, b = spans[kind]
+        mine = list(values[a:b])
+        upload = mine.pop(0) if form.upload is not None else None
         try:
-            job_id = submit(ctx, dict(zip(names, values)), upload, token)
+            job_id = submit(ctx, dict(zip(form.fields, mine)), upload, token, kind)
         except (ValueError, PermissionError) as e:
             table, jobs, log = jobs_state(ctx, None)
             return _message(str(e), False), table, jobs, log
         table, jobs, log = jobs_state(ctx, job_id)
         return _message(f"queued {job_id}", True), table, jobs, log
 
-    t.launch.click(on_launch, [t.token, t.upload, *comps], [t.message, t.jobs, t.job, t.log],
+    t.launch.click(on_launch, [t.token, t.kind, *inputs], [t.message, t.jobs, t.job, t.log],
                    api_visibility="private")
+    t.kind.change(lambda kind: [gr.update(visible=k == kind) for k in t.forms], t.kind,
+                  [f.group for f in t.forms.values()], api_visibility="private", show_progress="hidden")
 
-    def launch_config(config_yaml: str, admin_token: str = "") -> str:
-        """Queue a job from TrainConfig fields as YAML or JSON text (what a YAML config file holds); returns
-        the job id, or the reason it was refused."""
+    def launch_config(config_yaml: str, admin_token: str = "", kind: str = DEFAULT_KIND) -> str:
+        """Queue a job of ``kind`` (default train) from its config fields as YAML or JSON text (what a YAML
+        config file holds); returns the job id, or the reason it was refused."""
         try:
             d = yaml.safe_load(config_yaml or "{}") or {}
             if not isinstance(d, dict):
-                raise ValueError("the config must be a mapping of TrainConfig fields")
+                raise ValueError(f"the config must be a mapping of {kind} config fields")
             if "dataset" in d:
                 raise ValueError("dataset: upload the file on the Launch tab (paths are not accepted here)")
-            return submit(ctx, d, None, admin_token)
+            return submit(ctx, d, None, admin_token, kind)
         except (ValueError, PermissionError, yaml.YAMLError) as e:
             raise gr.Error(str(e), print_exception=False) from e
 
@@ -309,8 +343,11 @@ def wire(t: LaunchTab, ctx: AppContext) -> None:
             return gr.skip(), gr.skip()
         return _text(info.defaults, "dict"), gr.update(info=info.doc)
 
-    t.fields["scheme"].input(scheme_defaults, t.fields["scheme"], [t.fields["scheme_params"], t.fields["scheme"]],
-                             api_visibility="private")
+    for form in t.forms.values():          # any kind with a scheme: its parameters follow the chosen scheme
+        if "scheme" in form.fields and "scheme_params" in form.fields:
+            form.fields["scheme"].input(scheme_defaults, form.fields["scheme"],
+                                        [form.fields["scheme_params"], form.fields["scheme"]],
+                                        api_visibility="private")
 
     def on_cancel(job_id, token):
         if not job_id:

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import gradio as gr
 import plotly.graph_objects as go
 
-from backend import analyses, figures, sql
-from backend.queries import cursor
+from backend.analysis import analyses, figures
+from backend.index import sql
+from backend.index.queries import cursor
 from tokviz.common import ExportRow, export_zip, for_display, require_run_step, user_errors
 
 ALL = "all modules"

@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from backend import queries
+from backend.index import queries
 from tokviz.common import table, user_errors
 
 EXAMPLES = {

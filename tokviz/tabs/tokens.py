@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from backend import analyses, figures
+from backend.analysis import analyses, figures
 from tokviz.common import ExportRow, export_zip, for_display, require_run_step, user_errors
 from tokviz.overlay import _show, token_html
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import gradio as gr
 import plotly.graph_objects as go
 
-from backend import analyses, figures, queries
+from backend.analysis import analyses, figures
+from backend.index import queries
 from tokviz.common import ExportRow, empty_figure, export_zip, for_display, user_errors
 
 

@@ -1,0 +1,359 @@
+"""``analyze`` and ``compare``: run the analyses, write summary.json, the tables and every figure.
+
+    python -m backend analyze RUN_DIR [--out DIR] [--step N]     # -> RUN_DIR/analysis/
+    python -m backend compare RUN_A RUN_B [...] [--out DIR]      # -> <data root>/comparisons/<stamp>/
+
+    summary = analyze(run_path)                # the headline numbers (also in analysis/summary.json)
+    table = compare([run_a, run_b])            # the summaries side by side (rows: keys, columns: runs)
+
+A run is named by its directory or by its run id under ``<data root>/runs``. It is ingested into the index
+first if new or changed; when another process (the app) holds the index, a private in-memory index is used
+instead, and the command says so. Figures go out as standalone HTML always, and as PNG and PDF through
+kaleido and a Chromium browser where both are installed (otherwise static export is skipped, with a message).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import duckdb
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+
+from backend import index
+from backend.analysis import analyses, figures
+from backend.index import queries
+from backend.store import paths
+from backend.store.rundir import CONFIG, atomic_write_json
+
+SUMMARY = "summary.json"
+ANALYSIS_DIR = "analysis"
+STATIC_FORMATS = ("png", "pdf")
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+
+class StaticExportUnavailable(RuntimeError):
+    """PNG/PDF export was required (``static=True``) but kaleido or a browser is missing."""
+
+
+DEFINITIONS = {
+    "mean_alignment": "mean alignment (cosine with the batch gradient) of response tokens at `step`",
+    "opposing_fraction": "fraction of response tokens at `step` with alignment < 0",
+    "alignment_trend": "least-squares slope of the per-step mean alignment against optimizer step (per step)",
+    "positional_decay_slope": "least-squares slope of alignment on position in the response (per token)",
+    "gini": "Gini of response-token magnitudes at `step` (0 equal, 1 - 1/n all on one token)",
+    "tokens_for_80pct": "smallest fraction of response tokens, largest magnitude first, holding 80% of the total",
+    "category_alignment": "mean alignment of response tokens per token category at `step`",
+    "magnitude_alignment_r": "Pearson r of alignment with log1p(magnitude) over response tokens at `step`",
+    "lora_ba_ratio": "mean per-token norm of the lora_B pieces over that of the lora_A pieces (all layers)",
+    "dominant_module": "layer.module with the largest share of the update (sum of dot / total) at `step`",
+    "opposing_module": "layer.module with the lowest mean per-module alignment at `step`",
+    "lag1_autocorr": "lag-1 autocorrelation of alignment along each response, averaged over sequences",
+}
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def resolve_run(run: str | os.PathLike) -> Path:
+    """A run directory given as a path or as a run id under ``<data root>/runs``."""
+    p = Path(run).expanduser()
+    for cand in (p, paths.runs_dir() / str(run)):
+        if (cand / CONFIG).exists():
+            return cand.resolve()
+    raise ValueError(f"{str(run)!r} is not a run directory (no {CONFIG} there) nor a run id under "
+                     f"{paths.runs_dir()}")
+
+
+@contextmanager
+def index_with(run_paths: Sequence[Path], index_path: str | Path | None = None
+               ) -> Iterator[tuple[duckdb.DuckDBPyConnection, list[str]]]:
+    """A connection to an index holding these runs (ingested now if new or changed), and their run ids.
+    Inside the app, its shared connection; when another process holds the index file, a private
+    in-memory index."""
+    try:
+        con = index.shared(index_path) if index.shared_path_held(index_path) else index.connect(index_path)
+    except index.IndexLockedError as e:
+        print(f"note: {e}\nnote: using a private in-memory index for this command instead", file=sys.stderr)
+        con = index.connect(index.MEMORY)
+    try:
+        ids = [index.ingest_run(con, p).run_id for p in run_paths]
+        yield con, ids
+    finally:
+        con.close()
+
+
+# ------------------------------------------------------------------------------------------------ summary
+def _num(v: object) -> float | int | None:
+    """A JSON-safe number: NaN and missing become None."""
+    if v is None:
+        return None
+    f = float(v)  # type: ignore[arg-type]
+    return None if math.isnan(f) else (int(f) if isinstance(v, int) else f)
+
+
+def summarize(run_id: str, step: int, results: dict[str, analyses.Frames]) -> dict:
+    """The headline numbers of one run at ``step`` from the frames of ``analyses.run_all``."""
+    ev = results["alignment_evolution"]["evolution"]
+    at = ev[ev["step"] == step]
+    conc = results["concentration"]["stats"].iloc[0]
+    mods = results["layer_module_contribution"]["modules"]
+    mods = mods[mods["step"] == step]
+    dom = mods.loc[mods["share"].idxmax()] if len(mods) and mods["share"].notna().any() else None
+    opp = mods.loc[mods["mean_alignment"].idxmin()] if len(mods) and mods["mean_alignment"].notna().any() else None
+    types = results["module_types"]["modules"]
+    top_type = types.loc[types["share"].idxmax()] if len(types) and types["share"].notna().any() else None
+    lags = results["autocorrelation"]["lags"]
+    groups = results["prompt_vs_response"]["groups"].set_index("group")
+    overall = results["lora_ab"]["overall"]
+    return {
+        "run_id": run_id, "step": int(step),
+        "traced_steps": [int(s) for s in ev["step"]],
+        "n_response_tokens": int(at["n"].iloc[0]) if len(at) else 0,
+        "mean_alignment": _num(at["mean"].iloc[0]) if len(at) else None,
+        "median_alignment": _num(at["p50"].iloc[0]) if len(at) else None,
+        "opposing_fraction": _num(at["frac_negative"].iloc[0]) if len(at) else None,
+        "alignment_trend": _num(results["alignment_evolution"]["trend"]["slope_per_step"].iloc[0]),
+        "positional_decay_slope": _num(results["positional_decay"]["fit"]["slope_per_token"].iloc[0]),
+        "gini": _num(conc["gini"]),
+        "tokens_for_50pct": _num(conc["tokens_for_50pct"]),
+        "tokens_for_80pct": _num(conc["tokens_for_80pct"]),
+        "tokens_for_90pct": _num(conc["tokens_for_90pct"]),
+        "category_alignment": {str(r.category): _num(r.mean_alignment)
+                               for r in results["category_breakdown"]["categories"].itertuples()},
+        "magnitude_alignment_r": _num(results["magnitude_alignment"]["stats"]["pearson_r"].iloc[0]),
+        "lora_ba_ratio": _num(overall["ratio_b_over_a"].iloc[0]) if len(overall) else None,
+        "dominant_module": f"L{int(dom['layer'])}.{dom['module']}" if dom is not None else None,
+        "dominant_module_share": _num(dom["share"]) if dom is not None else None,
+        "opposing_module": f"L{int(opp['layer'])}.{opp['module']}" if opp is not None else None,
+        "opposing_module_alignment": _num(opp["mean_alignment"]) if opp is not None else None,
+        "dominant_module_type": f"{top_type['module']}.{top_type['part']}" if top_type is not None else None,
+        "lag1_autocorr": _num(lags["r"].iloc[0]) if len(lags) else None,
+        "lag1_noise_band": _num(lags["band"].iloc[0]) if len(lags) else None,
+        "prompt_alignment": _num(groups.loc["prompt", "mean_alignment"]),
+        "response_alignment": _num(groups.loc["response", "mean_alignment"]),
+        "prompt_share": _num(groups.loc["prompt", "share_sum"]),
+        "definitions": DEFINITIONS,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ export
+def static_export_status() -> tuple[bool, str]:
+    """Whether PNG/PDF export can run here (kaleido installed and a Chromium/Chrome found), and why not."""
+    if importlib.util.find_spec("kaleido") is None:
+        return False, "kaleido is not installed (pip install kaleido)"
+    env = os.environ.get("BROWSER_PATH")
+    if env and Path(env).exists():
+        return True, env
+    for name in BROWSERS:
+        found = shutil.which(name)
+        if found:
+            return True, found
+    return False, ("no Chromium or Chrome found for kaleido (apt-get install chromium, or set BROWSER_PATH)")
+
+
+def export_figures(figs: dict[str, go.Figure], out: Path, static: bool | None = None,
+                   html_js: str = "inline") -> dict:
+    """Write each figure as ``<name>.html`` (always) and ``<name>.png`` / ``.pdf`` (static export).
+
+    ``static``: None exports when possible and otherwise skips with a message on stderr; True requires it
+    (StaticExportUnavailable otherwise); False skips it. ``html_js``: "inline" makes every HTML file standalone,
+    "directory" writes plotly.min.js once beside them. Returns {"figures": {name: [files]}, "static_export": str}.
+    """
+    if html_js not in ("inline", "directory"):
+        raise ValueError(f"html_js must be 'inline' or 'directory', got {html_js!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, list[str]] = {}
+    for name, fig in figs.items():
+        f = out / f"{name}.html"
+        fig.write_html(f, include_plotlyjs=True if html_js == "inline" else "directory", full_html=True)
+        files[name] = [f.name]
+    ok, why = static_export_status()
+    if static is False:
+        status = "skipped: static export turned off"
+    elif not ok:
+        if static:
+            raise StaticExportUnavailable(f"static figure export was required but is unavailable: {why}")
+        status = f"skipped: {why}"
+        print(f"note: PNG/PDF export skipped ({why}); HTML figures written to {out}", file=sys.stderr)
+    else:
+        targets = [(fig, out / f"{name}.{fmt}") for name, fig in figs.items() for fmt in STATIC_FORMATS]
+        pio.write_images([t[0] for t in targets], [t[1] for t in targets],
+                         width=[t[0].layout.width or figures.WIDTH for t in targets],
+                         height=[t[0].layout.height or figures.HEIGHT for t in targets])
+        for name in figs:
+            files[name] += [f"{name}.{fmt}" for fmt in STATIC_FORMATS]
+        status = "ok"
+    return {"figures": files, "static_export": status}
+
+
+def _write_tables(results: dict[str, analyses.Frames], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, frames in results.items():
+        for key, df in frames.items():
+            df.to_csv(out / f"{name}.{key}.csv", index=False)
+
+
+# ------------------------------------------------------------------------------------------------ analyze
+def analyze(run: str | os.PathLike, out: str | os.PathLike | None = None, step: int | None = None, *,
+            index_path: str | Path | None = None, params: analyses.AnalysisParams | None = None,
+            static: bool | None = None, html_js: str = "inline") -> dict:
+    """Run the fourteen analyses on one run; write ``summary.json``, ``tables/*.csv`` and every figure to
+    ``out`` (default ``RUN_DIR/analysis``). Returns the summary."""
+    run_path = resolve_run(run)
+    out_dir = Path(out) if out is not None else run_path / ANALYSIS_DIR
+    with index_with([run_path], index_path) as (con, (run_id,)):
+        s = analyses.resolve_step(con, run_id, step)
+        results = analyses.run_all(run_id, s, params, con=con)
+        info = queries.run_info(run_id, con).iloc[0]
+    summary = {"name": info["name"], "status": info["status"], "run_path": str(run_path),
+               **summarize(run_id, s, results)}
+    figs = {name: figures.build(name, frames) for name, frames in results.items()}
+    exported = export_figures(figs, out_dir, static, html_js)
+    _write_tables(results, out_dir / "tables")
+    summary.update(exported, generated_at=datetime.now(timezone.utc).isoformat())
+    atomic_write_json(out_dir / SUMMARY, summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ compare
+def _labels(infos: list[pd.Series]) -> list[str]:
+    names = [str(i["name"] or i["run_id"]) for i in infos]
+    return names if len(set(names)) == len(names) else [str(i["run_id"]) for i in infos]
+
+
+# the analyses compare needs: the overlaid figures and what ``summarize`` reads
+COMPARE_NEEDS = ["alignment_evolution", "prompt_vs_response", "layer_module_contribution", "positional_decay",
+                 "lora_ab", "category_breakdown", "magnitude_alignment", "module_types", "concentration",
+                 "autocorrelation"]
+
+
+def compare_indexed(run_ids: Sequence[str], step: int | None = None, params: analyses.AnalysisParams | None = None,
+                    con: duckdb.DuckDBPyConnection | None = None
+                    ) -> tuple[dict[str, go.Figure], pd.DataFrame, dict[str, dict]]:
+    """The cross-run figures (``figures.COMPARE`` overlaid, plus ``summary_table``), the side-by-side summary
+    table (rows: summary keys, columns: run labels) and the summaries, for runs already in the index; each run
+    at ``step`` if given, else at its last traced step. Writes nothing (the app shows these)."""
+    if len(run_ids) < 2:
+        raise ValueError(f"compare needs at least two runs, got {len(run_ids)}")
+    if len(set(run_ids)) != len(run_ids):
+        raise ValueError(f"the same run is named twice: {list(run_ids)}")
+    with queries.cursor(con) as cur:
+        infos = [queries.run_info(i, cur).iloc[0] for i in run_ids]
+        labels = _labels(infos)
+
+        def one(rid: str) -> tuple[int, dict[str, analyses.Frames]]:
+            # a cursor per thread: DuckDB runs the runs' queries side by side (it releases the GIL)
+            c = cur.cursor()
+            try:
+                s = analyses.resolve_step(c, rid, step)
+                return s, analyses.run_all(rid, s, params, con=c, only=COMPARE_NEEDS)
+            finally:
+                c.close()
+
+        with ThreadPoolExecutor(max_workers=min(len(run_ids), os.cpu_count() or 1)) as pool:
+            done = list(pool.map(one, run_ids))
+        per_run, summaries = {}, {}
+        for rid, label, (s, frames) in zip(run_ids, labels, done):
+            per_run[label] = frames
+            summaries[label] = summarize(rid, s, frames)
+    figs = {}
+    for name in figures.COMPARE:
+        keys = per_run[labels[0]][name].keys()
+        merged = {k: pd.concat([per_run[lab][name][k].assign(run=lab) for lab in labels], ignore_index=True)
+                  for k in keys}
+        figs[name] = figures.build(name, merged)
+    flat = {lab: {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in summ.items()
+                  if k != "definitions"} for lab, summ in summaries.items()}
+    table = pd.DataFrame(flat)
+    table.index.name = "metric"
+    figs["summary_table"] = figures.summary_table(table)
+    return figs, table, summaries
+
+
+def compare(runs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, step: int | None = None, *,
+            index_path: str | Path | None = None, params: analyses.AnalysisParams | None = None,
+            static: bool | None = None, html_js: str = "inline") -> pd.DataFrame:
+    """Compare runs (each at ``step`` if given, else at its last traced step): the six cross-run figures
+    overlaid, and their summaries side by side (``summary.csv``, ``summary.json``, ``summary_table`` figure).
+    Returns the side-by-side table (rows: summary keys, columns: runs)."""
+    if len(runs) < 2:
+        raise ValueError(f"compare needs at least two runs, got {len(runs)}")
+    run_paths = [resolve_run(r) for r in runs]
+    out_dir = (Path(out) if out is not None else
+               paths.data_root() / "comparisons" / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+    with index_with(run_paths, index_path) as (con, ids):
+        figs, table, summaries = compare_indexed(ids, step, params, con)
+    labels = list(table.columns)
+    exported = export_figures(figs, out_dir, static, html_js)
+    table.to_csv(out_dir / "summary.csv")
+    atomic_write_json(out_dir / SUMMARY, {"runs": labels, "run_ids": ids, "summaries": summaries, **exported,
+                                          "generated_at": datetime.now(timezone.utc).isoformat()})
+    return table
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _common(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--out", type=Path, default=None, help="output folder")
+    ap.add_argument("--step", type=int, default=None, help="traced step for step-scoped analyses (default: last)")
+    ap.add_argument("--index", default=None, help="index file, or :memory: (default: data root/tokviz.duckdb)")
+    ap.add_argument("--module", default=None, help="layer x position heatmap: one module type (default: all)")
+    ap.add_argument("--static", choices=("auto", "on", "off"), default="auto",
+                    help="PNG/PDF export: auto (when kaleido + Chromium exist), on (required), off")
+    ap.add_argument("--html-js", choices=("inline", "directory"), default="inline",
+                    help="inline: each HTML standalone; directory: one plotly.min.js beside them")
+
+
+def _run_cli(fn: Callable[..., dict | pd.DataFrame], args: argparse.Namespace, target: object) -> int:
+    static = {"auto": None, "on": True, "off": False}[args.static]
+    try:
+        result = fn(target, args.out, args.step, index_path=args.index, static=static, html_js=args.html_js,
+                    params=analyses.AnalysisParams(module=args.module))
+    except (ValueError, index.TokvizIndexError, StaticExportUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if isinstance(result, dict):
+        keys = ("run_id", "step", "mean_alignment", "opposing_fraction", "gini", "tokens_for_80pct",
+                "positional_decay_slope", "dominant_module", "opposing_module", "lag1_autocorr", "static_export")
+        for k in keys:
+            print(f"{k:<24} {result.get(k)}")
+    else:
+        print(result.to_string())
+    return 0
+
+
+def main_analyze(argv: list[str]) -> int:
+    """``python -m backend analyze RUN_DIR [--out DIR] [--step N] ...`` (argv: what follows ``analyze``)."""
+    ap = argparse.ArgumentParser(prog="python -m backend analyze",
+                                 description="Run the fourteen analyses of a run; write summary.json and figures.")
+    ap.add_argument("run", help="run directory, or run id under the data root")
+    _common(ap)
+    args = ap.parse_args(argv)
+    return _run_cli(analyze, args, args.run)
+
+
+def main_compare(argv: list[str]) -> int:
+    """``python -m backend compare RUN_A RUN_B [...] [--out DIR]`` (argv: what follows ``compare``)."""
+    ap = argparse.ArgumentParser(prog="python -m backend compare",
+                                 description="Overlay the cross-run figures of several runs; summaries side by side.")
+    ap.add_argument("runs", nargs="+", help="run directories or run ids (two or more)")
+    _common(ap)
+    args = ap.parse_args(argv)
+    return _run_cli(compare, args, args.runs)
+
+
+def main(argv: list[str]) -> int:
+    """``analyze ...`` or ``compare ...``: argv starts with the subcommand name."""
+    commands = {"analyze": main_analyze, "compare": main_compare}
+    if not argv or argv[0] not in commands:
+        print(f"usage: python -m backend {{{'|'.join(commands)}}} ...", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])

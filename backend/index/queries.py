@@ -1,0 +1,212 @@
+"""Read the index: every function returns a pandas DataFrame. The only way ``tokviz/`` reads data.
+
+    from backend.index import queries
+    runs = queries.list_runs()                                  # the app's shared connection by default
+    toks = queries.sample_tokens(run_id, step=20, sample_idx=3)
+    mods = queries.token_breakdown(run_id, 20, 3, position=57)  # one token's (layer, module, part) rows
+    df = queries.console_query("SELECT module, avg(alignment) FROM token_modules GROUP BY 1")
+
+Each function takes an optional ``con`` (a DuckDB connection from ``backend.index.connect``); without it, a
+cursor on this process's shared connection (``backend.index.shared``) is used. A run, step or sample that is
+not in the index raises ValueError naming what exists.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import duckdb
+import pandas as pd
+
+from backend import index
+from backend.index import sql
+
+CONSOLE_MAX_ROWS = 10_000
+_LIST_MAX = 20    # names listed in an error message
+
+
+@contextmanager
+def cursor(con: duckdb.DuckDBPyConnection | None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """``con`` itself, or (None) a cursor on the shared connection, closed on exit."""
+    if con is not None:
+        yield con
+        return
+    cur = index.shared()
+    try:
+        yield cur
+    finally:
+        cur.close()
+
+
+def _df(con: duckdb.DuckDBPyConnection | None, query: str, params: Sequence[object] = ()) -> pd.DataFrame:
+    with cursor(con) as cur:
+        return cur.execute(query, list(params)).df()
+
+
+def _some(values: Sequence[object]) -> str:
+    head = ", ".join(str(v) for v in values[:_LIST_MAX])
+    return head + (f", ... ({len(values)} in all)" if len(values) > _LIST_MAX else "") if values else "none"
+
+
+def require_run(run_id: str, con: duckdb.DuckDBPyConnection | None = None) -> None:
+    """Raise ValueError, listing the indexed runs, unless ``run_id`` is in the index."""
+    with cursor(con) as cur:
+        ids = [r[0] for r in cur.execute(sql.RUN_IDS).fetchall()]
+    if run_id not in ids:
+        raise ValueError(f"run {run_id!r} is not in the index; indexed runs: {_some(ids)}")
+
+
+def traced_steps(run_id: str, con: duckdb.DuckDBPyConnection | None = None) -> list[int]:
+    """The traced steps of a run, ascending (ValueError for an unknown run)."""
+    require_run(run_id, con)
+    with cursor(con) as cur:
+        return [int(r[0]) for r in cur.execute(sql.TRACED_STEPS, [run_id]).fetchall()]
+
+
+def require_step(run_id: str, step: int, con: duckdb.DuckDBPyConnection | None = None) -> None:
+    """Raise ValueError, listing the traced steps, unless ``step`` is one of them."""
+    steps = traced_steps(run_id, con)
+    if step not in steps:
+        raise ValueError(f"step {step} is not a traced step of run {run_id!r}; traced steps: {_some(steps)}")
+
+
+def list_runs(con: duckdb.DuckDBPyConnection | None = None) -> pd.DataFrame:
+    """One row per indexed run: id, name, kind, status (finished/running/failed), model, dataset, scheme,
+    times, row counts and the run directory, newest first."""
+    return _df(con, sql.LIST_RUNS)
+
+
+def run_info(run_id: str, con: duckdb.DuckDBPyConnection | None = None) -> pd.DataFrame:
+    """The run's ``runs`` row, with its config and manifest as JSON text."""
+    df = _df(con, sql.RUN_INFO, [run_id])
+    if df.empty:
+        require_run(run_id, con)
+    return df
+
+
+def run_steps(run_id: str, con: duckdb.DuckDBPyConnection | None = None) -> pd.DataFrame:
+    """Per traced step: samples, tokens, response tokens, mean response alignment and loss, sum of shares."""
+    df = _df(con, sql.RUN_STEPS, [run_id])
+    if df.empty:
+        require_run(run_id, con)
+    return df
+
+
+def step_samples(run_id: str, step: int, con: duckdb.DuckDBPyConnection | None = None,
+                 preview_chars: int = 120) -> pd.DataFrame:
+    """Per sample of a traced step: token counts, mean alignment, opposing fraction, loss, text preview."""
+    df = _df(con, sql.STEP_SAMPLES, [preview_chars, run_id, step])
+    if df.empty:
+        require_step(run_id, step, con)
+    return df
+
+
+def _require_sample(run_id: str, step: int, sample_idx: int, con: duckdb.DuckDBPyConnection | None) -> None:
+    require_step(run_id, step, con)
+    samples = step_samples(run_id, step, con, preview_chars=0)["sample_idx"].tolist()
+    if sample_idx not in samples:
+        raise ValueError(f"step {step} of run {run_id!r} has no sample {sample_idx}; samples: {_some(samples)}")
+
+
+def sample_tokens(run_id: str, step: int, sample_idx: int,
+                  con: duckdb.DuckDBPyConnection | None = None) -> pd.DataFrame:
+    """Every token record of one sample at one traced step, by position (prompt and response)."""
+    df = _df(con, sql.SAMPLE_TOKENS, [run_id, step, sample_idx])
+    if df.empty:
+        _require_sample(run_id, step, sample_idx, con)
+    return df
+
+
+def token_breakdown(run_id: str, step: int, sample_idx: int, position: int,
+                    con: duckdb.DuckDBPyConnection | None = None) -> pd.DataFrame:
+    """One token's module rows: (layer, module, part, alignment, dot, magnitude). Empty if the trace has
+    no module rows for that token; ValueError if the sample is unknown."""
+    df = _df(con, sql.TOKEN_BREAKDOWN, [run_id, step, sample_idx, position])
+    if df.empty:
+        _require_sample(run_id, step, sample_idx, con)
+    return df
+
+
+def sample_layer_profile(run_id: str, step: int, sample_idx: int,
+                         con: duckdb.DuckDBPyConnection | None = None) -> pd.DataFrame:
+    """Per (position, layer) of one sample: the layer's dot (summed over modules and parts), the norm of the
+    layer's piece and the mean module alignment: the data of a layer x token heatmap."""
+    df = _df(con, sql.SAMPLE_LAYER_PROFILE, [run_id, step, sample_idx])
+    if df.empty:
+        _require_sample(run_id, step, sample_idx, con)
+    return df
+
+
+def step_token_stats(run_id: str, step: int, con: duckdb.DuckDBPyConnection | None = None) -> pd.DataFrame:
+    """Every token of one traced step, all traced sequences: sample_idx, position, is_response, loss,
+    entropy (what a token-weighting scheme's batch statistics are taken over)."""
+    df = _df(con, sql.STEP_TOKEN_STATS, [run_id, step])
+    if df.empty:
+        require_step(run_id, step, con)
+    return df
+
+
+def search_samples(run_id: str, text: str, step: int | None = None, limit: int = 50,
+                   con: duckdb.DuckDBPyConnection | None = None) -> pd.DataFrame:
+    """Samples whose decoded text contains ``text`` (case-insensitive), at one step or all traced steps."""
+    if not text:
+        raise ValueError("search text must not be empty")
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    require_run(run_id, con)
+    if step is not None:
+        require_step(run_id, step, con)
+    return _df(con, sql.SEARCH_SAMPLES, [run_id, step, step, text, limit])
+
+
+def train_steps(run_id: str, con: duckdb.DuckDBPyConnection | None = None) -> pd.DataFrame:
+    """The run's optimizer steps: loss, ce_loss, lr, grad_norm, tokens, throughput, elapsed time."""
+    df = _df(con, sql.TRAIN_STEPS, [run_id])
+    if df.empty:
+        require_run(run_id, con)
+    return df
+
+
+def eval_rows(run_id: str, con: duckdb.DuckDBPyConnection | None = None) -> pd.DataFrame:
+    """The run's per-sample evaluation predictions (empty if it has none)."""
+    require_run(run_id, con)
+    return _df(con, sql.EVAL_ROWS, [run_id])
+
+
+def console_query(query: str, path: str | Path | None = None, limit: int = 1000,
+                  timeout_s: float = 10.0) -> pd.DataFrame:
+    """Run one user-written SELECT against the index, read-only, returning at most ``limit`` rows.
+
+    The index is opened read-only with ``enable_external_access = false`` (no files, no extensions, no
+    ATTACH). Where this process is the app that holds the index (``index.shared``), that connection is
+    used instead: it is locked down to the data root at open, and the statement runs in a transaction that
+    is rolled back. A query running past ``timeout_s`` is interrupted.
+    """
+    if not 1 <= limit <= CONSOLE_MAX_ROWS:
+        raise ValueError(f"limit must be in [1, {CONSOLE_MAX_ROWS}], got {limit}")
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as e:
+        raise ValueError(f"the SQL does not parse: {e}") from e
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        kinds = ", ".join(s.type.name for s in statements) or "nothing"
+        raise ValueError(f"the SQL console runs exactly one SELECT statement; got {kinds}")
+    held = index.shared_path_held(path)
+    con = index.shared(path) if held else index.connect(path, read_only=True)
+    timer = threading.Timer(timeout_s, con.interrupt)
+    timer.start()
+    try:
+        con.begin()
+        try:
+            return con.sql(statements[0].query).limit(limit).df()
+        except duckdb.InterruptException as e:
+            raise ValueError(f"the query ran past {timeout_s:g} s and was stopped") from e
+        except duckdb.Error as e:
+            raise ValueError(f"the query failed: {str(e).strip()}") from e
+        finally:
+            con.rollback()
+    finally:
+        timer.cancel()
+        con.close()

@@ -1,0 +1,140 @@
+"""The ``train`` job kind: LoRA SFT under a token-weighting scheme, optionally traced every N steps.
+
+    python -m backend train --task arith --scheme antiop --scheme-params clip_mult=2 --steps 200
+    python -m backend train --config run.yaml --trace-every 20          # flags override the file
+    cfg = TrainConfig(task="arith", scheme="antiop", steps=200)          # invalid values raise ValueError
+
+The config and the registry entry live here (no torch: the app builds the Launch form from them); the loop is
+``backend.lm.trainer.train``. Tables: ``train_steps``, ``eval``, and at traced steps ``tokens`` and
+``token_modules`` (backend.store.schema), with per-step aggregates of ``token_modules`` filled at ingest.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from backend.index import sql
+from backend.jobs.config import INF, NONNEG, POS, JobConfig, option
+from backend.jobs.registry import DerivedTable, JobSpec, TableSpec
+from backend.lm import scheme_specs
+from backend.lm.tasks import TASKS, get_task
+from backend.store import schema
+
+
+@dataclass
+class TrainConfig(JobConfig):
+    """A LoRA SFT run under a token-weighting scheme, optionally traced (DESIGN.md, "Definitions")."""
+    # what to train
+    name: str = option("", "a short human name for the run (used in its id)")
+    model: str = option("default", "'default' (the embedded tiny Qwen2), a local model directory, or a hub id")
+    task: str = option("arith", f"built-in task: {', '.join(TASKS)} (backend.lm.tasks); ignored when `dataset` is given")
+    task_params: dict = option({}, "task generator parameters, e.g. {p: 97} for modadd")
+    dataset: str = option("", "a local JSONL or Parquet file with prompt/response or messages fields")
+    n_train: int = option(4000, "training examples to generate from the task", range=(1, INF, False, True))
+    n_eval: int = option(200, "held-out examples for the final evaluation (0: no eval)", range=NONNEG)
+    data_seed: int = option(0, "seed of the task's train/eval split")
+    max_len: int = option(256, "maximum tokens per sequence (prompt + response)", range=(2, INF, False, True))
+    chat_template: bool = option(True, "render prompts with the tokenizer's chat template when it has one")
+    # the loss
+    scheme: str = option("sft", f"token-weighting scheme: {', '.join(scheme_specs.SCHEMES)} (DESIGN.md's scheme table)")
+    scheme_params: dict = option({}, "scheme parameters overriding its defaults, e.g. {keep_ratio: 0.5}")
+    # LoRA
+    lora_r: int = option(8, "LoRA rank", range=(1, 4096, False, False))
+    lora_alpha: float = option(16.0, "LoRA alpha (scaling alpha / r)", range=POS)
+    lora_dropout: float = option(0.0, "dropout on the LoRA input", range=(0.0, 1.0, False, True))
+    lora_targets: list = option(["q_proj", "k_proj", "v_proj", "o_proj"], "module names to adapt")
+    # optimisation
+    steps: int = option(200, "optimizer steps", range=(1, INF, False, True))
+    batch_size: int = option(16, "sequences per micro-batch (per process under torchrun)", range=(1, INF, False, True))
+    grad_accum: int = option(1, "micro-batches per optimizer step", range=(1, INF, False, True))
+    lr: float = option(2e-3, "peak learning rate", range=POS)
+    lr_schedule: str = option("cosine", "learning-rate schedule after warmup", choices=("cosine", "linear", "constant"))
+    warmup_steps: int = option(10, "linear warmup steps", range=NONNEG)
+    weight_decay: float = option(0.0, "AdamW weight decay", range=NONNEG)
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)", range=NONNEG)
+    seed: int = option(0, "seed of LoRA init, data order and dropout")
+    # runtime
+    dtype: str = option("auto", "model dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16",
+                    choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
+    device: str = option("auto", "auto, cpu, cuda, cuda:N")
+    attn_implementation: str = option("auto", "attention kernel", choices=("auto", "eager", "sdpa", "flash_attention_2"))
+    trust_remote_code: bool = option(False, "run model code from the hub (only if you trust it)")
+    log_every: int = option(10, "steps between progress events", range=(1, INF, False, True))
+    # evaluation
+    eval_max_new_tokens: int = option(64, "generation length at eval", range=(1, INF, False, True))
+    eval_batch_size: int = option(64, "prompts per generation batch", range=(1, INF, False, True))
+    eval_k: int = option(0, "also sample k answers per prompt at eval_temperature (0: greedy only)", range=NONNEG)
+    eval_temperature: float = option(0.7, "sampling temperature for eval_k", range=POS)
+    eval_before: bool = option(False, "also evaluate the base model before training")
+    # tracing
+    trace_every: int = option(0, "trace every N steps (0: no tracing)", range=NONNEG)
+    trace_mode: str = option("position", "what a token's gradient means", choices=("position", "token"))
+    trace_loss: str = option("scheme", "the traced loss: the scheme's weighted loss or plain cross-entropy",
+                         choices=("scheme", "ce"))
+    trace_sequences: int = option(4, "sequences of the step's batch to trace", range=(1, INF, False, True))
+    trace_inline: bool = option(False, "trace the real step instead of a re-run (needs grad_accum = 1)")
+    trace_magnitude: str = option("exact", "token mode: exact per-token gradient norms, a k-JVP sketch, or none",
+                              choices=("exact", "sketch", "none"))
+    trace_sketch_k: int = option(64, "random directions for sketched magnitudes", range=(1, INF, False, True))
+    # output
+    runs_root: str = option("", "where run directories go (default: <data root>/runs)")
+    run_id: str = option("", "explicit run id (default: timestamp-kind-name-random)")
+
+    def validate(self) -> None:
+        spec = scheme_specs.get(self.scheme)
+        self.scheme_params = spec.resolve_params(self.scheme_params)
+        if self.dataset:
+            if not Path(self.dataset).expanduser().is_file():
+                raise ValueError(f"dataset: file {self.dataset!r} does not exist")
+        else:
+            get_task(self.task)
+        if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
+            raise ValueError(f"lora_targets must be a non-empty list of module names, got {self.lora_targets!r}")
+        if self.trace_inline and self.grad_accum != 1:
+            raise ValueError("trace_inline needs grad_accum = 1 (the real step must be a single backward)")
+        if self.eval_k and self.n_eval == 0:
+            raise ValueError("eval_k > 0 needs n_eval > 0")
+
+
+# ------------------------------------------------------------------------------------------------ tables
+_TRACE_SHARD = re.compile(r"^step_(\d+)\.rank(\d+)\.parquet$")
+
+
+def trace_shard_key(p: Path) -> tuple[int, int]:
+    """(step, rank) of a trace shard ``step_NNNNNN.rankR.parquet``; ValueError for another name."""
+    m = _TRACE_SHARD.match(p.name)
+    if not m:
+        raise ValueError(f"{p}: a trace shard must be named step_NNNNNN.rankR.parquet")
+    return int(m.group(1)), int(m.group(2))
+
+
+def complete_trace_steps(files: dict[str, list[Path]]) -> dict[str, list[Path]]:
+    """Of a run still running (or crashed), the traced steps whose tokens and token_modules shards are both
+    there, from the same ranks; the other tables as they are."""
+    keys = {t: {trace_shard_key(p) for p in files[t]} for t in ("tokens", "token_modules")}
+    partial = {step for step, _rank in keys["tokens"] ^ keys["token_modules"]}
+    complete = {step for step, _rank in keys["tokens"]} - partial
+    return {t: [p for p in fs if trace_shard_key(p)[0] in complete] if t in keys else fs for t, fs in files.items()}
+
+
+TOKENS = TableSpec("tokens", schema.TOKENS, "trace/tokens/*.parquet", order=trace_shard_key,
+                   derived=(("resp_pos", "INTEGER", sql.RESP_POS),))
+TOKEN_MODULES = TableSpec("token_modules", schema.TOKEN_MODULES, "trace/token_modules/*.parquet",
+                          order=trace_shard_key)
+TRAIN_STEPS = TableSpec("train_steps", schema.TRAIN_STEPS, "train_steps/*.parquet")
+EVAL = TableSpec("eval", schema.EVAL, "eval/*.parquet")
+
+JOB = JobSpec(
+    name="train", help="LoRA SFT under a token-weighting scheme, optionally traced",
+    config=TrainConfig, entry="backend.lm.trainer:train",
+    tables=(TOKENS, TOKEN_MODULES, TRAIN_STEPS, EVAL),
+    derived=tuple(DerivedTable(name, sql.AGG_CREATE[name], sql.AGG_FILL[name]) for name in sql.AGG_FILL),
+    complete=complete_trace_steps, steps_table="tokens", analyses=("backend.analysis.trace",),
+    launch_fields=("name", "model", "task", "task_params", "n_train", "n_eval", "scheme", "scheme_params", "lora_r",
+                   "lora_alpha", "lora_dropout", "lora_targets", "steps", "batch_size", "lr", "trace_every",
+                   "trace_mode", "trace_sequences"),
+    hidden_fields=("dataset", "runs_root", "run_id"),
+    path_fields=("dataset", "runs_root"), model_fields=("model",),
+    user_errors=("backend.lm.models:HubUnreachableError",),
+)

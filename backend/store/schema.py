@@ -1,0 +1,99 @@
+"""Parquet schemas of everything a run writes: the contract between jobs (writers) and the index (reader).
+
+Every table carries ``run_id`` on every row and the schema version in the Parquet metadata
+(key ``tokviz.schema_version``). Float values are float32. Adding a column is allowed (bump the version);
+renaming or removing a key column is not.
+
+Run directory layout (``<data root>/runs/<run_id>/``)::
+
+    config.json                          the job's config, as saved by the job
+    events.jsonl                         progress events, one JSON object a line
+    train_steps/part_000000.rank0.parquet
+    trace/tokens/step_000020.rank0.parquet
+    trace/token_modules/step_000020.rank0.parquet
+    trace/state/step_000020/            adapter + batch at that step (for ``verify``)
+    eval/rank0.parquet                   per-sample eval predictions
+    adapter/                             final LoRA adapter
+    manifest.json                        written last: its presence means the run finished
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+VERSION_KEY = b"tokviz.schema_version"
+TABLE_KEY = b"tokviz.table"
+
+
+def _schema(table: str, fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema(fields, metadata={VERSION_KEY: str(SCHEMA_VERSION).encode(), TABLE_KEY: table.encode()})
+
+
+f32 = pa.float32()
+
+TOKENS = _schema("tokens", [
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("step", pa.int32(), nullable=False),          # optimizer step at which the trace was taken
+    pa.field("sample_idx", pa.int32(), nullable=False),    # index of the example in the task's train split
+    pa.field("position", pa.int32(), nullable=False),      # t: predicts x_{t+1}
+    pa.field("token_id", pa.int32(), nullable=False),      # the PREDICTED token x_{t+1}
+    pa.field("token", pa.string(), nullable=False),        # its decoded text
+    pa.field("category", pa.string(), nullable=False),     # backend.lm.categories
+    pa.field("is_response", pa.bool_(), nullable=False),   # label not masked (-100)
+    pa.field("loss", f32),                                 # -log p(x_{t+1} | x_<=t)
+    pa.field("prob", f32),                                 # p(x_{t+1} | x_<=t)
+    pa.field("entropy", f32),                              # entropy of the predictive distribution (nats)
+    pa.field("weight", f32),                               # scheme weight w_t (0 for prompt positions)
+    pa.field("mode", pa.string(), nullable=False),         # "position" or "token"
+    pa.field("alignment", f32),
+    pa.field("dot", f32),
+    pa.field("share", f32),                                # position mode: dot / ||G||^2
+    pa.field("magnitude", f32),
+    pa.field("magnitude_estimated", pa.bool_()),           # token mode: magnitude from k random JVPs
+    pa.field("rank", pa.int16()),                          # DDP rank that traced the row
+])
+
+TOKEN_MODULES = _schema("token_modules", [
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("step", pa.int32(), nullable=False),
+    pa.field("sample_idx", pa.int32(), nullable=False),
+    pa.field("position", pa.int32(), nullable=False),
+    pa.field("layer", pa.int16(), nullable=False),
+    pa.field("module", pa.string(), nullable=False),       # q_proj, k_proj, ..., down_proj
+    pa.field("part", pa.string(), nullable=False),         # lora_A or lora_B
+    pa.field("alignment", f32),
+    pa.field("dot", f32),
+    pa.field("magnitude", f32),
+])
+
+TRAIN_STEPS = _schema("train_steps", [
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("step", pa.int32(), nullable=False),          # 1-based optimizer step
+    pa.field("loss", f32),                                 # the scheme's weighted loss, mean over micro-batches
+    pa.field("ce_loss", f32),                              # plain cross-entropy on the same tokens
+    pa.field("lr", f32),
+    pa.field("grad_norm", f32),                            # before clipping
+    pa.field("tokens", pa.int32()),                        # response tokens in the step (all ranks)
+    pa.field("tokens_per_s", f32),
+    pa.field("elapsed_s", f32),
+])
+
+EVAL = _schema("eval", [
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("sample_idx", pa.int32(), nullable=False),    # index in the eval split
+    pa.field("sample_k", pa.int16(), nullable=False),      # -1: greedy; 0..k-1: temperature samples
+    pa.field("prediction", pa.string()),
+    pa.field("answer", pa.string()),
+    pa.field("extracted", pa.string()),
+    pa.field("correct", pa.bool_()),
+])
+
+TABLES: dict[str, pa.Schema] = {"tokens": TOKENS, "token_modules": TOKEN_MODULES,
+                                "train_steps": TRAIN_STEPS, "eval": EVAL}
+
+
+def schema_version_of(schema: pa.Schema) -> int | None:
+    """The tokviz schema version stored in a Parquet file's schema metadata, or None if absent."""
+    meta = schema.metadata or {}
+    raw = meta.get(VERSION_KEY)
+    return int(raw) if raw is not None else None

@@ -1,0 +1,205 @@
+"""The traced batch: which positions are recorded, per-token statistics, and the table columns.
+
+    tb = TracedBatch.from_batch(batch, max_sequences=8, micro_batch_size=None, device=dev)
+    tb.record_mask("position")                   # (n, T-1) bool
+    loss, prob, entropy = token_stats(logits, tb.input_ids, chunk=1024)      # (n, T-1) float32 each
+
+Which positions are recorded ("carry gradient"), position t predicting x_{t+1}:
+
+- every position needs a real token and a real target: attention_mask[t] = attention_mask[t+1] = 1, so padding
+  is never recorded;
+- ``position`` mode: P_s = g_s u_s^T is non-zero only if some loss term depends on position s's activations,
+  i.e. some response position t >= s exists in the sequence (causal attention). So prompt positions are recorded
+  (is_response = False, weight 0), and positions after the sequence's last response token are not (their
+  gradient is exactly zero);
+- ``token`` mode: g_t = grad l_t exists for every position with a target, prompt tokens included (their own
+  loss is defined even though the traced loss leaves it out); ``token_positions="response"`` keeps only
+  response tokens.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from backend.lm.categories import categorize
+from backend.lm.loss import IGNORE
+
+REQUIRED = ("input_ids", "attention_mask", "labels")
+
+
+@dataclass
+class TracedBatch:
+    input_ids: torch.Tensor        # (n, T) long
+    attention_mask: torch.Tensor   # (n, T)
+    labels: torch.Tensor           # (n, T) long, -100 = no loss
+    sample_idx: torch.Tensor       # (n,) long
+    chunk_sizes: list[int]         # micro-batches: consecutive rows
+
+    @classmethod
+    def from_batch(cls, batch: dict, max_sequences: int | None, micro_batch_size: int | None,
+                   device: torch.device) -> "TracedBatch":
+        missing = [k for k in REQUIRED if k not in batch]
+        if missing:
+            raise ValueError(f"the batch lacks {missing}; it needs {', '.join(REQUIRED)} (B, T) and optionally "
+                             "sample_idx (B,)")
+        ids = batch["input_ids"]
+        if ids.dim() != 2 or ids.shape[1] < 2:
+            raise ValueError(f"input_ids must be (B, T) with T >= 2, got shape {tuple(ids.shape)}")
+        for k in REQUIRED[1:]:
+            if tuple(batch[k].shape) != tuple(ids.shape):
+                raise ValueError(f"{k} has shape {tuple(batch[k].shape)}, input_ids {tuple(ids.shape)}")
+        n = ids.shape[0] if max_sequences is None else min(max_sequences, ids.shape[0])
+        if n == 0:
+            raise ValueError("the batch holds no sequences")
+        sidx = batch.get("sample_idx")
+        sidx = torch.arange(ids.shape[0]) if sidx is None else torch.as_tensor(sidx).reshape(-1)
+        if sidx.shape[0] != ids.shape[0]:
+            raise ValueError(f"sample_idx has {sidx.shape[0]} entries for {ids.shape[0]} sequences")
+        mb = micro_batch_size or n
+        sizes = [min(mb, n - i) for i in range(0, n, mb)]
+        return cls(input_ids=ids[:n].to(device=device, dtype=torch.long),
+                   attention_mask=batch["attention_mask"][:n].to(device),
+                   labels=batch["labels"][:n].to(device=device, dtype=torch.long),
+                   sample_idx=sidx[:n].to(torch.long).cpu(), chunk_sizes=sizes)
+
+    @property
+    def n(self) -> int:
+        return self.input_ids.shape[0]
+
+    def chunks(self) -> list[dict[str, torch.Tensor]]:
+        out, i = [], 0
+        for s in self.chunk_sizes:
+            out.append({"input_ids": self.input_ids[i:i + s], "attention_mask": self.attention_mask[i:i + s],
+                        "labels": self.labels[i:i + s]})
+            i += s
+        return out
+
+    def valid(self) -> torch.Tensor:
+        am = self.attention_mask.bool()
+        return am[:, :-1] & am[:, 1:]                                  # (n, T-1)
+
+    def response(self) -> torch.Tensor:
+        return self.labels[:, 1:] != IGNORE                            # (n, T-1)
+
+    def record_mask(self, mode: str, token_positions: str = "all") -> torch.Tensor:
+        """(n, T-1) bool: the positions whose rows are written (see the module docstring)."""
+        valid, resp = self.valid(), self.response()
+        if mode == "position":
+            t = torch.arange(resp.shape[1], device=resp.device)
+            last = torch.where(resp, t, torch.full_like(t, -1)).max(dim=1).values          # (n,)
+            return valid & (t[None, :] <= last[:, None])
+        if token_positions == "response":
+            return valid & resp
+        return valid
+
+
+@torch.no_grad()
+def token_stats(logits: torch.Tensor, input_ids: torch.Tensor, chunk: int) -> tuple[torch.Tensor, ...]:
+    """Loss -log p(x_{t+1}), its probability and the entropy at every position, float32, (n, T-1) each.
+
+    Computed for every position (prompt ones too), in row chunks so the float32 copy of a large vocabulary
+    stays bounded.
+    """
+    lg = logits[:, :-1]
+    n, T, V = lg.shape
+    flat = lg.reshape(-1, V)
+    tgt = input_ids[:, 1:].reshape(-1)
+    loss = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    ent = torch.empty_like(loss)
+    for i in range(0, flat.shape[0], chunk):
+        logp = F.log_softmax(flat[i:i + chunk].float(), dim=-1)          # (c, V)
+        loss[i:i + chunk] = -logp.gather(1, tgt[i:i + chunk, None]).squeeze(1)
+        ent[i:i + chunk] = -(logp.exp() * logp).sum(-1)
+    loss = loss.view(n, T)
+    return loss, torch.exp(-loss), ent.view(n, T)
+
+
+_TEXT_CACHE: "weakref.WeakKeyDictionary[Any, dict[int, tuple[str, str]]]" = weakref.WeakKeyDictionary()
+
+
+def token_texts(tokenizer: Any, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded text and category of every id (object arrays), cached per tokenizer and id."""
+    if tokenizer is None:
+        texts = np.array([f"<{i}>" for i in ids.tolist()], dtype=object)
+        return texts, np.full(len(ids), "other", dtype=object)
+    cache = _TEXT_CACHE.setdefault(tokenizer, {})
+    uniq, inv = np.unique(ids, return_inverse=True)
+    special = None
+    for u in uniq.tolist():
+        if u not in cache:
+            if special is None:
+                special = set(getattr(tokenizer, "all_special_ids", []) or [])
+            text = tokenizer.decode([u])
+            cache[u] = (text, categorize(text, is_special=u in special))
+    pairs = [cache[u] for u in uniq.tolist()]
+    t = np.array([p[0] for p in pairs], dtype=object)
+    c = np.array([p[1] for p in pairs], dtype=object)
+    return t[inv], c[inv]
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().float().cpu().numpy()
+
+
+def cosine(dot: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """dot / norms in float64, NaN where norms == 0 (the cosine of a zero vector is undefined: null)."""
+    d, n = dot.double(), norms.double()
+    return torch.where(n > 0, d / n.clamp_min(1e-300), torch.full_like(d, float("nan")))
+
+
+def build_columns(mode: str, tb: TracedBatch, record: torch.Tensor, stats: dict[str, torch.Tensor],
+                  dot: torch.Tensor, magnitude: torch.Tensor | None, estimated: bool | None,
+                  g_norm: float, site_dot: torch.Tensor | None, site_mag: torch.Tensor | None,
+                  site_g_norm: torch.Tensor, sites: list, tokenizer: Any) -> tuple[dict, dict]:
+    """The TOKENS and TOKEN_MODULES columns (all but run_id, step, rank) of the recorded positions.
+
+    ``dot``, ``magnitude``: (n, T-1); ``site_dot``, ``site_mag``: (M, n, T-1) or None; ``site_g_norm``: (M,).
+    NaN marks a value that is not defined (written as null).
+    """
+    sel = record.nonzero(as_tuple=True)
+    b_idx, t_idx = (x.cpu().numpy() for x in sel)
+    n_rows = len(b_idx)
+    token_id = tb.input_ids[:, 1:][sel].cpu().numpy()
+    text, cat = token_texts(tokenizer, token_id)
+    d = dot[sel]
+    mag = magnitude[sel] if magnitude is not None else torch.full_like(d, float("nan"))
+    tokens = {
+        "sample_idx": tb.sample_idx.numpy()[b_idx].astype(np.int32),
+        "position": t_idx.astype(np.int32),
+        "token_id": token_id.astype(np.int32),
+        "token": text,
+        "category": cat,
+        "is_response": tb.response()[sel].cpu().numpy(),
+        "loss": _np(stats["loss"][sel]), "prob": _np(stats["prob"][sel]), "entropy": _np(stats["entropy"][sel]),
+        "weight": _np(stats["weight"][sel]),
+        "mode": np.full(n_rows, mode),
+        "alignment": _np(cosine(d, mag * g_norm)),
+        "dot": _np(d),
+        "share": _np(d.double() / g_norm ** 2) if mode == "position" and g_norm > 0
+        else np.full(n_rows, np.nan, dtype=np.float32),
+        "magnitude": _np(mag),
+        "magnitude_estimated": (np.full(n_rows, estimated, dtype=object) if estimated is not None
+                                else np.full(n_rows, None, dtype=object)),
+    }
+    modules: dict[str, Any] = {k: [] for k in ("sample_idx", "position", "layer", "module", "part", "alignment",
+                                                 "dot", "magnitude")}
+    if site_dot is not None:
+        M = len(sites)
+        sd = site_dot[:, sel[0], sel[1]]                                              # (M, rows)
+        sm = site_mag[:, sel[0], sel[1]] if site_mag is not None else torch.full_like(sd, float("nan"))
+        modules = {
+            "sample_idx": np.tile(tokens["sample_idx"], M),
+            "position": np.tile(tokens["position"], M),
+            "layer": np.repeat(np.array([s.layer for s in sites], dtype=np.int16), n_rows),
+            "module": np.repeat(np.array([s.module for s in sites]), n_rows),         # fixed-width str: fast
+            "part": np.repeat(np.array([s.part for s in sites]), n_rows),
+            "alignment": _np(cosine(sd, sm * site_g_norm.to(sm)[:, None])).reshape(-1),
+            "dot": _np(sd).reshape(-1),
+            "magnitude": _np(sm).reshape(-1),
+        }
+    return tokens, modules

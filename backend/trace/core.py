@@ -1,0 +1,286 @@
+"""trace_batch: trace one batch (a re-run that never changes training), and InlineTrace for the real step.
+
+    res = trace_batch(model, batch, "sft", {}, TraceConfig(mode="position"), tokenizer, step=20)
+    res.tokens["dot"], res.modules["alignment"], res.checks["share_sum"]
+
+    tr = InlineTrace(model, TraceConfig(mode="position", inline=True), step=20)
+    with tr:                                              # hooks attached, RNG state recorded
+        out = forward_loss(model, batch, scheme, params)
+        out.total.backward()                              # the real step's backward (accumulation 1)
+    res = tr.result(batch, out, scheme, params, tokenizer)
+
+A re-run leaves training untouched: it runs inside ``torch.random.fork_rng`` (dropout, sketch directions),
+uses ``torch.autograd.grad`` (no ``.grad`` is written), and restores every module's train/eval flag and the
+attention implementation. The traced loss of ``n`` sequences in K micro-batches on W ranks is
+L = (1/W) sum_r (1/K) sum_k L_{r,k}, each L_{r,k} the scheme loss of one micro-batch: as DDP with gradient
+accumulation averages, so G is the gradient training would apply. Token mode runs the model with eager
+attention (fused SDPA kernels have no forward-mode derivative); ``checks["attn_implementation_used"]`` says
+which kernel a trace ran with, ``checks["attn_implementation_model"]`` the model's own.
+"""
+from __future__ import annotations
+
+import time
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from backend.lm.loss import LossOutput, forward_loss, unwrap
+from backend.lm.schemes import Scheme, get_scheme
+from backend.trace.batch import TracedBatch, build_columns
+from backend.trace.config import TraceConfig
+from backend.trace.hooks import PositionHooks, attached
+from backend.trace.position import check_indices, run_position
+from backend.trace.sites import LoraSite, discover_lora_modules
+from backend.trace.token import run_token
+
+
+@dataclass
+class TraceResult:
+    """One traced step: TOKENS / TOKEN_MODULES columns (all but run_id, step, rank), checks, and the state
+    ``trace_store.save_step_state`` keeps so ``verify`` can recompute it."""
+    mode: str
+    tokens: dict[str, np.ndarray]
+    modules: dict[str, np.ndarray]
+    checks: dict[str, Any]
+    state: dict[str, Any] = field(repr=False)
+
+
+def world() -> tuple[int, int]:
+    """(world_size, rank) of torch.distributed, (1, 0) when it is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def capture_rng(device: torch.device) -> dict[str, torch.Tensor]:
+    rng = {"rng_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def restore_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(rng["rng_cpu"])
+    if device.type == "cuda" and "rng_cuda" in rng:
+        torch.cuda.set_rng_state(rng["rng_cuda"], device)
+
+
+def attn_implementation(model: torch.nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "_attn_implementation", None)
+
+
+def set_training(flags: list[tuple[torch.nn.Module, bool]]) -> None:
+    """Set each module's ``training`` flag directly: ``Module.train`` recurses and goes through
+    ``Module.__setattr__``, which costs milliseconds per call on a model of a few hundred modules."""
+    for m, t in flags:
+        m.__dict__["training"] = t
+
+
+@contextmanager
+def traced_network(model: torch.nn.Module, train: bool, attn: str | None, seed: int | None,
+                   device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """The network of a re-run: forked RNG (seeded with ``seed`` unless None), train/eval mode, attention
+    kernel; all restored on exit. Yields the RNG state every pass starts from."""
+    mods = _modules(model)
+    flags = [(m, m.training) for m in mods]
+    before = attn_implementation(model)
+    devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.manual_seed(seed)
+        rng = capture_rng(device)
+        try:
+            set_training([(m, train) for m in mods])
+            if attn is not None and attn != before:
+                model.set_attn_implementation(attn)
+            yield rng
+        finally:
+            if attn is not None and attn != before and before is not None:
+                model.set_attn_implementation(before)
+            set_training(flags)
+
+
+_MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, list]]" = weakref.WeakKeyDictionary()
+
+
+def _modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """All submodules, cached per model and its set of peft adapters (adding one adds modules)."""
+    key = tuple(getattr(model, "peft_config", {}) or {})
+    hit = _MODULES.get(model)
+    if hit is None or hit[0] != key:
+        hit = (key, list(model.modules()))
+        _MODULES[model] = hit
+    return hit[1]
+
+
+def resolve_scheme(scheme: Scheme | str, params: dict | None, trace_loss: str) -> tuple[Scheme, dict]:
+    """The traced loss: the scheme (with resolved parameters) or plain cross-entropy (sft)."""
+    if trace_loss == "ce":
+        return get_scheme("sft"), {}
+    s = get_scheme(scheme) if isinstance(scheme, str) else scheme
+    return s, s.resolve_params(params)
+
+
+def trace_batch(model: torch.nn.Module, batch: dict, scheme: Scheme | str, scheme_params: dict | None,
+                cfg: TraceConfig, tokenizer: Any = None, *, step: int = 0) -> TraceResult:
+    """Trace the first ``cfg.max_sequences`` sequences of ``batch`` (a re-run: no optimizer step, no ``.grad``
+    written, RNG and module modes restored). ``model``: a peft LoRA model, possibly DDP-wrapped (the re-run uses
+    the inner module; G is all-reduced by the tracer). Under torch.distributed every rank must call this at
+    the same steps. ``step`` seeds the dropout and sketch directions."""
+    if cfg.inline:
+        raise ValueError("cfg.inline=True traces the real step: use InlineTrace around its forward/backward")
+    t0 = time.perf_counter()
+    inner = unwrap(model)
+    sites = discover_lora_modules(inner, cfg.target_modules)
+    device = sites[0].param.device
+    W, rank = world() if cfg.distributed else (1, 0)
+    sch, sparams = resolve_scheme(scheme, scheme_params, cfg.trace_loss)
+    tb = TracedBatch.from_batch(batch, cfg.max_sequences, cfg.micro_batch_size, device)
+    record = tb.record_mask(cfg.mode, cfg.token_positions)
+    before_attn = attn_implementation(inner)
+    attn = "eager" if cfg.mode == "token" else None
+    sketch_seed = cfg.seed + step
+    dropout_seed = (cfg.seed + step) * 1009 + rank
+
+    def loss_fn(chunk: dict) -> LossOutput:
+        return forward_loss(inner, chunk, sch, sparams)
+
+    # without dropout no pass draws a random number (the sketch has its own generator): no seeding needed
+    with traced_network(inner, train=cfg.dropout, attn=attn, seed=dropout_seed if cfg.dropout else None,
+                        device=device) as rng:
+        used_attn = attn_implementation(inner)
+        if cfg.mode == "position":
+            out = run_position(inner, tb, sites, loss_fn, cfg, W, lambda: restore_rng(rng, device))
+            site_dot = out["site_dot"][:, :, :-1]                                     # (M, n, T-1)
+            site_mag = out["site_sq"][:, :, :-1].sqrt()
+            dot, magnitude, estimated = site_dot.sum(0), out["site_sq"][:, :, :-1].sum(0).sqrt(), False
+        else:
+            out = run_token(inner, tb, sites, loss_fn, cfg, W, record, sketch_seed)
+            dot, magnitude, site_dot, site_mag = out["dot"], out["magnitude"], out["site_dot"], out["site_mag"]
+            estimated = {"exact": False, "sketch": True, "none": None}[cfg.magnitude]
+    g_sq = out["g_sq"]
+    g_norm = float(g_sq.sum().sqrt())
+    checks = dict(out["checks"])
+    if cfg.mode == "position":
+        share_sum = (dot[record].double().sum() / g_sq.sum().double()).reshape(1)
+        leak = dot.double().abs()[~record].sum() / g_sq.sum().double()
+        if W > 1:
+            dist.all_reduce(share_sum)
+        checks["share_sum"] = float(share_sum)
+        checks["unrecorded_abs_share"] = float(leak)
+    stats = out["stats"]
+    tokens, modules = build_columns(cfg.mode, tb, record, stats, dot, magnitude, estimated, g_norm,
+                                    site_dot if cfg.module_rows else None,
+                                    site_mag if cfg.module_rows else None,
+                                    g_sq.sqrt(), sites, tokenizer)
+    checks.update(attn_implementation_used=used_attn, attn_implementation_model=before_attn,
+                  grad_norm=g_norm, loss=float(stats["total"]), n_sequences=tb.n, n_rows=len(tokens["dot"]),
+                  n_module_rows=len(modules["dot"]), world_size=W, rank=rank, seconds=time.perf_counter() - t0)
+    state = _state(tb, stats["weight"], rng, cfg, sch, sparams, sites, step, W, rank,
+                   network="train" if cfg.dropout else "eval", attn=used_attn, sketch_seed=sketch_seed,
+                   inline=False, checks=checks)
+    return TraceResult(mode=cfg.mode, tokens=tokens, modules=modules, checks=checks, state=state)
+
+
+def _state(tb: TracedBatch, weights: torch.Tensor, rng: dict, cfg: TraceConfig, scheme: Scheme, params: dict,
+           sites: list[LoraSite], step: int, W: int, rank: int, network: str, attn: str | None,
+           sketch_seed: int, inline: bool, checks: dict) -> dict:
+    tensors = {"input_ids": tb.input_ids.cpu(), "attention_mask": tb.attention_mask.cpu(),
+               "labels": tb.labels.cpu(), "sample_idx": tb.sample_idx.cpu(),
+               "weights": weights.detach().float().cpu(), "label_mask": tb.response().cpu(),
+               **{k: v.cpu() for k, v in rng.items()}}
+    meta = {"step": step, "rank": rank, "world_size": W, "mode": cfg.mode, "trace_config": cfg.to_dict(),
+            "scheme": scheme.name, "scheme_params": params, "network": network, "attn_implementation": attn,
+            "chunk_sizes": tb.chunk_sizes, "sketch_seed": sketch_seed, "inline": inline,
+            "sites": [s.name for s in sites], "dtype": str(sites[0].param.dtype).replace("torch.", ""),
+            "device_type": sites[0].param.device.type, "checks": checks}
+    return {"tensors": tensors, "meta": meta}
+
+
+class InlineTrace:
+    """Position-mode trace of the real training step (accumulation 1): hooks around its forward+backward.
+
+    The loss must be backpropagated unscaled (no loss scaler, no division by an accumulation count other than
+    1); ``.grad`` must be zero or None on entry. The hooks compute everything during the backward; ``result``
+    checks the norm of the accumulated ``.grad`` against the G the hooks used (``step_grad_norm_rel_err``).
+    Under DDP, wrap the DDP model's forward/backward: G is the all-reduced mean gradient, as DDP's.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: TraceConfig, *, step: int = 0):
+        if cfg.mode != "position":
+            raise ValueError("InlineTrace needs mode='position'")
+        if cfg.trace_loss != "scheme":
+            raise ValueError("InlineTrace traces the real step's loss: trace_loss must be 'scheme'")
+        self.model, self.cfg, self.step = model, cfg, step
+        self.inner = unwrap(model)
+        self.sites = discover_lora_modules(self.inner, cfg.target_modules)
+        self.device = self.sites[0].param.device
+        self.W, self.rank = world() if cfg.distributed else (1, 0)
+        self._ctx = None
+        self.t0 = 0.0
+
+    def __enter__(self) -> "InlineTrace":
+        stale = [s.name for s in self.sites if s.param.grad is not None and bool(s.param.grad.any())]
+        if stale:
+            raise ValueError(f"InlineTrace needs zeroed gradients (accumulation 1); {stale[0]} has a gradient")
+        self.t0 = time.perf_counter()
+        self.rng = capture_rng(self.device)
+        self.attn = attn_implementation(self.inner)
+        self.network = "train" if self.inner.training else "eval"
+        check = set(check_indices(self.sites, self.cfg.full_check))
+        self.hooks = PositionHooks(self.sites, G=None, piece_scale=1.0 / self.W, world_size=self.W, check=check)
+        self._ctx = attached(self.hooks.forward_hooks(), self.hooks.grad_hooks())
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._ctx.__exit__(*exc)
+
+    def result(self, batch: dict, out: LossOutput, scheme: Scheme | str, scheme_params: dict | None,
+               tokenizer: Any = None) -> TraceResult:
+        """The trace of the step, after its backward. ``batch``/``out``: what the forward saw and returned."""
+        from backend.trace.batch import token_stats
+        cfg, sites = self.cfg, self.sites
+        sch, sparams = resolve_scheme(scheme, scheme_params, "scheme")
+        self.hooks.check_one_call()
+        tb = TracedBatch.from_batch(batch, None, None, self.device)
+        record = tb.record_mask("position")
+        n, T = tb.input_ids.shape
+        site_dot, site_sq, g_sq = self.hooks.finish()
+        site_dot = site_dot.view(len(sites), n, T)[:, :, :-1]
+        site_sq = site_sq.view(len(sites), n, T)[:, :, :-1]
+        errs = list(self.hooks.pieces_err.values())
+        # the step's accumulated .grad (DDP-averaged) against the G the hooks used: catches a scaled loss
+        grad_sq = sum(float(s.param.grad.double().square().sum()) for s in sites if s.param.grad is not None)
+        g_sq_total = float(g_sq.double().sum())
+        grad_err = abs(grad_sq ** 0.5 - g_sq_total ** 0.5) / max(g_sq_total ** 0.5, 1e-300)
+        loss, prob, ent = token_stats(out.logits.detach(), tb.input_ids, cfg.stats_chunk)
+        stats = {"loss": loss, "prob": prob, "entropy": ent, "weight": out.weights.detach().float(),
+                 "total": out.total.detach().float()}
+        dot, g_norm = site_dot.sum(0), float(g_sq.sum().sqrt())
+        share_sum = (dot[record].double().sum() / g_sq.sum().double()).reshape(1)
+        if self.W > 1:
+            dist.all_reduce(share_sum)
+        checks = {"micro_batches": 1, "pieces_checked_modules": len(errs), "pieces_sum_max_rel_err": max(errs),
+                  "step_grad_norm_rel_err": grad_err,
+                  "share_sum": float(share_sum),
+                  "unrecorded_abs_share": float(dot.double().abs()[~record].sum() / g_sq.sum().double()),
+                  "attn_implementation_used": self.attn, "attn_implementation_model": self.attn,
+                  "grad_norm": g_norm, "loss": float(stats["total"]), "n_sequences": n,
+                  "world_size": self.W, "rank": self.rank}
+        tokens, modules = build_columns("position", tb, record, stats, dot, site_sq.sum(0).sqrt(), False, g_norm,
+                                        site_dot if cfg.module_rows else None,
+                                        site_sq.sqrt() if cfg.module_rows else None,
+                                        g_sq.sqrt(), sites, tokenizer)
+        checks.update(n_rows=len(tokens["dot"]), n_module_rows=len(modules["dot"]),
+                      seconds=time.perf_counter() - self.t0)
+        state = _state(tb, stats["weight"], self.rng, cfg, sch, sparams, sites, self.step, self.W, self.rank,
+                       network=self.network, attn=self.attn, sketch_seed=cfg.seed + self.step, inline=True,
+                       checks=checks)
+        return TraceResult(mode="position", tokens=tokens, modules=modules, checks=checks, state=state)

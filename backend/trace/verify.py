@@ -1,0 +1,421 @@
+"""Recompute a traced step with a naive reference and compare: ``python -m backend verify RUN_DIR --step S``.
+
+    python -m backend verify data/runs/20250101-train-demo-ab12 --step 20          # exit 0: within 1e-4
+    python -m backend verify RUN_DIR --step 20 --device cpu --tol 1e-4 --json
+
+The reference shares nothing with the tracer's fast paths but the loss definition (``backend.lm.loss``):
+
+- ``position``: every piece P_{s,m} is materialised, one autograd call per (position, LoRA layer): the gradient
+  of the LoRA layer's output y_m against lora_A and lora_B with the upstream gradient dL/dy_m kept at position s
+  only. dot = sum of <P, G> elementwise, magnitude = Frobenius norm of the materialised pieces, G from a plain
+  backward. The pieces of the positions that are not recorded are checked to be zero.
+- ``token``: one backward per token on the whole micro-batch (g_t = grad l_t), dotted with G; a sketched
+  magnitude is recomputed from the materialised g_t and the same random directions. l_t is written as
+  ``backend.trace.token.token_loss`` (cross-entropy in a form whose float32 derivatives stay accurate for
+  confident tokens); its value is the cross-entropy.
+
+Errors (all "relative", each on its natural scale): dot |a - b| / (|g| ||G||) (relative to the Cauchy-Schwarz
+bound, so a near-zero dot does not blow up), magnitude |a - b| / b, alignment |a - b| (a cosine), and
+loss, prob, entropy, weight |a - b| / (1 + |b|). The step passes when every error is <= ``--tol``
+(default 1e-4 for float32 runs; half-precision runs need a looser tolerance). Exit codes: 0 pass,
+1 an error above the tolerance, 2 a run or step that cannot be verified.
+
+The model is rebuilt from the run's ``config.json`` (``model``, ``dtype``, ``attn_implementation``, ``lora_*``)
+with ``backend.lm.models``, and the step's saved adapter is loaded by parameter name. A dropout trace (a
+``--trace-inline`` step or ``dropout=True``) is replayed from the saved RNG state on the same device type.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from backend.lm.loss import forward_loss
+from backend.lm.schemes import get_scheme
+
+TOL = 1e-4
+TOKEN_KEY = ["rank", "sample_idx", "position"]
+MODULE_KEY = ["rank", "sample_idx", "position", "layer", "module", "part"]
+
+
+# ---- the naive reference -----------------------------------------------------------------------------------
+
+def _sites(model: torch.nn.Module, names: list[str]) -> list[dict]:
+    mods = dict(model.named_modules())
+    missing = [n for n in names if n not in mods]
+    if missing:
+        raise ValueError(f"the rebuilt model lacks the traced modules {missing[:3]}; was it built with the "
+                         "run's LoRA targets?")
+    out = []
+    for n in names:
+        parent, part, _ = n.rsplit(".", 2)
+        layer = [int(x) for x in parent.split(".") if x.isdigit()]
+        out.append({"name": n, "parent": parent, "part": part, "module": parent.rsplit(".", 1)[-1],
+                    "layer": layer[0] if layer else -1, "param": mods[n].weight, "lora_layer": mods[parent]})
+    return out
+
+
+def _chunks(t: dict[str, torch.Tensor], sizes: list[int], device: torch.device) -> list[dict]:
+    out, i = [], 0
+    for s in sizes:
+        out.append({k: t[k][i:i + s].to(device) for k in ("input_ids", "attention_mask", "labels")})
+        i += s
+    return out
+
+
+def _recorded(t: dict[str, torch.Tensor], mode: str, token_positions: str) -> list[tuple[int, int]]:
+    """(row, position) pairs that carry gradient, by the rule of DESIGN.md, written as a plain loop."""
+    am, labels = t["attention_mask"].tolist(), t["labels"].tolist()
+    out = []
+    for b in range(len(am)):
+        T = len(am[b])
+        resp = [labels[b][t + 1] != -100 for t in range(T - 1)]
+        last = max([t for t in range(T - 1) if resp[t]], default=-1)
+        for t in range(T - 1):
+            if not (am[b][t] and am[b][t + 1]):
+                continue
+            if mode == "position" and t > last:
+                continue
+            if mode == "token" and token_positions == "response" and not resp[t]:
+                continue
+            out.append((b, t))
+    return out
+
+
+def _replay(tensors: dict, device: torch.device) -> None:
+    torch.set_rng_state(tensors["rng_cpu"])
+    if device.type == "cuda" and "rng_cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng_cuda"], device)
+
+
+def _gradient(model, ranks: list[dict], sites: list[dict], scheme, params: dict, device) -> list[torch.Tensor]:
+    """G = (1/W) sum_r (1/K_r) sum_k grad L_{r,k}, by plain backward passes."""
+    W = len(ranks)
+    G = [torch.zeros_like(s["param"], dtype=torch.float32) for s in sites]
+    for rk in ranks:
+        chunks = _chunks(rk["tensors"], rk["meta"]["chunk_sizes"], device)
+        _replay(rk["tensors"], device)
+        for ch in chunks:
+            out = forward_loss(model, ch, scheme, params)
+            grads = torch.autograd.grad(out.total, [s["param"] for s in sites])
+            for Gi, g in zip(G, grads):
+                Gi += g.float() / (len(chunks) * W)
+    return G
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    p = torch.softmax(logits.double(), -1)
+    return -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
+
+
+def _stats_rows(rows: list, out, ch: dict, rank: int, sidx: torch.Tensor, row0: int, recorded) -> None:
+    logits = out.logits.detach()
+    for (b, t) in recorded:
+        lp = torch.log_softmax(logits[b, t].double(), -1)
+        tgt = int(ch["input_ids"][b, t + 1])
+        rows.append({"rank": rank, "sample_idx": int(sidx[row0 + b]), "position": t, "loss": float(-lp[tgt]),
+                     "prob": float(lp[tgt].exp()), "entropy": float(_entropy(logits[b, t])),
+                     "weight": float(out.weights[b, t])})
+
+
+def reference(model: torch.nn.Module, ranks: list[dict], adapter: dict | None = None) -> dict[str, pd.DataFrame]:
+    """Naive values of one traced step: {"tokens": DataFrame, "modules": DataFrame, "checks": dict}.
+
+    ``ranks``: per rank {"tensors", "meta"} as ``trace_store.load_step_state`` returns (or a TraceResult's
+    ``state``). ``model``: the peft model, its adapter already at the step's values.
+    """
+    meta0 = ranks[0]["meta"]
+    device = next(model.parameters()).device
+    mode, cfg = meta0["mode"], meta0["trace_config"]
+    scheme = get_scheme(meta0["scheme"])
+    params = scheme.resolve_params(meta0["scheme_params"])
+    sites = _sites(model, meta0["sites"])
+    W = len(ranks)
+    flags = [(m, m.training) for m in model.modules()]
+    before = getattr(model.config, "_attn_implementation", None)
+    try:
+        model.train(meta0["network"] == "train")
+        if meta0["attn_implementation"] and meta0["attn_implementation"] != before:
+            model.set_attn_implementation(meta0["attn_implementation"])
+        G = _gradient(model, ranks, sites, scheme, params, device)
+        if mode == "position":
+            tok, mod, checks = _naive_position(model, ranks, sites, G, scheme, params, device, W)
+        else:
+            tok, mod, checks = _naive_token(model, ranks, sites, G, scheme, params, device, cfg)
+    finally:
+        if meta0["attn_implementation"] and meta0["attn_implementation"] != before and before:
+            model.set_attn_implementation(before)
+        for m, t in flags:
+            m.training = t
+    g_norm = float(torch.sqrt(sum(g.double().square().sum() for g in G)))
+    site_norm = {(s["layer"], s["module"], s["part"]): float(g.double().norm()) for s, g in zip(sites, G)}
+    tok = pd.DataFrame(tok)
+    mod = pd.DataFrame(mod)
+    tok["alignment"] = tok["dot"] / (tok["magnitude"] * g_norm)
+    if mode == "position":
+        tok["share"] = tok["dot"] / g_norm ** 2
+        checks["share_sum"] = float(tok["share"].sum())
+    mod["g_norm"] = [site_norm[k] for k in zip(mod["layer"], mod["module"], mod["part"])]
+    mod["alignment"] = mod["dot"] / (mod["magnitude"] * mod["g_norm"])
+    checks["grad_norm"] = g_norm
+    return {"tokens": tok, "modules": mod, "checks": checks}
+
+
+def _naive_position(model, ranks, sites, G, scheme, params, device, W):
+    tok, mod, stats = [], [], []
+    parents = list(dict.fromkeys(s["parent"] for s in sites))
+    by_parent = {p: [i for i, s in enumerate(sites) if s["parent"] == p] for p in parents}
+    piece_sum = [torch.zeros_like(g) for g in G]
+    for rank, rk in enumerate(ranks):
+        t, meta = rk["tensors"], rk["meta"]
+        chunks = _chunks(t, meta["chunk_sizes"], device)
+        rec = _recorded(t, "position", "all")
+        _replay(t, device)
+        row0 = 0
+        for ch in chunks:
+            outputs: dict[str, torch.Tensor] = {}
+            handles = [sites[by_parent[p][0]]["lora_layer"].register_forward_hook(
+                lambda m, i, o, p=p: outputs.__setitem__(p, o)) for p in parents]
+            try:
+                out = forward_loss(model, ch, scheme, params)
+            finally:
+                for h in handles:
+                    h.remove()
+            ys = [outputs[p] for p in parents]
+            gys = torch.autograd.grad(out.total, ys, retain_graph=True)          # dL/dy per LoRA layer
+            scale = 1.0 / (len(chunks) * W)
+            n_rows = ch["input_ids"].shape[0]
+            here = [(b - row0, tt) for (b, tt) in rec if row0 <= b < row0 + n_rows]
+            _stats_rows(stats, out, ch, rank, t["sample_idx"], row0, here)
+            for p, y, gy in zip(parents, ys, gys):
+                idx = by_parent[p]
+                ws = [sites[i]["param"] for i in idx]
+                keep = torch.zeros(gy.shape[:2], dtype=torch.bool, device=device)
+                for (b, tt) in here:
+                    mask = torch.zeros_like(gy)
+                    mask[b, tt] = gy[b, tt]
+                    pieces = torch.autograd.grad(y, ws, grad_outputs=mask, retain_graph=True)
+                    for i, P in zip(idx, pieces):
+                        P = P.float() * scale                                     # the materialised piece
+                        piece_sum[i] += P
+                        s = sites[i]
+                        mod.append({"rank": rank, "sample_idx": int(t["sample_idx"][row0 + b]), "position": tt,
+                                    "layer": s["layer"], "module": s["module"], "part": s["part"],
+                                    "dot": float((P.double() * G[i].double()).sum()),
+                                    "magnitude": float(P.double().norm())})
+                    keep[b, tt] = True
+                rest = torch.autograd.grad(y, ws, grad_outputs=gy * (~keep)[..., None], retain_graph=True)
+                for i, P in zip(idx, rest):
+                    piece_sum[i] += P.float() * scale                              # must be zero
+            row0 += n_rows
+            del out, ys, gys
+    tok = _sum_modules(mod, stats)
+    errs = [float((ps - g).double().norm() / g.double().norm().clamp_min(1e-300)) for ps, g in zip(piece_sum, G)]
+    return tok, mod, {"pieces_sum_max_rel_err": max(errs)}
+
+
+def _sum_modules(mod: list[dict], stats: list[dict]) -> list[dict]:
+    acc: dict[tuple, list[float]] = {}
+    for r in mod:
+        a = acc.setdefault((r["rank"], r["sample_idx"], r["position"]), [0.0, 0.0])
+        a[0] += r["dot"]
+        a[1] += r["magnitude"] ** 2
+    out = []
+    for s in stats:
+        d, sq = acc.get((s["rank"], s["sample_idx"], s["position"]), (0.0, 0.0))
+        out.append(dict(s, dot=d, magnitude=float(np.sqrt(sq))))
+    return out
+
+
+def _naive_token(model, ranks, sites, G, scheme, params, device, cfg):
+    from backend.trace.sites import sketch_direction
+    from backend.trace.token import token_loss
+    tok, mod = [], []
+    ws = [s["param"] for s in sites]
+    dirs = None
+    if cfg["magnitude"] == "sketch":
+        seed, shapes = ranks[0]["meta"]["sketch_seed"], [s["param"].shape for s in sites]
+        dirs = [torch.cat([v.reshape(-1) for v in sketch_direction(shapes, seed, i, device)]).double()
+                for i in range(cfg["sketch_k"])]
+    for rank, rk in enumerate(ranks):
+        t, meta = rk["tensors"], rk["meta"]
+        chunks = _chunks(t, meta["chunk_sizes"], device)
+        rec = _recorded(t, "token", cfg["token_positions"])
+        row0 = 0
+        for ch in chunks:
+            out = forward_loss(model, ch, scheme, params)
+            losses = token_loss(out.logits[:, :-1], ch["input_ids"][:, 1:])          # (n, T-1), as the tracer
+            n_rows = ch["input_ids"].shape[0]
+            here = [(b - row0, tt) for (b, tt) in rec if row0 <= b < row0 + n_rows]
+            stats: list[dict] = []
+            _stats_rows(stats, out, ch, rank, t["sample_idx"], row0, here)
+            for (b, tt), st in zip(here, stats):
+                g = torch.autograd.grad(losses[b, tt], ws, retain_graph=True)       # one backward per token
+                sq = 0.0
+                d = 0.0
+                for s, gi, Gi in zip(sites, g, G):
+                    gd = gi.double()
+                    dm, sm = float((gd * Gi.double()).sum()), float(gd.square().sum())
+                    d, sq = d + dm, sq + sm
+                    mod.append({"rank": rank, "sample_idx": st["sample_idx"], "position": tt, "layer": s["layer"],
+                                "module": s["module"], "part": s["part"], "dot": dm, "magnitude": np.sqrt(sm)})
+                row = dict(st, dot=d, magnitude=float(np.sqrt(sq)), magnitude_exact=float(np.sqrt(sq)))
+                if dirs is not None:
+                    flat = torch.cat([gi.reshape(-1) for gi in g]).double()
+                    row["magnitude"] = float(torch.stack([flat @ v for v in dirs]).square().mean().sqrt())
+                tok.append(row)
+            row0 += n_rows
+            del out, losses
+    return tok, mod, {}
+
+
+# ---- comparison -----------------------------------------------------------------------------------------
+
+def compare(ours_tokens: pd.DataFrame, ours_modules: pd.DataFrame | None, ref: dict) -> dict[str, float]:
+    """Max errors per column (see the module docstring); ``inf`` where rows are missing or undefined."""
+    errs: dict[str, float] = {}
+    rt, ot = ref["tokens"], ours_tokens
+    m = rt.merge(ot, on=TOKEN_KEY, how="outer", suffixes=("_ref", ""), indicator=True)
+    errs["token_rows_unmatched"] = float((m["_merge"] != "both").sum())
+    m = m[m["_merge"] == "both"]
+    g = ref["checks"]["grad_norm"]
+    _errors(errs, "", m, g_norm=g)
+    for k in ("loss", "prob", "entropy", "weight"):
+        errs[k] = _maxf((m[k] - m[k + "_ref"]).abs() / (1 + m[k + "_ref"].abs()))
+    if ours_modules is not None and len(ours_modules):
+        rm = ref["modules"]
+        mm = rm.merge(ours_modules, on=MODULE_KEY, how="outer", suffixes=("_ref", ""), indicator=True)
+        errs["module_rows_unmatched"] = float((mm["_merge"] != "both").sum())
+        mm = mm[mm["_merge"] == "both"]
+        _errors(errs, "module_", mm, g_norm=mm["g_norm"])
+    return errs
+
+
+def _maxf(s: pd.Series) -> float:
+    return float(s.max()) if len(s) else 0.0
+
+
+def _errors(errs: dict, prefix: str, m: pd.DataFrame, g_norm) -> None:
+    ref_mag = m["magnitude_exact"] if "magnitude_exact" in m else m["magnitude_ref"]
+    scale = (ref_mag * g_norm).clip(lower=1e-30)
+    errs[prefix + "dot"] = _maxf((m["dot"] - m["dot_ref"]).abs() / scale)
+    if m["magnitude"].notna().any():                     # magnitude="none" (token mode): nothing to compare
+        errs[prefix + "magnitude"] = _maxf(((m["magnitude"] - m["magnitude_ref"]).abs()
+                                            / m["magnitude_ref"].clip(lower=1e-30)).fillna(np.inf))
+        a, b = m["alignment"], m["alignment_ref"]
+        both_nan = a.isna() & b.isna()
+        errs[prefix + "alignment"] = _maxf((a - b).abs().where(~both_nan, 0.0).fillna(np.inf))
+
+
+# ---- the command ----------------------------------------------------------------------------------------
+
+def load_run_model(run_path: Path, adapter: dict[str, torch.Tensor], device: str):
+    """The run's model (config.json -> backend.lm.models) with the step's adapter tensors loaded by name."""
+    from backend.lm.models import apply_lora, load_model_and_tokenizer
+    cfg_file = Path(run_path) / "config.json"
+    if not cfg_file.exists():
+        raise ValueError(f"{run_path} has no config.json: not a run directory")
+    c = json.loads(cfg_file.read_text()).get("config", {})
+    need = ["model", "lora_r", "lora_alpha", "lora_dropout", "lora_targets"]
+    missing = [k for k in need if k not in c]
+    if missing:
+        raise ValueError(f"{cfg_file}: config lacks {missing}; cannot rebuild the model")
+    model, tok = load_model_and_tokenizer(c["model"], dtype=c.get("dtype", "auto"), device=device,
+                                          attn_implementation=c.get("attn_implementation", "auto"),
+                                          trust_remote_code=c.get("trust_remote_code", False))
+    model = apply_lora(model, r=c["lora_r"], alpha=c["lora_alpha"], dropout=c["lora_dropout"],
+                       targets=c["lora_targets"])
+    params = dict(model.named_parameters())
+    unknown = [k for k in adapter if k not in params]
+    if unknown:
+        raise ValueError(f"saved adapter tensors {unknown[:3]} do not exist in the rebuilt model")
+    with torch.no_grad():
+        for k, v in adapter.items():
+            if params[k].shape != v.shape:
+                raise ValueError(f"saved adapter tensor {k} has shape {tuple(v.shape)}, the model "
+                                 f"{tuple(params[k].shape)}")
+            params[k].copy_(v)
+    return model, tok
+
+
+def _read_ours(run_path: Path, step: int, table: str) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    from backend.trace.store import MODULES_DIR, TOKENS_DIR
+    sub = TOKENS_DIR if table == "tokens" else MODULES_DIR
+    files = sorted((Path(run_path) / sub).glob(f"step_{step:06d}.rank*.parquet"))
+    if not files:
+        raise ValueError(f"{run_path}: no {table} shards for step {step}")
+    frames = []
+    for f in files:
+        df = pq.read_table(f).to_pandas()
+        df["rank"] = int(f.name.split(".rank")[1].split(".")[0])
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def verify_step(run_path: Path, step: int, device: str = "cpu") -> dict[str, Any]:
+    """Recompute ``step`` of the run naively; {"errors", "checks_recorded", "checks_reference", "rows", ...}."""
+    from backend.trace.store import load_step_state
+    state = load_step_state(run_path, step)
+    model, _ = load_run_model(run_path, state["adapter"], device)
+    ref = reference(model, state["ranks"])
+    tokens = _read_ours(run_path, step, "tokens")
+    modules = _read_ours(run_path, step, "token_modules")
+    meta = state["ranks"][0]["meta"]
+    return {"step": step, "mode": meta["mode"], "rows": len(tokens), "module_rows": len(modules),
+            "dtype": meta["dtype"], "errors": compare(tokens, modules, ref),
+            "checks_recorded": meta.get("checks", {}), "checks_reference": ref["checks"]}
+
+
+def failures(report: dict, tol: float) -> list[str]:
+    bad = [f"{k}={v:.3g}" for k, v in report["errors"].items() if not k.endswith("unmatched") and not v <= tol]
+    bad += [f"{k}={int(v)}" for k, v in report["errors"].items() if k.endswith("unmatched") and v]
+    s = report["checks_reference"].get("share_sum")
+    if s is not None and not abs(s - 1) <= tol:
+        bad.append(f"reference share_sum={s}")
+    p = report["checks_reference"].get("pieces_sum_max_rel_err")
+    if p is not None and not p <= tol:
+        bad.append(f"reference pieces_sum_max_rel_err={p:.3g}")
+    return bad
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m backend verify", description=__doc__.split("\n")[0])
+    ap.add_argument("run_dir", help="a run directory with traced steps")
+    ap.add_argument("--step", type=int, required=True, help="the traced step to recompute")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    ap.add_argument("--tol", type=float, default=None, help=f"max allowed error (default {TOL} for float32 runs)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    try:
+        report = verify_step(Path(args.run_dir), args.step, args.device)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"verify: {e}", file=sys.stderr)
+        return 2
+    tol = args.tol if args.tol is not None else (TOL if report["dtype"] == "float32" else 2e-2)
+    bad = failures(report, tol)
+    report.update(tol=tol, passed=not bad, failures=bad)
+    if args.json:
+        print(json.dumps(report, default=float))
+    else:
+        print(f"step {report['step']}  mode {report['mode']}  dtype {report['dtype']}  rows {report['rows']}  "
+              f"module rows {report['module_rows']}")
+        for k, v in report["errors"].items():
+            print(f"  {k:<28} {v:.3g}")
+        for name in ("checks_recorded", "checks_reference"):
+            picks = {k: v for k, v in report[name].items()
+                     if k in ("share_sum", "pieces_sum_max_rel_err", "attn_implementation_used", "grad_norm")}
+            print(f"  {name:<28} {picks}")
+        print(("PASS" if not bad else "FAIL: " + ", ".join(bad)) + f" (tol {tol:g})")
+    return 0 if not bad else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
