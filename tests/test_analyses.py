@@ -1,4 +1,4 @@
-"""Each of the fourteen analyses on a tiny trace, checked against numpy/pandas computed from the Parquet
+"""Each analysis of a traced train run on a tiny trace, checked against numpy/pandas computed from the Parquet
 shards directly (pyarrow, no DuckDB).
 
     pytest tests/test_analyses.py
@@ -46,9 +46,14 @@ def response_modules(env, step):
     return m[m.step == step].merge(r, on=["sample_idx", "position"])
 
 
-def test_registry_has_the_fourteen():
-    assert len(analyses.names()) == 14
-    assert set(analyses.names()) == set(figures.FOR_ANALYSIS)
+def test_registry_entries_carry_their_figure_and_kind():
+    train = analyses.names(kind="train")
+    assert train and set(train) <= set(analyses.names())
+    for name in train:
+        a = analyses.get(name)
+        assert (a.name, a.kind) == (name, "train") and callable(a.figure) and a.description, name
+    assert {n for n in train if analyses.get(n).compare} >= {"alignment_evolution", "concentration"}
+    assert set(analyses.summary("train").needs) <= set(train)
     with pytest.raises(ValueError, match="unknown analysis 'gini'; available: alignment_evolution, prompt_vs_response"):
         analyses.get("gini")
     with pytest.raises(ValueError, match=r"n_bins must be in \[1, 1000\], got 0"):
@@ -238,8 +243,11 @@ def test_layer_position_heatmap(env):
 
 
 def test_every_figure_builds_with_titles(env):
+    """Every registered analysis of the kind has a figure builder that runs on its own frames."""
     results = analyses.run_all(RUN, con=env["con"])
+    assert list(results) == analyses.names(kind="train")
     for name, frames in results.items():
+        assert analyses.get(name).figure(frames).layout.title.text, name
         fig = figures.build(name, frames)
         assert fig.layout.title.text, name
         assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text, name

@@ -2,22 +2,26 @@
 
     from backend.analysis import analyses, figures
     frames = analyses.run("concentration", run_id, con=con)
-    fig = figures.build("concentration", frames)           # registry: one builder per analysis
+    fig = figures.build("concentration", frames)           # the figure its registry entry names
     fig = figures.lorenz_curve(frames["lorenz"], frames["stats"])
 
-Builders that ``compare`` uses overlay several runs when their frames carry a ``run`` column (one trace per
-run). Every figure has axis titles with units and hover templates. No I/O here; imports no gradio or torch.
+Which builder draws which analysis is said where the analysis is registered (``@register(..., figure=...)``
+in its kind's module, e.g. ``backend.analysis.trace``). Builders of analyses registered with ``compare=True``
+overlay several runs when their frames carry a ``run`` column (one trace per run). Every figure has axis
+titles with units and hover templates. No I/O here; imports no gradio or torch.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
+
+from backend.analysis import analyses
 
 Frames = dict[str, pd.DataFrame]
 
@@ -446,29 +450,6 @@ def loss_curve(train: pd.DataFrame) -> go.Figure:
     return fig
 
 
-# ------------------------------------------------------------------------------------------------ registry
-FOR_ANALYSIS: dict[str, Callable[[Frames], go.Figure]] = {
-    "alignment_evolution": lambda f: alignment_evolution(f["evolution"]),
-    "prompt_vs_response": lambda f: prompt_vs_response(f["groups"]),
-    "layer_module_contribution": lambda f: layer_module_contribution(f["modules"]),
-    "gradient_magnitude": lambda f: gradient_magnitude(f["traced"], f["train"]),
-    "positional_decay": lambda f: positional_decay(f["bins"], f.get("fit")),
-    "surprising_tokens": lambda f: surprising_tokens(f["tokens"]),
-    "step_position_heatmap": lambda f: step_position_heatmap(f["cells"]),
-    "lora_ab": lambda f: lora_ab(f["layers"]),
-    "category_breakdown": lambda f: category_breakdown(f["categories"]),
-    "magnitude_alignment": lambda f: magnitude_alignment(f["points"], f["stats"]),
-    "module_types": lambda f: module_types(f["modules"]),
-    "concentration": lambda f: lorenz_curve(f["lorenz"], f["stats"]),
-    "autocorrelation": lambda f: autocorrelation(f["lags"]),
-    "layer_position_heatmap": lambda f: layer_position_heatmap(f["cells"]),
-}
-
-# the analyses whose figures ``compare`` overlays across runs (their builders read the ``run`` column)
-COMPARE: tuple[str, ...] = ("alignment_evolution", "positional_decay", "concentration", "category_breakdown",
-                            "module_types", "autocorrelation")
-
-
 def _axis_ref(kind: str, k: int) -> str:
     return kind if k == 1 else f"{kind}{k}"
 
@@ -536,7 +517,14 @@ def grid(figs: Sequence[go.Figure], cols: int = 2, row_height: int = 440) -> dic
 
 
 def build(name: str, frames: Frames) -> go.Figure:
-    """The figure of analysis ``name`` from its frames; ValueError listing the names otherwise."""
-    if name not in FOR_ANALYSIS:
-        raise ValueError(f"no figure for {name!r}; available: {', '.join(FOR_ANALYSIS)}")
-    return FOR_ANALYSIS[name](frames)
+    """The figure of analysis ``name`` from its frames: the ``figure`` of its registry entry
+    (``backend.analysis.analyses``); ValueError listing the names otherwise."""
+    return analyses.get(name).figure(frames)
+
+
+def __getattr__(name: str) -> object:
+    # ``COMPARE``, the names whose figures compare overlays, is read from the registry (``Analysis.compare``);
+    # kept only while tokviz/tabs/compare.py still reads it (it can take the figures compare_indexed returns)
+    if name == "COMPARE":
+        return tuple(n for n in analyses.names() if analyses.get(n).compare)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import shutil
 import sys
@@ -44,22 +43,6 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stab
 
 class StaticExportUnavailable(RuntimeError):
     """PNG/PDF export was required (``static=True``) but kaleido or a browser is missing."""
-
-
-DEFINITIONS = {
-    "mean_alignment": "mean alignment (cosine with the batch gradient) of response tokens at `step`",
-    "opposing_fraction": "fraction of response tokens at `step` with alignment < 0",
-    "alignment_trend": "least-squares slope of the per-step mean alignment against optimizer step (per step)",
-    "positional_decay_slope": "least-squares slope of alignment on position in the response (per token)",
-    "gini": "Gini of response-token magnitudes at `step` (0 equal, 1 - 1/n all on one token)",
-    "tokens_for_80pct": "smallest fraction of response tokens, largest magnitude first, holding 80% of the total",
-    "category_alignment": "mean alignment of response tokens per token category at `step`",
-    "magnitude_alignment_r": "Pearson r of alignment with log1p(magnitude) over response tokens at `step`",
-    "lora_ba_ratio": "mean per-token norm of the lora_B pieces over that of the lora_A pieces (all layers)",
-    "dominant_module": "layer.module with the largest share of the update (sum of dot / total) at `step`",
-    "opposing_module": "layer.module with the lowest mean per-module alignment at `step`",
-    "lag1_autocorr": "lag-1 autocorrelation of alignment along each response, averaged over sequences",
-}
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -92,57 +75,22 @@ def index_with(run_paths: Sequence[Path], index_path: str | Path | None = None
 
 
 # ------------------------------------------------------------------------------------------------ summary
-def _num(v: object) -> float | int | None:
-    """A JSON-safe number: NaN and missing become None."""
-    if v is None:
-        return None
-    f = float(v)  # type: ignore[arg-type]
-    return None if math.isnan(f) else (int(f) if isinstance(v, int) else f)
-
-
-def summarize(run_id: str, step: int, results: dict[str, analyses.Frames]) -> dict:
-    """The headline numbers of one run at ``step`` from the frames of ``analyses.run_all``."""
-    ev = results["alignment_evolution"]["evolution"]
-    at = ev[ev["step"] == step]
-    conc = results["concentration"]["stats"].iloc[0]
-    mods = results["layer_module_contribution"]["modules"]
-    mods = mods[mods["step"] == step]
-    dom = mods.loc[mods["share"].idxmax()] if len(mods) and mods["share"].notna().any() else None
-    opp = mods.loc[mods["mean_alignment"].idxmin()] if len(mods) and mods["mean_alignment"].notna().any() else None
-    types = results["module_types"]["modules"]
-    top_type = types.loc[types["share"].idxmax()] if len(types) and types["share"].notna().any() else None
-    lags = results["autocorrelation"]["lags"]
-    groups = results["prompt_vs_response"]["groups"].set_index("group")
-    overall = results["lora_ab"]["overall"]
-    return {
-        "run_id": run_id, "step": int(step),
-        "traced_steps": [int(s) for s in ev["step"]],
-        "n_response_tokens": int(at["n"].iloc[0]) if len(at) else 0,
-        "mean_alignment": _num(at["mean"].iloc[0]) if len(at) else None,
-        "median_alignment": _num(at["p50"].iloc[0]) if len(at) else None,
-        "opposing_fraction": _num(at["frac_negative"].iloc[0]) if len(at) else None,
-        "alignment_trend": _num(results["alignment_evolution"]["trend"]["slope_per_step"].iloc[0]),
-        "positional_decay_slope": _num(results["positional_decay"]["fit"]["slope_per_token"].iloc[0]),
-        "gini": _num(conc["gini"]),
-        "tokens_for_50pct": _num(conc["tokens_for_50pct"]),
-        "tokens_for_80pct": _num(conc["tokens_for_80pct"]),
-        "tokens_for_90pct": _num(conc["tokens_for_90pct"]),
-        "category_alignment": {str(r.category): _num(r.mean_alignment)
-                               for r in results["category_breakdown"]["categories"].itertuples()},
-        "magnitude_alignment_r": _num(results["magnitude_alignment"]["stats"]["pearson_r"].iloc[0]),
-        "lora_ba_ratio": _num(overall["ratio_b_over_a"].iloc[0]) if len(overall) else None,
-        "dominant_module": f"L{int(dom['layer'])}.{dom['module']}" if dom is not None else None,
-        "dominant_module_share": _num(dom["share"]) if dom is not None else None,
-        "opposing_module": f"L{int(opp['layer'])}.{opp['module']}" if opp is not None else None,
-        "opposing_module_alignment": _num(opp["mean_alignment"]) if opp is not None else None,
-        "dominant_module_type": f"{top_type['module']}.{top_type['part']}" if top_type is not None else None,
-        "lag1_autocorr": _num(lags["r"].iloc[0]) if len(lags) else None,
-        "lag1_noise_band": _num(lags["band"].iloc[0]) if len(lags) else None,
-        "prompt_alignment": _num(groups.loc["prompt", "mean_alignment"]),
-        "response_alignment": _num(groups.loc["response", "mean_alignment"]),
-        "prompt_share": _num(groups.loc["prompt", "share_sum"]),
-        "definitions": DEFINITIONS,
-    }
+def summarize(run_id: str, step: int | None, results: dict[str, analyses.Frames]) -> dict:
+    """The headline numbers of one run at ``step`` from the frames of ``analyses.run_all``: the summary its
+    kind registers (``analyses.register_summary``, e.g. in ``backend.analysis.trace``), after the run id and
+    step, and followed by the definitions of its keys."""
+    kinds = sorted({analyses.get(name).kind for name in results})
+    if len(kinds) != 1:
+        raise ValueError(f"summarize needs the frames of one job kind's analyses, got kinds {kinds or 'none'}")
+    head = {"run_id": run_id, "step": None if step is None else int(step)}
+    summ = analyses.summary(kinds[0])
+    if summ is None:
+        return head
+    missing = [n for n in summ.needs if n not in results]
+    if missing:
+        raise ValueError(f"the {kinds[0]} summary needs the analyses {', '.join(missing)}; results have "
+                         f"{', '.join(results)}")
+    return {**head, **summ.fn(step, results), "definitions": summ.definitions}
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -206,8 +154,8 @@ def _write_tables(results: dict[str, analyses.Frames], out: Path) -> None:
 def analyze(run: str | os.PathLike, out: str | os.PathLike | None = None, step: int | None = None, *,
             index_path: str | Path | None = None, params: analyses.AnalysisParams | None = None,
             static: bool | None = None, html_js: str = "inline") -> dict:
-    """Run the fourteen analyses on one run; write ``summary.json``, ``tables/*.csv`` and every figure to
-    ``out`` (default ``RUN_DIR/analysis``). Returns the summary."""
+    """Run the analyses of the run's kind on one run; write ``summary.json``, ``tables/*.csv`` and every
+    figure to ``out`` (default ``RUN_DIR/analysis``). Returns the summary."""
     run_path = resolve_run(run)
     out_dir = Path(out) if out is not None else run_path / ANALYSIS_DIR
     with index_with([run_path], index_path) as (con, (run_id,)):
@@ -230,18 +178,13 @@ def _labels(infos: list[pd.Series]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(i["run_id"]) for i in infos]
 
 
-# the analyses compare needs: the overlaid figures and what ``summarize`` reads
-COMPARE_NEEDS = ["alignment_evolution", "prompt_vs_response", "layer_module_contribution", "positional_decay",
-                 "lora_ab", "category_breakdown", "magnitude_alignment", "module_types", "concentration",
-                 "autocorrelation"]
-
-
 def compare_indexed(run_ids: Sequence[str], step: int | None = None, params: analyses.AnalysisParams | None = None,
                     con: duckdb.DuckDBPyConnection | None = None
                     ) -> tuple[dict[str, go.Figure], pd.DataFrame, dict[str, dict]]:
-    """The cross-run figures (``figures.COMPARE`` overlaid, plus ``summary_table``), the side-by-side summary
-    table (rows: summary keys, columns: run labels) and the summaries, for runs already in the index; each run
-    at ``step`` if given, else at its last traced step. Writes nothing (the app shows these)."""
+    """The cross-run figures (those of the kind's analyses registered with ``compare=True``, overlaid, plus
+    ``summary_table``), the side-by-side summary table (rows: summary keys, columns: run labels) and the
+    summaries, for runs of one kind already in the index; each run at ``step`` if given, else at its last
+    traced step. Writes nothing (the app shows these)."""
     if len(run_ids) < 2:
         raise ValueError(f"compare needs at least two runs, got {len(run_ids)}")
     if len(set(run_ids)) != len(run_ids):
@@ -249,13 +192,22 @@ def compare_indexed(run_ids: Sequence[str], step: int | None = None, params: ana
     with queries.cursor(con) as cur:
         infos = [queries.run_info(i, cur).iloc[0] for i in run_ids]
         labels = _labels(infos)
+        kinds = sorted({str(i["kind"]) for i in infos})
+        if len(kinds) != 1:
+            raise ValueError(f"compare needs runs of one job kind, got {', '.join(kinds)}")
+        kind_names = analyses.names(kinds[0])
+        overlaid = [n for n in kind_names if analyses.get(n).compare]
+        kind_summary = analyses.summary(kinds[0])
+        summary_needs = kind_summary.needs if kind_summary is not None else ()
+        # the analyses compare needs: the overlaid figures and what the kind's summary reads, in registry order
+        needs = [n for n in kind_names if n in overlaid or n in summary_needs]
 
-        def one(rid: str) -> tuple[int, dict[str, analyses.Frames]]:
+        def one(rid: str) -> tuple[int | None, dict[str, analyses.Frames]]:
             # a cursor per thread: DuckDB runs the runs' queries side by side (it releases the GIL)
             c = cur.cursor()
             try:
                 s = analyses.resolve_step(c, rid, step)
-                return s, analyses.run_all(rid, s, params, con=c, only=COMPARE_NEEDS)
+                return s, analyses.run_all(rid, s, params, con=c, only=needs)
             finally:
                 c.close()
 
@@ -266,7 +218,7 @@ def compare_indexed(run_ids: Sequence[str], step: int | None = None, params: ana
             per_run[label] = frames
             summaries[label] = summarize(rid, s, frames)
     figs = {}
-    for name in figures.COMPARE:
+    for name in overlaid:
         keys = per_run[labels[0]][name].keys()
         merged = {k: pd.concat([per_run[lab][name][k].assign(run=lab) for lab in labels], ignore_index=True)
                   for k in keys}
@@ -282,7 +234,7 @@ def compare_indexed(run_ids: Sequence[str], step: int | None = None, params: ana
 def compare(runs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, step: int | None = None, *,
             index_path: str | Path | None = None, params: analyses.AnalysisParams | None = None,
             static: bool | None = None, html_js: str = "inline") -> pd.DataFrame:
-    """Compare runs (each at ``step`` if given, else at its last traced step): the six cross-run figures
+    """Compare runs (each at ``step`` if given, else at its last traced step): the cross-run figures
     overlaid, and their summaries side by side (``summary.csv``, ``summary.json``, ``summary_table`` figure).
     Returns the side-by-side table (rows: summary keys, columns: runs)."""
     if len(runs) < 2:
@@ -333,7 +285,7 @@ def _run_cli(fn: Callable[..., dict | pd.DataFrame], args: argparse.Namespace, t
 def main_analyze(argv: list[str]) -> int:
     """``python -m backend analyze RUN_DIR [--out DIR] [--step N] ...`` (argv: what follows ``analyze``)."""
     ap = argparse.ArgumentParser(prog="python -m backend analyze",
-                                 description="Run the fourteen analyses of a run; write summary.json and figures.")
+                                 description="Run the analyses of a run; write summary.json and figures.")
     ap.add_argument("run", help="run directory, or run id under the data root")
     _common(ap)
     args = ap.parse_args(argv)

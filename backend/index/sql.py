@@ -109,6 +109,11 @@ def count_steps(table: str) -> str:
     return f"SELECT count(DISTINCT step) FROM {_ident(table)} WHERE run_id = ?"
 
 
+def distinct_steps(table: str) -> str:
+    """The distinct steps of one run in a kind's steps table, ascending (what its analyses may be run at)."""
+    return f"SELECT DISTINCT step FROM {_ident(table)} WHERE run_id = ? ORDER BY step"
+
+
 # session settings: a library must not draw progress bars on the user's terminal; a locked-down connection
 # reads files only below the allowed directories (set them first: the lock-down cannot be undone)
 SET_NO_PROGRESS_BAR = "SET enable_progress_bar = false"

@@ -76,7 +76,7 @@ class JobSpec:
     writes; ``derived``: aggregates filled at ingest. ``complete``: for a run without manifest (running or
     crashed), which shards count (default: all). ``steps_table``: the table whose distinct ``step`` values
     are the run's analysable steps (None: the kind has no steps). ``analyses``: modules that register the
-    kind's analyses (backend.analysis.registry), imported when they are needed. ``launch_fields``: the config
+    kind's analyses (backend.analysis.analyses), imported when they are needed. ``launch_fields``: the config
     fields the Launch form shows up front (the rest go under "Advanced"); ``hidden_fields``: never on the form.
     """
     name: str
