@@ -149,9 +149,9 @@ def test_form_values_build_the_same_config_and_name_bad_fields(tmp_path):
                             "scheme_params": "clip_mult=2", "trace_every": 2, "chat_template": False})
     assert cfg.steps == 4 and cfg.lora_targets == ["q_proj", "v_proj"] and cfg.scheme_params == {"clip_mult": 2}
     from backend.lm.scheme_specs import SCHEMES
-    from tokviz.tabs.launch import _text
+    from tokviz.tabs.launch import form_text
     for name, info in SCHEMES.items():          # the text the form shows for a scheme's defaults parses back
-        cfg = config_from_form({"scheme": name, "scheme_params": _text(info.defaults, "dict")})
+        cfg = config_from_form({"scheme": name, "scheme_params": form_text(info.defaults, "dict")})
         assert cfg.scheme_params == info.defaults
     with pytest.raises(ValueError, match=r"lora_r=0 is outside the allowed range \[1, 4096\]"):
         config_from_form({"lora_r": 0})

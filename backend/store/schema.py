@@ -25,13 +25,14 @@ VERSION_KEY = b"tokviz.schema_version"
 TABLE_KEY = b"tokviz.table"
 
 
-def _schema(table: str, fields: list[pa.Field]) -> pa.Schema:
+def table_schema(table: str, fields: list[pa.Field]) -> pa.Schema:
+    """An Arrow schema carrying the table name and the schema version in its metadata (what ingest checks)."""
     return pa.schema(fields, metadata={VERSION_KEY: str(SCHEMA_VERSION).encode(), TABLE_KEY: table.encode()})
 
 
 f32 = pa.float32()
 
-TOKENS = _schema("tokens", [
+TOKENS = table_schema("tokens", [
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("step", pa.int32(), nullable=False),          # optimizer step at which the trace was taken
     pa.field("sample_idx", pa.int32(), nullable=False),    # index of the example in the task's train split
@@ -53,7 +54,7 @@ TOKENS = _schema("tokens", [
     pa.field("rank", pa.int16()),                          # DDP rank that traced the row
 ])
 
-TOKEN_MODULES = _schema("token_modules", [
+TOKEN_MODULES = table_schema("token_modules", [
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("step", pa.int32(), nullable=False),
     pa.field("sample_idx", pa.int32(), nullable=False),
@@ -66,7 +67,7 @@ TOKEN_MODULES = _schema("token_modules", [
     pa.field("magnitude", f32),
 ])
 
-TRAIN_STEPS = _schema("train_steps", [
+TRAIN_STEPS = table_schema("train_steps", [
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("step", pa.int32(), nullable=False),          # 1-based optimizer step
     pa.field("loss", f32),                                 # the scheme's weighted loss, mean over micro-batches
@@ -78,7 +79,7 @@ TRAIN_STEPS = _schema("train_steps", [
     pa.field("elapsed_s", f32),
 ])
 
-EVAL = _schema("eval", [
+EVAL = table_schema("eval", [
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("sample_idx", pa.int32(), nullable=False),    # index in the eval split
     pa.field("sample_k", pa.int16(), nullable=False),      # -1: greedy; 0..k-1: temperature samples
@@ -88,8 +89,6 @@ EVAL = _schema("eval", [
     pa.field("correct", pa.bool_()),
 ])
 
-TABLES: dict[str, pa.Schema] = {"tokens": TOKENS, "token_modules": TOKEN_MODULES,
-                                "train_steps": TRAIN_STEPS, "eval": EVAL}
 
 
 def schema_version_of(schema: pa.Schema) -> int | None:

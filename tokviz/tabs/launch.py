@@ -17,14 +17,14 @@ import json
 import os
 import re
 import shutil
-from dataclasses import MISSING, Field, dataclass, fields
+from dataclasses import Field, dataclass, fields
 from pathlib import Path
 
 import gradio as gr
 import yaml
 
 from backend.jobs import registry
-from backend.jobs.config import JobConfig, parse_list, parse_mapping
+from backend.jobs.config import JobConfig, default_of, parse_list, parse_mapping
 from backend.jobs.queue import JobView, confine_paths
 from backend.lm.scheme_specs import SCHEMES
 from backend.lm.tasks import TASKS
@@ -43,11 +43,9 @@ def form_fields(kind: str = DEFAULT_KIND) -> list[Field]:
     return sorted(fs, key=lambda f: (f.name not in main, main.index(f.name) if f.name in main else 0))
 
 
-def _default(f: Field) -> object:
-    return f.default if f.default is not MISSING else f.default_factory()
-
-
-def _text(v: object, kind: str) -> str:
+def form_text(v: object, kind: str) -> str:
+    """A config value as the form shows it (lists comma separated, dicts as JSON); parses back with the
+    field."""
     if kind == "list":
         return ", ".join(str(x) for x in v)  # type: ignore[union-attr]
     if kind == "dict":
@@ -56,7 +54,7 @@ def _text(v: object, kind: str) -> str:
 
 
 def _component(f: Field, job_kind: str) -> gr.components.Component:
-    meta, kind, default = f.metadata, f.type, _default(f)
+    meta, kind, default = f.metadata, f.type, default_of(f)
     label, info = f.name, meta.get("help", "")
     if "range" in meta:
         lo, hi, lo_open, hi_open = meta["range"]
@@ -79,7 +77,7 @@ def _component(f: Field, job_kind: str) -> gr.components.Component:
         info += " · JSON or key=value, comma separated"
     if kind == "list":
         info += " · comma separated"
-    return gr.Textbox(value=_text(default, kind), label=label, info=info, elem_id=eid)
+    return gr.Textbox(value=form_text(default, kind), label=label, info=info, elem_id=eid)
 
 
 @dataclass
@@ -341,7 +339,7 @@ def wire(t: LaunchTab, ctx: AppContext) -> None:
         info = SCHEMES.get(name)
         if info is None:
             return gr.skip(), gr.skip()
-        return _text(info.defaults, "dict"), gr.update(info=info.doc)
+        return form_text(info.defaults, "dict"), gr.update(info=info.doc)
 
     for form in t.forms.values():          # any kind with a scheme: its parameters follow the chosen scheme
         if "scheme" in form.fields and "scheme_params" in form.fields:
