@@ -138,6 +138,16 @@ def test_search_concentration_layers_compare(server, shards):
     assert {t.xaxis for t in grid.data} == {"x", "x2", "x3", "x4", "x5", "x6"}
 
 
+def test_module_names_of_a_step_and_what_exists_when_unknown(server, data_home):
+    from backend.index import queries
+    mods = read_shards(data_home / "runs" / "synth-sft", "token_modules")
+    assert queries.module_names("synth-sft", 10) == sorted(mods[mods.step == 10].module.unique())
+    with pytest.raises(ValueError, match="not a traced step.*traced steps: 5, 10, 20"):
+        queries.module_names("synth-sft", 7)
+    with pytest.raises(ValueError, match="not in the index.*synth-antiop, synth-sft"):
+        queries.module_names("no-such-run", 10)
+
+
 def test_user_errors_are_messages(server):
     _, _, client = server
     with pytest.raises(AppError, match="not in the index"):

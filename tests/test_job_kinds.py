@@ -26,7 +26,6 @@ def toy_kind(monkeypatch, tmp_path):
 
 
 def test_a_new_kind_is_launched_ingested_queried_and_rendered(toy_kind, tmp_path):
-    from tests.toy_kind import ToyConfig
     from tokviz.tabs.launch import config_from_form, form_fields
 
     assert [f.name for f in form_fields("toy")][:3] == ["name", "n", "scale"]      # the Launch form has it

@@ -211,3 +211,39 @@ def test_launch_a_short_trace_job_from_the_form(app, page):
     page.wait_for_selector("#tv-breakdown .js-plotly-plot")
     shot(page, "inspect-real-run")
     assert page.errors == []
+
+
+def test_a_new_tab_is_its_module_and_one_registry_line(data_home, browser, monkeypatch):
+    """A tab added to the registry with one TabSpec (its module here: a build and a render) is in the tab
+    strip, named by a deep link, and rendered for the link's run and step, and again when the run changes."""
+    from dataclasses import dataclass
+
+    import gradio as gr
+
+    import tokviz.tabs
+    from tokviz.tabs import TABS, TabSpec
+
+    @dataclass
+    class ToyTab:
+        text: gr.Markdown
+        inputs = property(lambda self: [])
+        outputs = property(lambda self: [self.text])
+
+    def render_tab(t, at, got):
+        return [f"toy of {at.run} at step {at.step}"], {}
+
+    toy = TabSpec("toy", "Toy", lambda ctx: ToyTab(gr.Markdown("", elem_id="tv-toy")), lambda t, page: None,
+                  render_tab)
+    monkeypatch.setattr(tokviz.tabs, "TABS", TABS + (toy,))
+    with app_server(data_home) as (url, _):
+        ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+        pg = ctx.new_page()
+        pg.set_default_timeout(20_000)
+        pg.goto(f"{url}?tab=toy&run=synth-sft&step=10")
+        pg.wait_for_function("document.querySelector('#tv-toy')?.innerText.includes('toy of synth-sft at step 10')")
+        assert pg.get_by_role("tab", name="Toy", exact=True).get_attribute("aria-selected") == "true"
+        assert "tab=toy&run=synth-sft&step=10" in pg.url
+        pg.click("#tv-run input")
+        pg.locator("ul[role=listbox] li", has_text="synth-antiop").first.click()
+        pg.wait_for_function("document.querySelector('#tv-toy')?.innerText.includes('toy of synth-antiop at step 10')")
+        ctx.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -83,7 +84,7 @@ def test_overlay_colour_scale_is_diverging_around_the_centre():
     assert scale.centre == 0.0
     t = scale.position(df["alignment"].to_numpy())
     assert t[1] == 0 and t[0] < 0 < t[2]
-    colours = overlay._colours(np.array([-1.0, 0.0, 1.0, np.nan]))
+    colours = overlay.colours(np.array([-1.0, 0.0, 1.0, np.nan]))
     assert colours[1] == "#f7f7f7" and colours[3] == ""         # white at the centre, none for missing
     r, b = int(colours[0][1:3], 16), int(colours[0][5:7], 16)
     assert r > b                                                # negative: red
@@ -117,6 +118,108 @@ def test_focus_round_trip_and_hostile_values():
                                   "token": "2"})
     assert bad.tab == "inspect" and bad.step is None and bad.sample is None and bad.run == "../../etc/passwd"
     assert links.Focus("layers", "r", 5, 3, 4).query() == "?tab=layers&run=r&step=5"   # no sample/token off Inspect
+
+
+# ---------------------------------------------------------------------------------------------- tabs and the page
+def test_the_tab_registry_names_the_deep_links_tabs():
+    from tokviz.tabs import TABS
+    assert links.tab_names() == tuple(t.name for t in TABS)
+    assert len(set(links.tab_names())) == len(TABS) and links.HOME == TABS[0].name
+    assert all(t.link is None or t.render is not None for t in TABS)      # a link names what a render reads
+
+
+def fake_views(blocked: dict):
+    """The app's Views over two fake tabs whose render records (tab, run) and waits on ``blocked[(tab, run)]``
+    (a threading.Event) where there is one: a render that is still running when another event fires."""
+    from types import SimpleNamespace
+
+    from tokviz.tabs import TabSpec
+    from tokviz.ui import Built, Views
+
+    calls = []
+
+    def render(t, at, got):
+        calls.append((t.name, at.run))
+        if (t.name, at.run) in blocked:
+            assert blocked[(t.name, at.run)].wait(10)
+        return [f"{t.name}@{at.run}/{at.step}"], {}
+
+    def tab(name):
+        t = SimpleNamespace(name=name, inputs=[], outputs=[f"{name}-out"])
+        return Built(TabSpec(name, name.title(), build=None, wire=None, render=render), tab=None, t=t)
+    page = SimpleNamespace(ctx=None, header=SimpleNamespace(notice="notice", query="query"))
+    return Views(page, [tab("inspect"), tab("layers")]), calls
+
+
+def in_thread(fn, *args):
+    out = {}
+    th = threading.Thread(target=lambda: out.update(fn(*args)), daemon=True)
+    th.start()
+    return th, out
+
+
+def test_a_run_change_renders_the_tab_a_switch_opened_while_that_switch_renders():
+    """A tab switch (unqueued) is still rendering Inspect for the old run when the run change (queued) fires:
+    the run change waits for it and renders Inspect, the tab now on screen, for the new run (it used to render
+    the tab it found in the page's state when it fired, the one before the switch, and leave Inspect showing
+    the old run)."""
+    from tokviz.header import Shown
+    gate = threading.Event()
+    views, calls = fake_views({("inspect", "old"): gate})
+    shown = Shown(tab="layers", run="old", step=5)
+    shown.mark("layers", 0)
+    switch, switched = in_thread(views.open, shown, "inspect", 0, {"query": "?tab=layers"})
+    wait_for_call(calls, ("inspect", "old"))
+    change, changed = in_thread(views.move, shown, "new", 5, 0, {})
+    time.sleep(0.2)                      # the run change is waiting for the switch's render
+    assert calls == [("inspect", "old")]
+    gate.set()
+    switch.join(10), change.join(10)
+    assert switched["inspect-out"] == "inspect@old/5"
+    assert changed["inspect-out"] == "inspect@new/5" and "layers-out" not in changed
+    assert changed["query"] == "?tab=inspect&run=new&step=5"
+    assert shown.tab == "inspect" and shown.rendered == {"inspect": "new|5|0"}
+
+
+def test_a_tab_switch_while_a_run_change_renders_shows_the_new_run():
+    """The run change is rendering the tab on screen when another tab is opened: the switch waits and renders
+    the header the run change left (run and step), not the one the browser sent when the tab was clicked."""
+    from tokviz.header import Shown
+    gate = threading.Event()
+    views, calls = fake_views({("layers", "new"): gate})
+    shown = Shown(tab="layers", run="old", step=5)
+    change, changed = in_thread(views.move, shown, "new", 7, 0, {})
+    wait_for_call(calls, ("layers", "new"))
+    switch, switched = in_thread(views.open, shown, "inspect", 0, {"query": "?tab=layers&run=new&step=7"})
+    time.sleep(0.2)
+    assert calls == [("layers", "new")]
+    gate.set()
+    change.join(10), switch.join(10)
+    assert changed["layers-out"] == "layers@new/7"
+    assert switched["inspect-out"] == "inspect@new/7" and switched["query"] == "?tab=inspect&run=new&step=7"
+    assert shown.rendered == {"layers": "new|7|0", "inspect": "new|7|0"}
+    # opened again with nothing new to show: no render; the link keeps what it holds
+    again = views.open(shown, "inspect", 0, {"query": "?tab=inspect&run=new&step=7"})
+    assert again == {"query": {"__type__": "update"}}
+    assert calls == [("layers", "new"), ("inspect", "new")]
+
+
+def test_a_tab_select_sent_before_the_page_loaded_changes_nothing():
+    """The tab strip selects its first tab as the page mounts, alongside the load: handled after the load, it
+    must not take the page from the tab the link opened (the header's query is empty until the load)."""
+    from tokviz.header import Shown
+    views, calls = fake_views({})
+    shown = Shown(tab="layers", run="r", step=5)
+    shown.mark("layers", 0)
+    assert views.open(shown, "inspect", 0, {"query": ""}) == {"__type__": "update"}
+    assert shown.tab == "layers" and calls == []
+
+
+def wait_for_call(calls: list, call: tuple, timeout: float = 10) -> None:
+    deadline = time.time() + timeout
+    while call not in calls:
+        assert time.time() < deadline, f"no render of {call} within {timeout} s: {calls}"
+        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------------------------- the launch config

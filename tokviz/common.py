@@ -1,9 +1,11 @@
-"""Small pieces every tab uses: user errors shown as messages, figure display and export, choices.
+"""Small pieces every tab uses: user errors shown as messages, figure display and export, choices, and what a
+tab renders for.
 
     @user_errors
     def render(run_id, step): ...            # a ValueError becomes a message in the page, not a traceback
 
     export = ExportRow()                     # a button and a file slot: the tab's figures as PNG + HTML
+    At(ctx, "r1", 20, generation=3)          # what a tab renders for: the header's run and traced step
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import functools
 import re
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
@@ -22,9 +25,20 @@ import plotly.graph_objects as go
 from backend import index
 from backend.analysis import report
 from backend.index import queries
+from tokviz.context import AppContext
 
 F = TypeVar("F", bound=Callable)
 PLOT_HEIGHT = 460
+
+
+@dataclass(frozen=True)
+class At:
+    """What a tab renders for: the header's run and traced step, the index generation the page has seen (it
+    changes when runs are indexed again: a cache key), and the app context (run lists, settings)."""
+    ctx: AppContext
+    run: str | None
+    step: int | None
+    generation: int = 0
 
 
 def user_errors(fn: F) -> F:
@@ -83,7 +97,8 @@ def require_run_step(run_id: str | None, step: int | None) -> tuple[str, int]:
 
 
 def empty_figure(message: str) -> go.Figure:
-    """A blank figure that says why it is blank (the template is backend.analysis.figures.TEMPLATE, plotly's default)."""
+    """A blank figure that says why it is blank (the template is backend.analysis.figures.TEMPLATE, plotly's
+    default)."""
     fig = go.Figure()
     fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font=dict(size=15))
     fig.update_xaxes(visible=False)

@@ -1,14 +1,20 @@
 """The header above the tabs: which run and traced step the analysis tabs show, a refresh of the run list,
-and the "copy link" button (the address bar always holds the deep link of what is shown)."""
+and the "copy link" button (the address bar always holds the deep link of what is shown). Also what the tabs
+share with the page around them: ``Page`` (what a tab's wiring may use) and ``Shown`` (what a page shows,
+kept on the server).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import gradio as gr
 import pandas as pd
 
 from backend.index import queries
 from tokviz.context import AppContext
+from tokviz.links import HOME
 
 TITLE = ("<div class='tv-title'><b>tokviz</b> · which tokens drive a LoRA fine-tuning update? "
          "<span>per-token gradient alignment, magnitude and share of the batch update</span></div>")
@@ -57,3 +63,72 @@ def run_info_md(run_id: str | None) -> str:
     n = int(info["n_traced_steps"]) if pd.notna(info["n_traced_steps"]) else 0
     bits.append(f"{n} traced step{'s' if n != 1 else ''}, {int(info['n_tokens'] or 0):,} token records")
     return f"**{info['name'] or run_id}** (`{run_id}`) · " + " · ".join(bits)
+
+
+class Shown:
+    """What one page shows, kept on the server: the tab on screen, the header's run and step, and which
+    (run, step, generation) each tab was last rendered for.
+
+    One per browser session (the page's ``gr.State``), changed in place rather than returned, so an event sees
+    what another one set while that one is still running. A tab switch sets ``tab`` as it starts; renders hold
+    ``lock``, so the renders of one page run one at a time and each reads the header as the one before left
+    it. A run change that fires while a tab switch renders therefore draws the tab now on screen, and a tab
+    switch that fires while a run change renders draws the new run. Every event that moves the header's run
+    or step records it here (``moved``).
+    """
+
+    def __init__(self, tab: str = HOME, run: str | None = None, step: int | None = None,
+                 rendered: dict[str, str] | None = None) -> None:
+        self.tab = tab
+        self.run = run
+        self.step = step
+        self.rendered = dict(rendered or {})
+        self.lock = threading.RLock()
+
+    def __deepcopy__(self, memo: dict) -> "Shown":
+        """gr.State copies its value for each session; the copy gets a lock of its own (locks do not copy)."""
+        return Shown(self.tab, self.run, self.step, self.rendered)
+
+    def moved(self, run: str | None, step: int | None) -> None:
+        """The header now shows (run, step): every tab is stale until it renders again."""
+        self.run, self.step, self.rendered = run, step, {}
+
+    def key(self, generation: int) -> str:
+        return f"{self.run}|{self.step}|{generation}"
+
+    def is_rendered(self, tab: str, generation: int) -> bool:
+        return self.rendered.get(tab) == self.key(generation)
+
+    def mark(self, tab: str, generation: int) -> None:
+        self.rendered[tab] = self.key(generation)
+
+
+@dataclass
+class Polled:
+    """Components a tab keeps live through the app's poll: ``update(values of inputs, tab on screen)`` returns
+    updates by output component (empty: nothing to update)."""
+    inputs: list
+    outputs: list
+    update: Callable[[Mapping[Any, Any], str], dict]
+
+
+@dataclass
+class Page:
+    """What a tab's wiring may use besides its own components, by name: the same object for every tab."""
+    ctx: AppContext
+    header: Header
+    tabs: gr.Tabs               # the tab strip: ``gr.Tabs(selected=name)`` as an output opens a tab
+    shown: gr.State             # a Shown: the tab on screen, the header's run and step, what each tab shows
+    generation: gr.State        # the index generation the page's run lists show
+    run_lists: list[tuple[gr.Dropdown, bool]] = field(default_factory=list)    # (dropdown, traced runs only)
+    polled: list[Polled] = field(default_factory=list)
+
+    def follow_runs(self, dropdown: gr.Dropdown, traced_only: bool = False) -> None:
+        """Keep ``dropdown``'s choices the indexed runs (only those with traced steps if ``traced_only``), from
+        the page's load on and whenever runs are indexed."""
+        self.run_lists.append((dropdown, traced_only))
+
+    def keep_live(self, inputs: list, outputs: list, update: Callable[[Mapping[Any, Any], str], dict]) -> None:
+        """Have the app's poll call ``update(values of inputs by component, tab on screen)`` and apply the
+        updates it returns (by output component)."""
+        self.polled.append(Polled(inputs, outputs, update))

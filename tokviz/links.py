@@ -13,8 +13,14 @@ from dataclasses import dataclass, replace
 from typing import Mapping
 from urllib.parse import urlencode
 
-TABS: tuple[str, ...] = ("inspect", "concentration", "layers", "tokens", "training", "compare", "launch", "sql")
+HOME = "inspect"        # the tab a page opens on, and a link that names no known tab
 MAX_ID_CHARS = 200
+
+
+def tab_names() -> tuple[str, ...]:
+    """The tabs a link may name: those of the registry (``tokviz.tabs.TABS``), in the tab strip's order."""
+    from tokviz.tabs import TABS  # here, not at the top: the registry's tab modules import this module
+    return tuple(t.name for t in TABS)
 
 
 def _int(v: object) -> int | None:
@@ -27,7 +33,7 @@ def _int(v: object) -> int | None:
 
 @dataclass(frozen=True)
 class Focus:
-    tab: str = "inspect"
+    tab: str = HOME
     run: str | None = None
     step: int | None = None
     sample: int | None = None
@@ -35,9 +41,9 @@ class Focus:
 
     @classmethod
     def from_query(cls, q: Mapping[str, str]) -> "Focus":
-        tab = str(q.get("tab", "inspect"))
+        tab = str(q.get("tab", HOME))
         run = q.get("run")
-        return cls(tab=tab if tab in TABS else "inspect",
+        return cls(tab=tab if tab in tab_names() else HOME,
                    run=str(run)[:MAX_ID_CHARS] if run else None, step=_int(q.get("step")),
                    sample=_int(q.get("sample")), token=_int(q.get("token")))
 

@@ -58,7 +58,7 @@ def what_if_metric(scheme: str) -> Metric:
                   fmt=".3f", help="batch statistics over the traced sequences of this step")
 
 
-def _colours(t: np.ndarray) -> list[str]:
+def colours(t: np.ndarray) -> list[str]:
     """t in [-1, 1] (NaN: no colour) -> hex colours on the diverging scale."""
     pos = (np.clip(np.nan_to_num(t, nan=0.0), -1, 1) + 1) / 2 * (len(_STOPS) - 1)
     lo = np.floor(pos).astype(int).clip(0, len(_STOPS) - 2)
@@ -115,7 +115,7 @@ def _fmt(v: object, spec: str) -> str:
     return format(float(v), spec)
 
 
-def _show(token: str) -> str:
+def show_token(token: str) -> str:
     """A token quoted, with invisible characters made visible (for the tooltip and tables)."""
     return "«" + token.replace("\n", "⏎").replace("\t", "⇥") + "»"
 
@@ -128,7 +128,7 @@ def token_html(token: str) -> str:
 
 def legend(metric: Metric, scale: Scale) -> str:
     """A colour bar with the values at its ends and centre."""
-    stops = ", ".join(_colours(np.linspace(-1, 1, 9)))
+    stops = ", ".join(colours(np.linspace(-1, 1, 9)))
     lo, mid, hi = (scale.value_at(t) for t in (-1.0, 0.0, 1.0))
     return (f'<div class="tv-legend"><span class="tv-metric">{html.escape(metric.label)}</span>'
             f'<span>{_fmt(lo, metric.fmt)}</span><span class="tv-bar" style="background: linear-gradient(90deg, '
@@ -217,7 +217,7 @@ def render(tokens: pd.DataFrame, metric: Metric, selected: int | None = None, wh
 
 
 def _level_css() -> str:
-    cols = _colours(np.linspace(-1, 1, LEVELS))
+    cols = colours(np.linspace(-1, 1, LEVELS))
     rules = [f".tv-text .c{k} {{ background: {c}; }}" for k, c in enumerate(cols)]
     strong = [f".tv-text .c{k}" for k in list(range(STRONG)) + list(range(LEVELS - STRONG, LEVELS))]
     return "\n".join(rules) + "\n" + ", ".join(strong) + " { color: #fff; }\n"

@@ -1,40 +1,42 @@
-"""The whole app: the header, the tabs, and the wiring between them.
+"""The whole app: the header, the tabs of the registry (``tokviz.tabs.TABS``), and the events between them.
 
     demo = build_app()                 # opens the index and ingests new runs (a few seconds at most)
     serve(demo, server_port=7860)      # demo.launch with the app's options; or python app.py
 
 Tabs render lazily: the one on screen renders when the run or step changes; another renders when opened (if
 what it shows is stale). A deep link (``?tab=...&run=...&step=...&sample=...&token=...``) is applied on load.
+Each tab wires its own events (``TabSpec.wire``); the events between the header and the tabs are wired here,
+one function each: run and step, tab switching, the deep link on load, the address bar, the poll (and
+refresh), and a surprising token opened in Inspect. They read the values of many tabs' controls at once, so
+their inputs are sets: the function gets one dict, component -> value, and returns updates by component.
 """
 from __future__ import annotations
 
 import atexit
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Iterable, Mapping
 from urllib.parse import parse_qsl
 
 import gradio as gr
 
 from backend import index
 from tokviz import header as header_mod
-from tokviz.common import as_int, pick_step, step_choices, user_errors
+from tokviz import tabs
+from tokviz.common import At, as_int, pick_step, step_choices, user_errors
 from tokviz.context import AppContext
-from tokviz.links import COPY_JS, SET_URL_JS, TABS, Focus
-from tokviz.tabs import compare, concentration, inspect_tab, launch, layers, sql_console, tokens, training
+from tokviz.header import Page, Shown
+from tokviz.links import COPY_JS, HOME, SET_URL_JS, Focus
+from tokviz.tabs import TabSpec, inspect_tab, tokens
 
 POLL_S = 1.5          # how often a page asks whether runs or jobs changed
-LABELS = {"inspect": "Inspect", "concentration": "Concentration", "layers": "Layers & positions",
-          "tokens": "Tokens", "training": "Training", "compare": "Compare runs", "launch": "Launch", "sql": "SQL"}
 
 
 @dataclass
-class TabSpec:
-    """A tab that renders for (run, step): its own inputs and outputs and the function between them."""
-    name: str
+class Built:
+    """A registry entry as built into this app: its ``gr.Tab`` and the components its ``build`` returned."""
+    spec: TabSpec
     tab: gr.Tab
-    inputs: list
-    outputs: list
-    render: Callable[..., tuple[list, dict]]     # (run_id, step, generation, *inputs) -> (values, focus)
+    t: Any
 
 
 def build_app(ctx: AppContext | None = None) -> gr.Blocks:
@@ -43,54 +45,32 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
     ctx.start()
     atexit.register(ctx.close)
     with gr.Blocks(title="tokviz") as demo:
-        h = header_mod.build(ctx)
-        with gr.Tabs(selected="inspect", elem_id="tv-tabs") as tabs:
-            with gr.Tab(LABELS["inspect"], id="inspect", elem_id="tv-tab-inspect") as t_ins:
-                ins = inspect_tab.build()
-            with gr.Tab(LABELS["concentration"], id="concentration", elem_id="tv-tab-concentration") as t_conc:
-                conc = concentration.build()
-            with gr.Tab(LABELS["layers"], id="layers", elem_id="tv-tab-layers") as t_lay:
-                lay = layers.build()
-            with gr.Tab(LABELS["tokens"], id="tokens", elem_id="tv-tab-tokens") as t_tok:
-                tok = tokens.build()
-            with gr.Tab(LABELS["training"], id="training", elem_id="tv-tab-training") as t_train:
-                train = training.build()
-            with gr.Tab(LABELS["compare"], id="compare", elem_id="tv-tab-compare") as t_cmp:
-                cmp = compare.build()
-            with gr.Tab(LABELS["launch"], id="launch", elem_id="tv-tab-launch") as t_launch:
-                lau = launch.build(ctx)
-            with gr.Tab(LABELS["sql"], id="sql", elem_id="tv-tab-sql") as t_sql:
-                sq = sql_console.build()
-            # room for the probe, activation-gradient and scheme-comparison tabs of later issues
-        active = gr.State("inspect")
-        rendered = gr.State({})
-        generation = gr.State(-1)
-        timer = gr.Timer(POLL_S)
-
-        specs = [
-            TabSpec("inspect", t_ins, ins.inputs, ins.outputs,
-                    lambda r, s, g, sample, metric, token, view: inspect_tab.render(r, s, sample, metric, token,
-                                                                                    view, g)),
-            TabSpec("concentration", t_conc, conc.inputs, conc.outputs,
-                    lambda r, s, g, steps, others: concentration.render(r, s, steps, others)),
-            TabSpec("layers", t_lay, lay.inputs, lay.outputs,
-                    lambda r, s, g, module, more_open: layers.render(r, s, module, more_open)),
-            TabSpec("tokens", t_tok, tok.inputs, tok.outputs, lambda r, s, g: tokens.render(r, s)),
-            TabSpec("training", t_train, train.inputs, train.outputs, lambda r, s, g: training.render(r, s)),
-            TabSpec("compare", t_cmp, cmp.inputs, cmp.outputs,
-                    lambda r, s, g, runs: compare.render(r, s, runs, ctx.run_choices(traced_only=True))),
-        ]
-        other_tabs = {"launch": t_launch, "sql": t_sql}
-        wire(demo, ctx, h, tabs, specs, other_tabs, active, rendered, generation, timer, ins, conc, tok, cmp, lau)
-        inspect_tab.wire(ins, h.run, h.step, h.query, generation)
-        concentration.wire(conc, h.run, h.step)
-        layers.wire(lay, h.run, h.step)
-        tokens.wire(tok, h.run, h.step)
-        training.wire(train, h.run, h.step)
-        compare.wire(cmp)
-        launch.wire(lau, ctx)
-        sql_console.wire(sq)
+        header = header_mod.build(ctx)
+        with gr.Tabs(selected=HOME, elem_id="tv-tabs") as strip:
+            built = [build_tab(spec, ctx) for spec in tabs.TABS]
+        page = Page(ctx, header, strip, shown=gr.State(Shown()), generation=gr.State(-1))
+        for b in built:
+            b.spec.wire(b.t, page)
+        views = Views(page, built)
+        ins, tok = the(built, inspect_tab.InspectTab), the(built, tokens.TokensTab)
+        wire_run_and_step(page, views)
+        wire_tab_switching(page, views, built)
+        wire_deep_link(demo, page, views, ins)
+        wire_address_bar(page)
+        wire_poll(page, gr.Timer(POLL_S))
+        wire_open_in_inspect(page, views, tok, ins)
     return demo
+
+
+def build_tab(spec: TabSpec, ctx: AppContext) -> Built:
+    with gr.Tab(spec.label, id=spec.name, elem_id=f"tv-tab-{spec.name}") as tab:
+        t = spec.build(ctx)
+    return Built(spec, tab, t)
+
+
+def the(built: list[Built], kind: type) -> Built:
+    """The built tab whose components are a ``kind`` (InspectTab, ...): for the events between two tabs."""
+    return next(b for b in built if isinstance(b.t, kind))
 
 
 # Gradio's run history keeps every event's outputs in the browser's storage: with a 2,000-token overlay per
@@ -104,171 +84,229 @@ def serve(demo: gr.Blocks, **launch_kwargs: object) -> object:
     return demo.launch(**{**LAUNCH_OPTIONS, **launch_kwargs})
 
 
-def _key(run_id: str | None, step: int | None, gen: int) -> str:
-    return f"{run_id}|{step}|{gen}"
+def unique(components: Iterable[Any]) -> list:
+    """Components once each, in order (a component two tabs' lists share is one output of an event)."""
+    return list(dict.fromkeys(components))
 
 
-def wire(demo: gr.Blocks, ctx: AppContext, h: header_mod.Header, tabs: gr.Tabs, specs: list[TabSpec], other_tabs: dict,
-         active: gr.State, rendered: gr.State, generation: gr.State, timer: gr.Timer,
-         ins: inspect_tab.InspectTab, conc: concentration.ConcentrationTab, tok: tokens.TokensTab,
-         cmp: compare.CompareTab, lau: launch.LaunchTab) -> None:
-    """Header, tab switching, deep links, the run-list/jobs poll, and Tokens -> Inspect."""
-    all_inputs = [c for s in specs for c in s.inputs]
-    all_outputs = [c for s in specs for c in s.outputs]
-    spans, i = {}, 0
-    for s in specs:
-        spans[s.name] = (i, i + len(s.inputs))
-        i += len(s.inputs)
+class Views:
+    """The tabs that render for (run, step), and the renders that the header, tab and link events share.
 
-    def render_tab(name: str, run_id, step, gen, inputs: list) -> tuple[list | None, dict, str]:
-        """(values, focus, "") of one tab, or (None, {}, why) when it has nothing to show (the header's notice
-        line says why: tab switches answer without the queue, where a toast cannot be sent)."""
-        spec = next(s for s in specs if s.name == name)
+    A render reads the header's run and step from the page's ``Shown`` and holds its lock (see ``Shown``)."""
+
+    def __init__(self, page: Page, built: list[Built]) -> None:
+        self.page = page
+        self.tabs = {b.spec.name: b for b in built if b.spec.render is not None}
+        self.inputs = {c for b in self.tabs.values() for c in b.t.inputs}       # what any render reads
+        self.outputs = unique(c for b in self.tabs.values() for c in b.t.outputs)
+
+    def render(self, name: str, at: At, got: Mapping[Any, Any]) -> tuple[dict | None, dict, str]:
+        """(updates by component, focus, "") of one tab, or (None, {}, why) when it has nothing to show (the
+        header's notice line says why: tab switches answer without the queue, where a toast cannot be sent)."""
+        b = self.tabs[name]
         try:
-            values, focus = spec.render(run_id, step, gen, *inputs)
-            focus = dict(focus)
-            return values, focus, focus.pop("notice", "")
+            values, focus = b.spec.render(b.t, at, got)
         except (ValueError, index.TokvizIndexError) as e:
-            return None, {}, f"⚠️ {LABELS[name]}: {e}"
+            return None, {}, f"⚠️ {b.spec.label}: {e}"
+        focus = dict(focus)
+        notice = focus.pop("notice", "")
+        return dict(zip(b.t.outputs, values)), focus, notice
 
-    def dispatch(name: str, run_id, step, gen, rendered_: dict, inputs: list) -> tuple[dict, str, str, list]:
-        """Render the tab on screen (if it renders for a run); skip every other tab's outputs."""
-        out = [gr.skip()] * len(all_outputs)
-        focus = Focus(name, run_id, step)
-        rendered_ = dict(rendered_ or {})
-        spec_names = [s.name for s in specs]
-        notice = ""
-        if name in spec_names:
-            a, b = spans[name]
-            values, f, notice = render_tab(name, run_id, step, gen, inputs[a:b])
-            if values is not None:
-                start = sum(len(s.outputs) for s in specs[:spec_names.index(name)])
-                out[start:start + len(values)] = values
-                rendered_ = {name: _key(run_id, step, gen)}
-                focus = focus.with_(**f)
-        return rendered_, focus.query(), notice, out
+    def draw(self, shown: Shown, name: str, gen: int, got: Mapping[Any, Any]) -> dict:
+        """Render tab ``name`` (if it renders for a run) for the header as ``shown`` holds it, the caller holding
+        its lock; mark it rendered. Updates of its outputs and of the header's notice line and link."""
+        h = self.page.header
+        focus = Focus(name, shown.run, shown.step)
+        if name not in self.tabs:
+            return {h.notice: "", h.query: focus.query()}
+        values, f, notice = self.render(name, At(self.page.ctx, shown.run, shown.step, gen), got)
+        if values is None:
+            return {h.notice: notice, h.query: focus.query()}
+        shown.mark(name, gen)
+        return {h.notice: notice, h.query: focus.with_(**f).query(), **values}
 
-    # ---- run and step
-    def on_run(run_id, step, name, rendered_, gen, *inputs):
+    def move(self, shown: Shown, run_id: str | None, step: int | None, gen: int, got: Mapping[Any, Any]) -> dict:
+        """The header moved to (run, step): render the tab on screen, as it is when this runs (a tab switch
+        still rendering has set it, and is waited for)."""
+        with shown.lock:
+            shown.moved(run_id, step)
+            return self.draw(shown, shown.tab, gen, got)
+
+    def open(self, shown: Shown, name: str, gen: int, got: Mapping[Any, Any]) -> object:
+        """Tab ``name`` was opened: render it if what it shows is stale."""
+        if before_load(self.page, got):
+            return gr.skip()
+        shown.tab = name         # before the lock: a run change firing now renders this tab
+        with shown.lock:         # after a run change still rendering: this renders the header it left
+            if shown.run and not shown.is_rendered(name, gen):
+                return self.draw(shown, name, gen, got)
+            return {self.page.header.query: self.kept_link(shown, name, got)}
+
+    def kept_link(self, shown: Shown, name: str, got: Mapping[Any, Any]) -> object:
+        """The link of a tab opened without a redraw: as it is if it already names the tab (a view opened on
+        it, such as a surprising token opened in Inspect, has set it); else the tab and what its inputs hold."""
+        if Focus.from_query(dict(parse_qsl(str(got[self.page.header.query] or "").lstrip("?")))).tab == name:
+            return gr.skip()
+        b = self.tabs[name]
+        fields = {f: as_int(got[c], f) for f, c in b.spec.link(b.t).items()} if b.spec.link and shown.run else {}
+        return Focus(name, shown.run, shown.step, **fields).query()
+
+    def link_inputs(self, focus: Focus) -> dict:
+        """The inputs a deep link sets on the tab it names (Inspect: sample and token)."""
+        b = self.tabs.get(focus.tab)
+        if b is None or b.spec.link is None:
+            return {}
+        return {c: getattr(focus, f) for f, c in b.spec.link(b.t).items()}
+
+
+def before_load(page: Page, got: Mapping[Any, Any]) -> bool:
+    """Whether an event was sent before the page's load was applied (the header's query is still empty): the
+    tab strip's select of its first tab as the page mounts, or a click before the first paint. Either may be
+    handled after the load, and the load's own choice of tab stands."""
+    return not got[page.header.query]
+
+
+# ---------------------------------------------------------------------------------------------- events
+def wire_run_and_step(page: Page, views: Views) -> None:
+    """A new run or traced step in the header renders the tab on screen (the others when they are opened)."""
+    h = page.header
+    inputs = {h.run, h.step, page.shown, page.generation, *views.inputs}
+    shared = {"api_visibility": "private", "show_progress": "minimal"}
+
+    def on_run(got: dict) -> dict:
+        run_id = got[h.run]
         steps = step_choices(run_id)
-        step = pick_step(run_id, step)
-        r, q, notice, out = dispatch(name, run_id, step, gen, rendered_, list(inputs))
-        return [gr.update(choices=steps, value=step), header_mod.run_info_md(run_id), notice, r, q] + out
+        step = pick_step(run_id, got[h.step])
+        out = views.move(got[page.shown], run_id, step, got[page.generation], got)
+        return {h.step: gr.update(choices=steps, value=step), h.info: header_mod.run_info_md(run_id), **out}
 
-    h.run.input(on_run, [h.run, h.step, active, rendered, generation, *all_inputs],
-                [h.step, h.info, h.notice, rendered, h.query, *all_outputs], api_visibility="private",
-                show_progress="minimal")
+    def on_step(got: dict) -> dict:
+        return views.move(got[page.shown], got[h.run], got[h.step], got[page.generation], got)
 
-    def on_step(run_id, step, name, rendered_, gen, *inputs):
-        r, q, notice, out = dispatch(name, run_id, step, gen, rendered_, list(inputs))
-        return [notice, r, q] + out
+    h.run.input(on_run, inputs, [h.step, h.info, h.notice, h.query, *views.outputs], **shared)
+    h.step.input(on_step, inputs, [h.notice, h.query, *views.outputs], **shared)
 
-    h.step.input(on_step, [h.run, h.step, active, rendered, generation, *all_inputs],
-                 [h.notice, rendered, h.query, *all_outputs], api_visibility="private", show_progress="minimal")
 
-    # ---- tab switching: render what is stale. Without the queue (one HTTP round trip): a tab's render is
-    # read-only and independent of other sessions, and the queue's join + event stream costs 0.1-0.3 s.
-    for spec in specs:
-        def on_select(run_id, step, rendered_, gen, shown_query, *inputs, _spec=spec):
-            query = Focus(_spec.name, run_id, step).query()
-            if not run_id or (rendered_ or {}).get(_spec.name) == _key(run_id, step, gen):
-                # nothing to redraw. The link keeps what the tab shows: a view opened on this tab (a surprising
-                # token opened in Inspect) has set it already; else Inspect's sample and token go into it.
-                if Focus.from_query(dict(parse_qsl(str(shown_query or "").lstrip("?")))).tab == _spec.name:
-                    query = gr.skip()
-                elif _spec.name == "inspect" and run_id:
-                    sample, _metric, token, _view = inputs
-                    query = Focus("inspect", run_id, step, as_int(sample, "sample"), as_int(token, "token")).query()
-                return [_spec.name, gr.skip(), query, gr.skip()] + [gr.skip()] * len(_spec.outputs)
-            values, f, notice = render_tab(_spec.name, run_id, step, gen, list(inputs))
-            if values is None:
-                return [_spec.name, gr.skip(), query, notice] + [gr.skip()] * len(_spec.outputs)
-            r = {**(rendered_ or {}), _spec.name: _key(run_id, step, gen)}
-            return [_spec.name, r, Focus(_spec.name, run_id, step).with_(**f).query(), notice] + values
+def wire_tab_switching(page: Page, views: Views, built: list[Built]) -> None:
+    """Opening a tab renders it if what it shows is stale. Without the queue (one HTTP round trip): a tab's
+    render is read-only and independent of other sessions, and the queue's join + event stream costs 0.1-0.3
+    s. A tab that does not render for a run only becomes the tab on screen."""
+    h = page.header
+    for b in built:
+        if b.spec.name in views.tabs:
+            def opened(got: dict, _name: str = b.spec.name) -> object:
+                return views.open(got[page.shown], _name, got[page.generation], got)
 
-        spec.tab.select(on_select, [h.run, h.step, rendered, generation, h.query, *spec.inputs],
-                        [active, rendered, h.query, h.notice, *spec.outputs], api_visibility="private",
-                        show_progress="minimal", queue=False)
-    for name, tab in other_tabs.items():
-        tab.select(lambda run_id, step, _n=name: (_n, Focus(_n, run_id, step).query()), [h.run, h.step],
-                   [active, h.query], api_visibility="private", show_progress="hidden")
+            b.tab.select(opened, {page.shown, page.generation, h.query, *b.t.inputs},
+                         [h.query, h.notice, *b.t.outputs], api_visibility="private", show_progress="minimal",
+                         queue=False)
+        else:
+            def opened_other(got: dict, _name: str = b.spec.name) -> object:
+                if before_load(page, got):
+                    return gr.skip()
+                shown = got[page.shown]
+                shown.tab = _name
+                return Focus(_name, shown.run, shown.step).query()
 
-    # ---- deep links: the page's query string on load
-    def on_load(request: gr.Request, *inputs):
+            b.tab.select(opened_other, {page.shown, h.query}, h.query, api_visibility="private",
+                         show_progress="hidden")
+
+
+def wire_deep_link(demo: gr.Blocks, page: Page, views: Views, ins: Built) -> None:
+    """On load, the page's query string picks the tab, run and step (and Inspect's sample and token); every
+    run list gets its choices."""
+    ctx, h = page.ctx, page.header
+
+    def on_load(got: dict, request: gr.Request) -> dict:
         focus = Focus.from_query(dict(request.query_params) if request is not None else {})
         choices = ctx.run_choices()
-        traced = [v for _, v in ctx.run_choices(traced_only=True)]
-        ids = [v for _, v in choices]
-        run_id = focus.run if focus.run in ids else (traced[0] if traced else (ids[0] if ids else None))
+        traced = ctx.run_choices(traced_only=True)
+        ids, traced_ids = [v for _, v in choices], [v for _, v in traced]
+        run_id = focus.run if focus.run in ids else (traced_ids[0] if traced_ids else (ids[0] if ids else None))
         step = pick_step(run_id, focus.step)
-        inputs = list(inputs)
-        if focus.tab == "inspect":
-            a, _ = spans["inspect"]
-            inputs[a] = focus.sample          # sample
-            inputs[a + 2] = focus.token       # token
         gen = ctx.generation
-        r, q, notice, out = dispatch(focus.tab, run_id, step, gen, {}, inputs)
+        shown = got[page.shown]
+        with shown.lock:
+            shown.tab = focus.tab
+            shown.moved(run_id, step)
+            out = views.draw(shown, focus.tab, gen, {**got, **views.link_inputs(focus)})
         if focus.run and focus.run not in ids:
-            notice = f"⚠️ run {focus.run!r} from the link is not in the index; showing {run_id!r} instead. {notice}"
-        conc_runs = gr.update(choices=choices)
-        return ([gr.update(choices=choices, value=run_id), gr.update(choices=step_choices(run_id), value=step),
-                 header_mod.run_info_md(run_id), notice, gr.Tabs(selected=focus.tab), focus.tab, r, gen, q,
-                 conc_runs] + out)
+            out[h.notice] = (f"⚠️ run {focus.run!r} from the link is not in the index; showing {run_id!r} "
+                             f"instead. {out[h.notice]}")
+        return {**run_lists(page, choices, traced), h.run: gr.update(choices=choices, value=run_id),
+                h.step: gr.update(choices=step_choices(run_id), value=step), h.info: header_mod.run_info_md(run_id),
+                page.tabs: gr.Tabs(selected=focus.tab), page.generation: gen, **out}
 
-    loaded = demo.load(on_load, all_inputs,
-                       [h.run, h.step, h.info, h.notice, tabs, active, rendered, generation, h.query, conc.runs,
-                        *all_outputs], api_visibility="private", show_progress="hidden", queue=False)
+    outputs = unique([h.run, h.step, h.info, h.notice, page.tabs, page.generation, h.query,
+                      *(d for d, _ in page.run_lists), *views.outputs])
+    loaded = demo.load(on_load, {page.shown, *views.inputs}, outputs, api_visibility="private",
+                       show_progress="hidden", queue=False)
     # Once the first view is painted, draw the (empty) token breakdown: the browser then loads the plotting
     # library while the reader looks at the page, not on the first click of a token or a tab.
-    loaded.then(lambda token: inspect_tab.breakdown_placeholder() if token is None else gr.skip(), ins.token,
-                ins.breakdown, api_visibility="private", show_progress="hidden", queue=False)
+    loaded.then(lambda token: inspect_tab.breakdown_placeholder() if token is None else gr.skip(), ins.t.token,
+                ins.t.breakdown, api_visibility="private", show_progress="hidden", queue=False)
 
-    # ---- the address bar follows what is shown; "copy link"
+
+def wire_address_bar(page: Page) -> None:
+    """The address bar follows what is shown (the header's query); "copy link" shows and copies it."""
+    h = page.header
     h.query.change(None, h.query, h.link, js=SET_URL_JS)
     h.copy.click(lambda: gr.update(visible=True), None, h.link, api_visibility="private",
                  show_progress="hidden").then(None, None, h.link, js=COPY_JS)
 
-    # ---- new runs (a finished job, a refresh) reach every run list; the jobs table stays live
-    def poll(seen, name, job_id):
+
+def run_lists(page: Page, choices: list, traced: list) -> dict:
+    """New choices for the header's run list and every list a tab follows (``Page.follow_runs``)."""
+    return {page.header.run: gr.update(choices=choices),
+            **{d: gr.update(choices=traced if traced_only else choices) for d, traced_only in page.run_lists}}
+
+
+def wire_poll(page: Page, timer: gr.Timer) -> None:
+    """Every POLL_S: new runs (a finished job, a refresh) reach every run list, and what tabs keep live (the
+    jobs table) is updated. The refresh button ingests first (and is the API's ``refresh_runs``)."""
+    ctx = page.ctx
+    inputs = {page.generation, page.shown, *(c for p in page.polled for c in p.inputs)}
+    outputs = unique([page.generation, page.header.run, *(d for d, _ in page.run_lists),
+                      *(c for p in page.polled for c in p.outputs)])
+
+    def poll(got: dict) -> dict:
         gen = ctx.generation
-        if gen != seen:
-            choices = ctx.run_choices()
-            lists = [gen, gr.update(choices=choices), gr.update(choices=choices),
-                     gr.update(choices=ctx.run_choices(traced_only=True))]
-        else:
-            lists = [gr.skip()] * 4
-        if name == "launch" or ctx.jobs.active():
-            jobs = list(launch.jobs_state(ctx, job_id))
-        else:
-            jobs = [gr.skip()] * 3
-        return lists + jobs
+        out = {}
+        if gen != got[page.generation]:
+            out = {page.generation: gen, **run_lists(page, ctx.run_choices(), ctx.run_choices(traced_only=True))}
+        for p in page.polled:
+            out.update(p.update(got, got[page.shown].tab))
+        return out or gr.skip()
 
+    timer.tick(poll, inputs, outputs, api_visibility="private", show_progress="hidden")
 
-    poll_io = ([generation, active, lau.job], [generation, h.run, conc.runs, cmp.runs, lau.jobs, lau.job, lau.log])
-    timer.tick(poll, *poll_io, api_visibility="private", show_progress="hidden")
-
-    def refresh(seen, name, job_id):
+    def refresh(got: dict) -> dict:
         lines = ctx.ingest()
         failed = [ln for ln in lines if ln.startswith("FAILED")]
         if failed:
             gr.Warning("some runs could not be indexed:\n" + "\n".join(failed))
-        return poll(seen, name, job_id)
+        return poll(got)
 
-    h.refresh.click(refresh, *poll_io, api_name="refresh_runs", show_progress="minimal")
+    page.header.refresh.click(refresh, inputs, outputs, api_name="refresh_runs", show_progress="minimal")
 
-    # ---- Tokens: a surprising token opens in Inspect
+
+def wire_open_in_inspect(page: Page, views: Views, tok: Built, ins: Built) -> None:
+    """A click on a surprising token (a row of the Tokens tab) opens it in Inspect."""
+    h, t, name = page.header, ins.t, ins.spec.name
+
     @user_errors
-    def open_in_inspect(run_id, step, metric, view, gen, rendered_, evt: gr.EventData):
+    def open_token(got: dict, evt: gr.EventData) -> dict:
         data = evt._data if isinstance(evt._data, dict) else {}
         if data.get("sample") is None or data.get("position") is None:     # a click beside the rows
-            return [gr.skip()] * (4 + len(ins.outputs))
-        sample = as_int(data["sample"], "sample")
-        token = as_int(data["position"], "position")
-        values, f = inspect_tab.render(run_id, step, sample, metric, token, view, gen)
-        q = Focus("inspect", run_id, step).with_(**f).query()
-        r = {**(rendered_ or {}), "inspect": _key(run_id, step, gen)}
-        return [gr.Tabs(selected="inspect"), "inspect", r, q] + values
+            return gr.skip()
+        sample, token = as_int(data["sample"], "sample"), as_int(data["position"], "position")
+        shown, gen = got[page.shown], got[page.generation]
+        with shown.lock:
+            values, f = inspect_tab.render(shown.run, shown.step, sample, got[t.metric], token, got[t.view], gen)
+            shown.tab = name
+            shown.mark(name, gen)
+            query = Focus(name, shown.run, shown.step).with_(**f).query()
+        return {page.tabs: gr.Tabs(selected=name), h.query: query, **dict(zip(t.outputs, values))}
 
-    tok.surprising.click(open_in_inspect, [h.run, h.step, ins.metric, ins.view, generation, rendered],
-                         [tabs, active, rendered, h.query, *ins.outputs], api_visibility="private")
-    assert set(TABS) == {s.name for s in specs} | set(other_tabs), "links.TABS must name every tab"
+    tok.t.surprising.click(open_token, {page.shown, page.generation, t.metric, t.view},
+                           [page.tabs, h.query, *t.outputs], api_visibility="private")

@@ -520,11 +520,3 @@ def build(name: str, frames: Frames) -> go.Figure:
     """The figure of analysis ``name`` from its frames: the ``figure`` of its registry entry
     (``backend.analysis.analyses``); ValueError listing the names otherwise."""
     return analyses.get(name).figure(frames)
-
-
-def __getattr__(name: str) -> object:
-    # ``COMPARE``, the names whose figures compare overlays, is read from the registry (``Analysis.compare``);
-    # kept only while tokviz/tabs/compare.py still reads it (it can take the figures compare_indexed returns)
-    if name == "COMPARE":
-        return tuple(n for n in analyses.names() if analyses.get(n).compare)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

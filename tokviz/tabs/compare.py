@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import json
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import gradio as gr
 import pandas as pd
@@ -16,14 +17,16 @@ from gradio.components.plot import PlotData
 from plotly.graph_objects import Figure
 
 from backend.analysis import figures, report
-from tokviz.common import ExportRow, export_zip, user_errors
+from tokviz.common import At, ExportRow, export_zip, user_errors
+from tokviz.context import AppContext
+from tokviz.header import Page
 
 
 @dataclass
 class CompareTab:
     runs: gr.Dropdown
     button: gr.Button
-    grid: gr.Plot                    # figures.COMPARE as one grid figure
+    grid: gr.Plot                    # the overlaid figures (analyses with compare=True) as one grid
     summary: gr.HTML
     export: ExportRow
 
@@ -36,7 +39,7 @@ class CompareTab:
         return [self.runs, self.grid, self.summary]
 
 
-def build() -> CompareTab:
+def build(ctx: AppContext) -> CompareTab:
     with gr.Row(equal_height=True):
         runs = gr.Dropdown(label="Runs to compare (two or more)", multiselect=True, choices=[], elem_id="tv-cmp-runs",
                            scale=5, allow_custom_value=True)
@@ -63,7 +66,7 @@ def compare(run_ids: list[str]) -> tuple[dict, pd.DataFrame]:
 def grid_figure(figs: dict[str, Figure]) -> PlotData:
     """The six comparison figures as one grid, sized by the page (the legend below the panels). Sent as the
     grid's JSON: its parts were validated when each figure was built."""
-    d = figures.grid([figs[n] for n in figures.COMPARE])
+    d = figures.grid([fig for name, fig in figs.items() if name != "summary_table"])
     d["layout"].update(autosize=True, height=1320)
     return PlotData(type="plotly", plot=pio.to_json(d, validate=False))
 
@@ -118,7 +121,13 @@ def render(run_id: str | None, step: int | None, runs: list[str] | None, choices
     return [gr.update(choices=choices, value=runs), grid_figure(figs), summary_html(tbl)], {}
 
 
-def wire(t: CompareTab) -> None:
+def render_tab(t: CompareTab, at: At, got: Mapping[Any, Any]) -> tuple[list, dict]:
+    return render(at.run, at.step, got[t.runs], at.ctx.run_choices(traced_only=True))
+
+
+def wire(t: CompareTab, page: Page) -> None:
+    page.follow_runs(t.runs, traced_only=True)
+
     @user_errors
     def go(runs):
         figs, tbl = compare(runs)

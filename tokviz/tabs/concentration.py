@@ -3,6 +3,7 @@ overlaid), the Gini coefficient over training, and the fraction of tokens that h
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import gradio as gr
 import pandas as pd
@@ -10,7 +11,9 @@ import plotly.graph_objects as go
 
 from backend.analysis import analyses, figures
 from backend.index import queries
-from tokviz.common import ExportRow, export_zip, for_display, require_run_step, table, user_errors
+from tokviz.common import At, ExportRow, export_zip, for_display, require_run_step, table, user_errors
+from tokviz.context import AppContext
+from tokviz.header import Page
 
 STAT_COLS = ["run", "step", "n", "gini", "tokens_for_50pct", "tokens_for_80pct", "tokens_for_90pct"]
 
@@ -33,7 +36,7 @@ class ConcentrationTab:
         return [self.steps, self.lorenz, self.over_training, self.stats]
 
 
-def build() -> ConcentrationTab:
+def build(ctx: AppContext) -> ConcentrationTab:
     with gr.Row():
         steps = gr.Dropdown(label="Lorenz curves at these traced steps (the header's step when empty)",
                             multiselect=True, choices=[], elem_id="tv-conc-steps", scale=2,
@@ -92,7 +95,14 @@ def render(run_id: str | None, step: int | None, steps: list[int] | None, others
     return [gr.update(choices=traced, value=steps)] + [for_display(f) for f in figs.values()] + [table(stats)], {}
 
 
-def wire(t: ConcentrationTab, run: gr.Dropdown, step: gr.Dropdown) -> None:
+def render_tab(t: ConcentrationTab, at: At, got: Mapping[Any, Any]) -> tuple[list, dict]:
+    return render(at.run, at.step, got[t.steps], got[t.runs])
+
+
+def wire(t: ConcentrationTab, page: Page) -> None:
+    run, step = page.header.run, page.header.step
+    page.follow_runs(t.runs)
+
     @user_errors
     def update(run_id, step_, steps, others):
         values, _ = render(run_id, step_, steps, others)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any, Mapping
 
 import gradio as gr
 import numpy as np
@@ -16,7 +17,20 @@ from backend.analysis import figures
 from backend.index import queries
 from backend.lm.scheme_specs import WHAT_IF, what_if_weights
 from tokviz import overlay
-from tokviz.common import ExportRow, as_int, empty_figure, export_zip, for_display, require_run_step, table, user_errors
+from tokviz.common import (
+    At,
+    ExportRow,
+    as_int,
+    empty_figure,
+    export_zip,
+    for_display,
+    require_run_step,
+    table,
+    user_errors,
+)
+from tokviz.context import AppContext
+from tokviz.header import Page, Shown
+from tokviz.links import Focus
 
 VIEWS = ("heatmap: dot", "heatmap: alignment", "heatmap: magnitude", "bars: dot per layer")
 NEIGHBOURS = 6
@@ -57,7 +71,12 @@ class InspectTab:
         return [self.sample, self.overlay, self.token, self.title, self.breakdown, self.neighbours]
 
 
-def build() -> InspectTab:
+def link_inputs(t: InspectTab) -> dict[str, gr.components.Component]:
+    """The deep link's sample and token are the tab's sample and selected token."""
+    return {"sample": t.sample, "token": t.token}
+
+
+def build(ctx: AppContext) -> InspectTab:
     with gr.Row(equal_height=True):
         sample = gr.Dropdown(label="Sample", choices=[], elem_id="tv-sample", scale=4, allow_custom_value=True)
         prev = gr.Button("◀ Previous", size="sm", elem_id="tv-prev", scale=0, min_width=110)
@@ -152,20 +171,25 @@ def token_views(run_id: str, step: int, sample: int, token: int | None, view: st
                          f"{int(toks['position'].min())}..{int(toks['position'].max())}")
     row = toks[toks["position"] == token].iloc[0]
     where = f"response token {int(row['resp_pos'])}" if row["is_response"] else "prompt token"
-    title = (f"**Token #{token}** `{overlay._show(str(row['token']))}` · {where} · {row['category']} · "
+    title = (f"**Token #{token}** `{overlay.show_token(str(row['token']))}` · {where} · {row['category']} · "
              f"alignment {row['alignment']:.4f} · share {row['share']:.3%} · loss {row['loss']:.3f}"
              if pd.notna(row["alignment"]) and pd.notna(row["loss"]) and pd.notna(row["share"]) else
-             f"**Token #{token}** `{overlay._show(str(row['token']))}` · {where} · {row['category']}")
-    kind, value = ("bars", "dot") if view.startswith("bars") else ("heatmap", view.split(": ")[1])
+             f"**Token #{token}** `{overlay.show_token(str(row['token']))}` · {where} · {row['category']}")
+    kind, value = breakdown_kind(view)
     rows = queries.token_breakdown(run_id, step, sample, token)
     fig = figures.token_breakdown(rows, value=value, kind=kind,
-                                  title=f"Token #{token} {overlay._show(str(row['token']))}: {value} by layer "
+                                  title=f"Token #{token} {overlay.show_token(str(row['token']))}: {value} by layer "
                                         f"and module (step {step}, sample {sample})")
     i = int(np.flatnonzero(toks["position"].to_numpy() == token)[0])
     near = toks.iloc[max(0, i - NEIGHBOURS): i + NEIGHBOURS + 1].copy()
     near[""] = np.where(near["position"] == token, "▶", "")
-    near["token"] = near["token"].map(lambda t: overlay._show(str(t)))
+    near["token"] = near["token"].map(lambda t: overlay.show_token(str(t)))
     return title, for_display(fig), table(near[NEIGHBOUR_COLS])
+
+
+def breakdown_kind(view: str) -> tuple[str, str]:
+    """(kind, value) of the breakdown figure a view (one of VIEWS) asks for."""
+    return ("bars", "dot") if view.startswith("bars") else ("heatmap", view.split(": ")[1])
 
 
 def breakdown_placeholder() -> object:
@@ -190,118 +214,134 @@ def render(run_id: str | None, step: int | None, sample: int | None, metric: str
     return values, {"sample": sample, "token": token}
 
 
+def render_tab(t: InspectTab, at: At, got: Mapping[Any, Any]) -> tuple[list, dict]:
+    return render(at.run, at.step, got[t.sample], got[t.metric], got[t.token], got[t.view], at.generation)
+
+
+# ---------------------------------------------------------------------------------------------- events
+# Each takes its event's inputs and returns its outputs (the last one, where there is one, the deep link of
+# what the tab now shows: the header's query).
+def link(run_id: str | None, step: int | None, sample: int | None, token: int | None) -> str:
+    return Focus("inspect", run_id, step, sample, token).query()
+
+
+@user_errors
+def show_sample(run_id, step, sample, metric, token, generation):
+    """The overlay of another sample; the token views are cleared only if a token was selected (redrawing
+    an empty figure on every switch would cost more than the overlay)."""
+    run_id, step = require_run_step(run_id, step)
+    sample = as_int(sample, "sample")
+    if sample is None:
+        raise ValueError("choose a sample")
+    html = overlay_html(run_id, step, sample, metric, None, generation)
+    views = token_views(run_id, step, sample, None, VIEWS[0]) if token is not None else (gr.skip(),) * 3
+    return (html, None, *views, link(run_id, step, sample, None))
+
+
+@user_errors
+def step_sample(run_id, step, sample, metric, token, generation, delta: int):
+    """The sample ``delta`` places after this one (wrapping around), shown."""
+    run_id, step = require_run_step(run_id, step)
+    ids = queries.step_samples(run_id, step, preview_chars=0)["sample_idx"].tolist()
+    sample = as_int(sample, "sample")
+    i = ids.index(sample) if sample in ids else -1
+    new = ids[(i + delta) % len(ids)] if i >= 0 else ids[0]
+    return (new,) + show_sample(run_id, step, new, metric, token, generation)
+
+
+def previous_sample(run_id, step, sample, metric, token, generation):
+    return step_sample(run_id, step, sample, metric, token, generation, -1)
+
+
+def next_sample(run_id, step, sample, metric, token, generation):
+    return step_sample(run_id, step, sample, metric, token, generation, +1)
+
+
+@user_errors
+def recolour(run_id, step, sample, metric, token, generation):
+    run_id, step = require_run_step(run_id, step)
+    sample = as_int(sample, "sample")
+    if sample is None:
+        return gr.skip()
+    return overlay_html(run_id, step, sample, metric, as_int(token, "token"), generation)
+
+
+@user_errors
+def select_token(run_id, step, sample, token, view):
+    run_id, step = require_run_step(run_id, step)
+    sample, token = as_int(sample, "sample"), as_int(token, "token")
+    if sample is None:
+        raise ValueError("choose a sample first")
+    title, fig, near = token_views(run_id, step, sample, token, view)
+    return token, title, fig, near, link(run_id, step, sample, token)
+
+
+def click_token(run_id, step, sample, view, evt: gr.EventData):
+    """A click on a token of the overlay (its script sends the token's position)."""
+    position = evt._data.get("position") if isinstance(evt._data, dict) else None
+    if position is None:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    return select_token(run_id, step, sample, int(position), view)
+
+
+@user_errors
+def search(run_id, text):
+    if not run_id:
+        raise ValueError("choose a run first")
+    df = queries.search_samples(run_id, (text or "").strip(), limit=50)
+    low = (text or "").lower()
+
+    def snippet(s: str) -> str:
+        i = s.lower().find(low)
+        return s[max(0, i - 40): i + len(low) + 40].replace("\n", "⏎ ")
+    df["match"] = df["text"].map(snippet)
+    if df.empty:
+        gr.Info(f"no sample of this run contains {text!r}")
+    return table(df[SEARCH_COLS])
+
+
+@user_errors
+def open_result(run_id, results: pd.DataFrame, metric, generation, shown: Shown, evt: gr.SelectData):
+    """A search result opens: the header moves to its step and the tab shows its sample."""
+    row = results.iloc[evt.index[0]]
+    step, sample = int(row["step"]), int(row["sample_idx"])
+    with shown.lock:
+        values, focus = render(run_id, step, sample, metric, None, VIEWS[0], generation)
+        shown.moved(run_id, step)
+    return [step] + values + [link(run_id, step, focus["sample"], None)]
+
+
+@user_errors
+def export(run_id, step, sample, token, view):
+    run_id, step = require_run_step(run_id, step)
+    sample, token = as_int(sample, "sample"), as_int(token, "token")
+    if sample is None or token is None:
+        raise ValueError("select a token first: the export holds its breakdown figure")
+    kind, value = breakdown_kind(view)
+    fig = figures.token_breakdown(queries.token_breakdown(run_id, step, sample, token), value, kind)
+    return export_zip({f"token_{token}_breakdown": fig}, f"{run_id}-step{step}-sample{sample}-token{token}")
+
+
 # ---------------------------------------------------------------------------------------------- wiring
-def wire(t: InspectTab, run: gr.Dropdown, step: gr.Dropdown, query: gr.Textbox, generation: gr.State) -> None:
-    """The tab's own events. ``query`` receives the deep link of what is shown."""
-    from tokviz.links import Focus
-
-    def link(run_id, step_, sample, token) -> str:
-        return Focus("inspect", run_id, step_, sample, token).query()
-
-    @user_errors
-    def show_sample(run_id, step_, sample, metric, token, gen):
-        """The overlay of another sample; the token views are cleared only if a token was selected (redrawing
-        an empty figure on every switch would cost more than the overlay)."""
-        run_id, step_ = require_run_step(run_id, step_)
-        sample = as_int(sample, "sample")
-        if sample is None:
-            raise ValueError("choose a sample")
-        html = overlay_html(run_id, step_, sample, metric, None, gen)
-        views = token_views(run_id, step_, sample, None, VIEWS[0]) if token is not None else (gr.skip(),) * 3
-        return (html, None, *views, link(run_id, step_, sample, None))
-
-    sample_in = [run, step, t.sample, t.metric, t.token, generation]
+def wire(t: InspectTab, page: Page) -> None:
+    """The tab's own events. Those that redraw part of the tab run without the queue (``fast``): one HTTP
+    round trip instead of the queue's join + event stream, about half the latency of a sample switch; they are
+    short, read-only and safe to run side by side."""
+    run, step, query, gen = page.header.run, page.header.step, page.header.query, page.generation
+    fast = {"show_progress": "hidden", "queue": False}
+    sample_in = [run, step, t.sample, t.metric, t.token, gen]
     sample_out = [t.overlay, t.token, t.title, t.breakdown, t.neighbours, query]
-    # queue=False: these answer in one HTTP round trip instead of the queue's join + event stream (about half
-    # the latency of a sample switch); they are short, read-only and safe to run side by side
-    t.sample.input(show_sample, sample_in, sample_out, api_name="inspect_sample", show_progress="hidden",
-                   queue=False)
-
-    @user_errors
-    def move(run_id, step_, sample, metric, token, gen, delta):
-        run_id, step_ = require_run_step(run_id, step_)
-        ids = queries.step_samples(run_id, step_, preview_chars=0)["sample_idx"].tolist()
-        sample = as_int(sample, "sample")
-        i = ids.index(sample) if sample in ids else -1
-        new = ids[(i + delta) % len(ids)] if i >= 0 else ids[0]
-        return (new,) + show_sample(run_id, step_, new, metric, token, gen)
-
-    move_out = [t.sample] + sample_out
-    t.prev.click(lambda *a: move(*a, -1), sample_in, move_out, api_name="previous_sample", show_progress="hidden",
-                 queue=False)
-    t.next.click(lambda *a: move(*a, +1), sample_in, move_out, api_name="next_sample", show_progress="hidden",
-                 queue=False)
-
-    @user_errors
-    def recolour(run_id, step_, sample, metric, token, gen):
-        run_id, step_ = require_run_step(run_id, step_)
-        sample = as_int(sample, "sample")
-        if sample is None:
-            return gr.skip()
-        return overlay_html(run_id, step_, sample, metric, as_int(token, "token"), gen)
-
-    t.metric.input(recolour, [run, step, t.sample, t.metric, t.token, generation], t.overlay, api_name="recolour",
-                   show_progress="hidden", queue=False)
-
-    @user_errors
-    def select_token(run_id, step_, sample, token, view):
-        run_id, step_ = require_run_step(run_id, step_)
-        sample, token = as_int(sample, "sample"), as_int(token, "token")
-        if sample is None:
-            raise ValueError("choose a sample first")
-        title, fig, near = token_views(run_id, step_, sample, token, view)
-        return token, title, fig, near, link(run_id, step_, sample, token)
-
+    token_in = [run, step, t.sample, t.token, t.view]
     token_out = [t.token, t.title, t.breakdown, t.neighbours, query]
-    t.token.submit(select_token, [run, step, t.sample, t.token, t.view], token_out, api_name="inspect_token",
-                   show_progress="hidden", queue=False)
-    t.view.input(select_token, [run, step, t.sample, t.token, t.view], token_out, api_visibility="private",
-                 show_progress="hidden", queue=False)
 
-    def clicked(run_id, step_, sample, view, evt: gr.EventData):
-        position = evt._data.get("position") if isinstance(evt._data, dict) else None
-        if position is None:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        return select_token(run_id, step_, sample, int(position), view)
-
-    t.overlay.click(clicked, [run, step, t.sample, t.view], token_out, api_visibility="private",
-                    show_progress="hidden", queue=False)
-
-    @user_errors
-    def search(run_id, text):
-        if not run_id:
-            raise ValueError("choose a run first")
-        df = queries.search_samples(run_id, (text or "").strip(), limit=50)
-        low = (text or "").lower()
-
-        def snippet(s: str) -> str:
-            i = s.lower().find(low)
-            return s[max(0, i - 40): i + len(low) + 40].replace("\n", "⏎ ")
-        df["match"] = df["text"].map(snippet)
-        if df.empty:
-            gr.Info(f"no sample of this run contains {text!r}")
-        return table(df[SEARCH_COLS])
-
+    t.sample.input(show_sample, sample_in, sample_out, api_name="inspect_sample", **fast)
+    t.prev.click(previous_sample, sample_in, [t.sample, *sample_out], api_name="previous_sample", **fast)
+    t.next.click(next_sample, sample_in, [t.sample, *sample_out], api_name="next_sample", **fast)
+    t.metric.input(recolour, sample_in, t.overlay, api_name="recolour", **fast)
+    t.token.submit(select_token, token_in, token_out, api_name="inspect_token", **fast)
+    t.view.input(select_token, token_in, token_out, api_visibility="private", **fast)
+    t.overlay.click(click_token, [run, step, t.sample, t.view], token_out, api_visibility="private", **fast)
     t.search.submit(search, [run, t.search], t.results, api_name="search_samples")
-
-    @user_errors
-    def open_result(run_id, results: pd.DataFrame, metric, gen, evt: gr.SelectData):
-        row = results.iloc[evt.index[0]]
-        step_, sample = int(row["step"]), int(row["sample_idx"])
-        values, focus = render(run_id, step_, sample, metric, None, VIEWS[0], gen)
-        return [step_] + values + [link(run_id, step_, focus["sample"], None)]
-
-    t.results.select(open_result, [run, t.results, t.metric, generation], [step] + t.outputs + [query],
+    t.results.select(open_result, [run, t.results, t.metric, gen, page.shown], [step, *t.outputs, query],
                      api_visibility="private")
-
-    @user_errors
-    def export(run_id, step_, sample, token, view):
-        run_id, step_ = require_run_step(run_id, step_)
-        sample, token = as_int(sample, "sample"), as_int(token, "token")
-        if sample is None or token is None:
-            raise ValueError("select a token first: the export holds its breakdown figure")
-        kind, value = ("bars", "dot") if view.startswith("bars") else ("heatmap", view.split(": ")[1])
-        fig = figures.token_breakdown(queries.token_breakdown(run_id, step_, sample, token), value, kind)
-        return export_zip({f"token_{token}_breakdown": fig}, f"{run_id}-step{step_}-sample{sample}-token{token}")
-
-    t.export.button.click(export, [run, step, t.sample, t.token, t.view], t.export.file, api_visibility="private")
+    t.export.button.click(export, token_in, t.export.file, api_visibility="private")

@@ -4,14 +4,16 @@ comparison, LoRA A/B magnitudes, and (opened on demand: it scans every module ro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import gradio as gr
 import plotly.graph_objects as go
 
 from backend.analysis import analyses, figures
-from backend.index import sql
-from backend.index.queries import cursor
-from tokviz.common import ExportRow, export_zip, for_display, require_run_step, user_errors
+from backend.index import queries
+from tokviz.common import At, ExportRow, export_zip, for_display, require_run_step, user_errors
+from tokviz.context import AppContext
+from tokviz.header import Page
 
 ALL = "all modules"
 
@@ -38,7 +40,7 @@ class LayersTab:
                 self.contribution]
 
 
-def build() -> LayersTab:
+def build(ctx: AppContext) -> LayersTab:
     module = gr.Dropdown(label="Layer x position heatmap: module type", choices=[ALL], value=ALL,
                          elem_id="tv-layers-module", allow_custom_value=True)
     with gr.Row():
@@ -51,11 +53,6 @@ def build() -> LayersTab:
                       elem_id="tv-contribution-box") as more:
         contribution = gr.Plot(label="Share of the update per layer and module", elem_id="tv-contribution")
     return LayersTab(module, lp, sp, mt, ab, more, gr.State(False), contribution, ExportRow())
-
-
-def module_names(run_id: str, step: int) -> list[str]:
-    with cursor(None) as cur:
-        return [r[0] for r in cur.execute(sql.MODULE_NAMES, [run_id, step]).fetchall()]
 
 
 QUICK = ("layer_position_heatmap", "step_position_heatmap", "module_types", "lora_ab")
@@ -73,7 +70,7 @@ def make_figures(run_id: str, step: int, module: str | None, with_contribution: 
 def render(run_id: str | None, step: int | None, module: str | None, more_open: bool = False
            ) -> tuple[list, dict]:
     run_id, step = require_run_step(run_id, step)
-    mods = module_names(run_id, step)
+    mods = queries.module_names(run_id, step)
     if module not in mods:
         module = ALL
     figs = make_figures(run_id, step, module, with_contribution=bool(more_open))
@@ -82,7 +79,13 @@ def render(run_id: str | None, step: int | None, module: str | None, more_open: 
         [contribution], {}
 
 
-def wire(t: LayersTab, run: gr.Dropdown, step: gr.Dropdown) -> None:
+def render_tab(t: LayersTab, at: At, got: Mapping[Any, Any]) -> tuple[list, dict]:
+    return render(at.run, at.step, got[t.module], got[t.more_open])
+
+
+def wire(t: LayersTab, page: Page) -> None:
+    run, step = page.header.run, page.header.step
+
     @user_errors
     def on_module(run_id, step_, module):
         run_id, step_ = require_run_step(run_id, step_)

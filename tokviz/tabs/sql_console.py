@@ -12,6 +12,8 @@ import pandas as pd
 
 from backend.index import queries
 from tokviz.common import table, user_errors
+from tokviz.context import AppContext
+from tokviz.header import Page
 
 EXAMPLES = {
     "Tables and columns": "SELECT table_name, column_name, data_type FROM information_schema.columns\n"
@@ -39,7 +41,7 @@ class SqlTab:
     download: gr.DownloadButton
 
 
-def build() -> SqlTab:
+def build(ctx: AppContext) -> SqlTab:
     gr.Markdown("Read-only SQL over the index (DuckDB): tables `runs`, `tokens`, `token_modules`, "
                 "`train_steps`, `eval`. One SELECT at a time; no file or network access.")
     with gr.Row():
@@ -65,7 +67,7 @@ def run_query(query: str, limit: float | None) -> tuple[str, pd.DataFrame, str]:
     return f"{len(df):,} row{'s' if len(df) != 1 else ''}{more}", table(df, 6), str(out)
 
 
-def wire(t: SqlTab) -> None:
+def wire(t: SqlTab, page: Page) -> None:
     t.example.input(lambda name: EXAMPLES.get(name, ""), t.example, t.query, api_visibility="private")
 
     @user_errors

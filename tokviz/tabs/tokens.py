@@ -5,14 +5,17 @@ from __future__ import annotations
 import html
 import math
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
 from backend.analysis import analyses, figures
-from tokviz.common import ExportRow, export_zip, for_display, require_run_step, user_errors
-from tokviz.overlay import _show, token_html
+from tokviz.common import At, ExportRow, export_zip, for_display, require_run_step, user_errors
+from tokviz.context import AppContext
+from tokviz.header import Page
+from tokviz.overlay import show_token, token_html
 
 NAMES = ("category_breakdown", "magnitude_alignment", "autocorrelation", "positional_decay")
 # the surprising-tokens table: (header, column, number format or None for text)
@@ -63,7 +66,7 @@ class TokensTab:
         return [self.category, self.scatter, self.autocorr, self.decay, self.surprising]
 
 
-def build() -> TokensTab:
+def build(ctx: AppContext) -> TokensTab:
     with gr.Row():
         cat = gr.Plot(label="By category", elem_id="tv-category")
         sc = gr.Plot(label="Magnitude vs alignment", elem_id="tv-scatter")
@@ -111,7 +114,7 @@ def surprising_html(df: pd.DataFrame) -> str:
             for _, col, fmt in SURPRISE_COLS:
                 if col == "token":
                     cells.append(f'<td class="ctx">{token_html(str(r.context_before))}<b>'
-                                 f'{html.escape(_show(str(r.token)), quote=True)}</b>'
+                                 f'{html.escape(show_token(str(r.token)), quote=True)}</b>'
                                  f'{token_html(str(r.context_after))}</td>')
                 else:
                     cells.append(f'<td class="{"" if fmt is None else "n"}">{_cell(getattr(r, col), fmt)}</td>')
@@ -128,7 +131,14 @@ def render(run_id: str | None, step: int | None) -> tuple[list, dict]:
     return [for_display(figs[n]) for n in NAMES] + [surprising_html(surprising)], {}
 
 
-def wire(t: TokensTab, run: gr.Dropdown, step: gr.Dropdown) -> None:
+def render_tab(t: TokensTab, at: At, got: Mapping[Any, Any]) -> tuple[list, dict]:
+    return render(at.run, at.step)
+
+
+def wire(t: TokensTab, page: Page) -> None:
+    """The export; a click on a surprising token (opening it in Inspect) is wired by the app (tokviz.ui)."""
+    run, step = page.header.run, page.header.step
+
     @user_errors
     def export(run_id, step_):
         run_id, step_ = require_run_step(run_id, step_)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import gradio as gr
 import plotly.graph_objects as go
 
 from backend.analysis import analyses, figures
 from backend.index import queries
-from tokviz.common import ExportRow, empty_figure, export_zip, for_display, user_errors
+from tokviz.common import At, ExportRow, empty_figure, export_zip, for_display, user_errors
+from tokviz.context import AppContext
+from tokviz.header import Page
 
 
 @dataclass
@@ -31,7 +34,7 @@ class TrainingTab:
         return [self.summary, self.loss, self.evolution, self.magnitude, self.config]
 
 
-def build() -> TrainingTab:
+def build(ctx: AppContext) -> TrainingTab:
     summary = gr.Markdown("", elem_id="tv-train-summary")
     loss = gr.Plot(label="Loss", elem_id="tv-loss")
     with gr.Row():
@@ -76,11 +79,15 @@ def render(run_id: str | None, step: int | None) -> tuple[list, dict]:
             for_display(figs["gradient_magnitude"]) if "gradient_magnitude" in figs else none, cfg], {}
 
 
-def wire(t: TrainingTab, run: gr.Dropdown, step: gr.Dropdown) -> None:
+def render_tab(t: TrainingTab, at: At, got: Mapping[Any, Any]) -> tuple[list, dict]:
+    return render(at.run, at.step)
+
+
+def wire(t: TrainingTab, page: Page) -> None:
     @user_errors
     def export(run_id):
         if not run_id:
             raise ValueError("choose a run first")
         return export_zip(make_figures(run_id), f"{run_id}-training")
 
-    t.export.button.click(export, [run], t.export.file, api_visibility="private")
+    t.export.button.click(export, [page.header.run], t.export.file, api_visibility="private")
