@@ -96,7 +96,6 @@ class LaunchTab:
     kind: gr.Radio
     forms: dict[str, KindForm]
     launch: gr.Button
-    launch: gr.Button
     message: gr.Markdown
     jobs: gr.HTML
     job: gr.Dropdown
