@@ -172,7 +172,7 @@ def summary(kind: str) -> Summary | None:
 
 def _run_kind(con: duckdb.DuckDBPyConnection, run_id: str) -> registry.JobSpec:
     """The job kind of an indexed run (ValueError naming the indexed runs for an unknown one)."""
-    kind = queries.run_info(run_id, con)["kind"].iloc[0]
+    kind = queries.run_kind(run_id, con)
     kinds = registry.kinds()
     if kind not in kinds:
         raise ValueError(f"run {run_id!r} is of job kind {kind!r}, which is not registered; kinds: {', '.join(kinds)}")

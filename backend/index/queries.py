@@ -86,6 +86,15 @@ def run_info(run_id: str, con: duckdb.DuckDBPyConnection | None = None) -> pd.Da
     return df
 
 
+def run_kind(run_id: str, con: duckdb.DuckDBPyConnection | None = None) -> str:
+    """The job kind of an indexed run (``runs.kind``); ValueError listing the indexed runs otherwise."""
+    with cursor(con) as cur:
+        row = cur.execute(sql.RUN_KIND, [run_id]).fetchone()
+    if row is None:
+        require_run(run_id, con)
+    return row[0]
+
+
 def run_steps(run_id: str, con: duckdb.DuckDBPyConnection | None = None) -> pd.DataFrame:
     """Per traced step: samples, tokens, response tokens, mean response alignment and loss, sum of shares."""
     df = _df(con, sql.RUN_STEPS, [run_id])
@@ -127,6 +136,16 @@ def token_breakdown(run_id: str, step: int, sample_idx: int, position: int,
     if df.empty:
         _require_sample(run_id, step, sample_idx, con)
     return df
+
+
+def module_names(run_id: str, step: int, con: duckdb.DuckDBPyConnection | None = None) -> list[str]:
+    """The module types (q_proj, ..., down_proj) with rows at one traced step, sorted; empty if the trace has
+    no module rows there. ValueError for a run or step that is not in the index."""
+    with cursor(con) as cur:
+        names = [str(r[0]) for r in cur.execute(sql.MODULE_NAMES, [run_id, step]).fetchall()]
+    if not names:
+        require_step(run_id, step, con)
+    return names
 
 
 def sample_layer_profile(run_id: str, step: int, sample_idx: int,

@@ -190,6 +190,7 @@ LIST_RUNS = """SELECT run_id, name, kind, status, model, dataset, scheme, create
     n_traced_steps, n_tokens, n_token_modules, n_train_steps, path, ingested_at
 FROM runs ORDER BY created_at DESC, run_id"""
 RUN_INFO = "SELECT * FROM runs WHERE run_id = ?"
+RUN_KIND = "SELECT kind FROM runs WHERE run_id = ?"
 RUN_IDS = "SELECT run_id FROM runs ORDER BY run_id"
 TRACED_STEPS = "SELECT DISTINCT step FROM tokens WHERE run_id = ? ORDER BY step"
 RUN_STEPS = """SELECT step, count(DISTINCT sample_idx) AS n_samples, count(*) AS n_tokens,
