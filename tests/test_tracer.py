@@ -340,6 +340,7 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_ddp_ranks_trace_their_part_against_the_global_gradient(tmp_path):
     import pickle
     script = tmp_path / "ddp.py"

@@ -29,6 +29,7 @@ def cfg(tmp_path, **kw) -> TrainConfig:
     return TrainConfig(**{**SMALL, "runs_root": str(tmp_path / "runs"), **kw})
 
 
+@pytest.mark.slow
 def test_run_directory_contract_and_loss_goes_down(tmp_path):
     run = train(cfg(tmp_path, steps=20, lr=5e-3, name="contract"), progress=False)
     names = {p.name for p in run.iterdir()}
@@ -71,6 +72,7 @@ def test_failure_keeps_what_was_written_and_writes_no_manifest(tmp_path):
     assert read_events(run)[-1]["type"] == "error"
 
 
+@pytest.mark.slow
 def test_tracing_leaves_training_bit_identical(tmp_path):
     plain = train(cfg(tmp_path, steps=6, n_eval=0, lora_dropout=0.1), progress=False)
     traced = train(cfg(tmp_path, steps=6, n_eval=0, lora_dropout=0.1, trace_every=3, trace_sequences=2),
@@ -97,6 +99,7 @@ def test_inline_trace_matches_rerun(tmp_path):
     assert (a["dot"].to_numpy() - b["dot"].to_numpy()).__abs__().max() <= 1e-4 * scale
 
 
+@pytest.mark.slow
 def test_ddp_gloo_two_ranks_agree(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     runs = tmp_path / "runs"

@@ -27,6 +27,9 @@ TAB_NAMES = {"inspect": "Inspect", "concentration": "Concentration", "layers": "
 JOB_TIMEOUT_S = 240
 
 
+pytestmark = pytest.mark.slow         # a real browser: minutes on a busy machine; CI runs `-m slow` too
+
+
 @pytest.fixture(scope="module")
 def app(data_home):
     with app_server(data_home) as (url, ctx):
