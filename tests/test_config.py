@@ -2,7 +2,9 @@
 import argparse
 
 import pytest
+import yaml
 
+from backend.jobs import registry
 from backend.jobs.config import add_config_args, config_from_args
 from backend.jobs.train import TrainConfig
 
@@ -72,3 +74,66 @@ def test_bad_yaml(tmp_path):
         TrainConfig.from_yaml(y)
     with pytest.raises(ValueError, match="does not exist"):
         TrainConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+# ---- run ids: the name of the run directory, so it must never leave the runs folder -------------------------
+BAD_RUN_IDS = ["../../x", "..", ".", ".hidden", "a/b", "/tmp/x", "a\\b", "x..y", "a b", "caf\u00e9", "x" * 129,
+               "run\n1", "~user", "a:b", "-rf"]
+GOOD_RUN_IDS = ["synth-sft", "20260101-000000-train-demo-ab12", "run_1.v2", "A", "x" * 128, "_private"]
+
+
+@pytest.mark.parametrize("run_id", BAD_RUN_IDS)
+def test_unsafe_run_ids_are_refused_by_every_way_of_building_a_config(run_id, tmp_path):
+    msg = r"run_id .* is not allowed: a run id is letters, digits, '-', '_' and '\.'"
+    with pytest.raises(ValueError, match=msg):
+        TrainConfig(run_id=run_id)
+    with pytest.raises(ValueError, match=msg):
+        _parse([f"--run-id={run_id}"])
+    y = tmp_path / "run.yaml"
+    y.write_text(yaml.safe_dump({"run_id": run_id, "steps": 1}))
+    with pytest.raises(ValueError, match=msg):
+        TrainConfig.from_yaml(y)
+
+
+@pytest.mark.parametrize("run_id", GOOD_RUN_IDS + [""])       # "": the job chooses one
+def test_safe_run_ids_are_kept(run_id):
+    assert TrainConfig(run_id=run_id).run_id == run_id
+
+
+def test_every_job_kind_checks_its_run_id(monkeypatch):
+    # the toy kind (tests/toy_kind.py) declares run_id with a plain option(): the check comes from JobConfig
+    monkeypatch.setenv(registry.ENV_KINDS, "tests.toy_kind")
+    kinds = registry.kinds()
+    assert {"train", "toy"} <= set(kinds)
+    for spec in kinds.values():
+        assert spec.config(run_id="ok-1").run_id == "ok-1"
+        with pytest.raises(ValueError, match="run_id '../../x' is not allowed"):
+            spec.config(run_id="../../x")
+        with pytest.raises(ValueError, match="run_id '../../x' is not allowed"):
+            spec.config.from_dict({"run_id": "../../x"})
+
+
+def test_runs_root_is_not_confined_by_the_config(tmp_path):
+    # the CLI user may write runs anywhere; the web app confines runs_root itself (test_app_api.py)
+    assert TrainConfig(runs_root=str(tmp_path / "elsewhere")).runs_root == str(tmp_path / "elsewhere")
+    assert _parse(["--runs-root", "/tmp/anywhere"]).runs_root == "/tmp/anywhere"
+
+
+def test_form_text_and_typed_values_build_the_same_config(tmp_path):
+    # the Launch form gives text (textboxes), numbers (gr.Number) and bools; the /launch API gives YAML types
+    from tokviz.tabs.launch import config_from_form
+    text = config_from_form({"scheme": "topk", "scheme_params": "keep_ratio=0.5", "steps": 30, "lr": "1",
+                             "lora_targets": "q_proj, v_proj", "task_params": '{"max_steps": 2}',
+                             "chat_template": False})
+    typed = config_from_form({"scheme": "topk", "scheme_params": {"keep_ratio": 0.5}, "steps": 30, "lr": 1,
+                              "lora_targets": ["q_proj", "v_proj"], "task_params": {"max_steps": 2},
+                              "chat_template": False})
+    y = tmp_path / "run.yaml"
+    y.write_text("scheme: topk\nscheme_params: {keep_ratio: 0.5}\nsteps: 30\nlr: 1\nlora_targets: [q_proj, v_proj]\n"
+                 "task_params: {max_steps: 2}\nchat_template: false\n")
+    assert text == typed == TrainConfig.from_yaml(y)
+    assert typed.lora_targets == ["q_proj", "v_proj"] and typed.task_params == {"max_steps": 2}
+    with pytest.raises(ValueError, match="steps: expected int, got True"):
+        config_from_form({"steps": True})                     # not 1
+    with pytest.raises(ValueError, match=r"lora_targets: expected list, got \{'q_proj': 1\}"):
+        config_from_form({"lora_targets": {"q_proj": 1}})     # not its text

@@ -1,5 +1,6 @@
 """Data: record loading and its errors, encoding (masking, EOS, chat rendering, truncation), collate."""
 import json
+import warnings
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -9,6 +10,7 @@ import torch
 from backend.lm.data import (
     IGNORE_INDEX,
     TaskDataset,
+    TruncationWarning,
     collate,
     encode,
     encode_examples,
@@ -82,11 +84,47 @@ def test_messages_render_all_but_last_with_the_template(tok, tmp_path):
 def test_truncation_keeps_a_response_token_or_raises(tok):
     full = encode(tok, "Tom has 3 apples.", "#### 3", max_len=256)
     n_prompt = full["labels"].count(IGNORE_INDEX)
-    cut = encode(tok, "Tom has 3 apples.", "#### 3", max_len=n_prompt + 1)
+    with pytest.warns(TruncationWarning, match=r"1 of 1 example\(s\) were cut to max_len=\d+"):
+        cut = encode(tok, "Tom has 3 apples.", "#### 3", max_len=n_prompt + 1)
     assert cut["input_ids"] == full["input_ids"][:n_prompt + 1]
     assert cut["labels"][-1] != IGNORE_INDEX
     with pytest.raises(ValueError, match="max_len"):
         encode(tok, "Tom has 3 apples.", "#### 3", max_len=n_prompt)
+
+
+def test_long_responses_are_cut_with_one_warning_per_dataset(tok):
+    examples = [{"prompt": "Tom has 3 apples.", "response": "#### 3"},
+                {"prompt": "Tom has 3 apples.", "response": "Step 1: 3 + 4 = 7\nStep 2: 7 + 5 = 12\n#### 12"},
+                {"prompt": "Ann has 2 pears.", "response": "Step 1: " + " + ".join("1" * 30) + "\n#### 30"},
+                {"prompt": "Ann has 2 pears.", "response": "#### 2"}]
+    # the full lengths by hand: the templated prompt, the response, EOS
+    by_hand = [_ids(tok, "<|im_start|>user\n" + e["prompt"] + "<|im_end|>\n<|im_start|>assistant\n")
+               + _ids(tok, e["response"]) + [tok.eos_token_id] for e in examples]
+    full = [len(ids) for ids in by_hand]
+    max_len = max(full[0], full[3]) + 2        # room for the short responses, not the two long ones
+    cut = [i for i, n in enumerate(full) if n > max_len]
+    assert cut == [1, 2]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = encode_examples(tok, examples, max_len=max_len)
+    mine = [w for w in caught if issubclass(w.category, TruncationWarning)]
+    assert len(mine) == 1, [str(w.message) for w in mine]               # once for the dataset
+    assert str(mine[0].message).startswith(f"2 of 4 example(s) were cut to max_len={max_len} tokens")
+    assert "example(s) 1, 2)" in str(mine[0].message) and f"the longest needs {max(full)} tokens" in str(mine[0].message)
+    assert [it["input_ids"] for it in items] == [ids[:max_len] for ids in by_hand]
+    for i in cut:                                                       # cut from the right: EOS is gone
+        assert items[i]["labels"][-1] != tok.eos_token_id and items[i]["labels"][-1] != IGNORE_INDEX
+    for i in (0, 3):
+        assert items[i]["labels"][-1] == tok.eos_token_id
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                  # nothing cut: no warning
+        encode_examples(tok, examples, max_len=max(full))
+
+
+def test_a_prompt_with_no_room_names_the_example(tok):
+    examples = [{"prompt": "a", "response": "b"}, {"prompt": "Tom has " + "3 " * 100 + "apples.", "response": "b"}]
+    with pytest.raises(ValueError, match=r"example 1: the prompt is \d+ tokens long, which leaves no room"):
+        encode_examples(tok, examples, max_len=64)
 
 
 def test_collate_right_pads(tok):
@@ -166,6 +204,33 @@ def test_parquet_errors_name_the_row(tmp_path):
     (tmp_path / "junk.parquet").write_bytes(b"not parquet")
     with pytest.raises(ValueError, match="junk.parquet: not a readable Parquet"):
         load_examples(tmp_path / "junk.parquet")
+
+
+@pytest.mark.parametrize("content,where", [
+    (b"\x1f\x8b\x08\x00\xde\xad\xbe\xef\x00\x03", "line 1: not UTF-8 text"),       # a gzip file named .jsonl
+    ('{"prompt": "caf\u00e9", "response": "b"}\n'.encode("latin-1"), "line 1: not UTF-8 text \\(byte 0xe9 at byte 16"),
+    (b'{"prompt": "a", "response": "b"}\n\n{"prompt": "\xff", "response": "b"}\n', "line 3: not UTF-8 text"),
+    (b'{"prompt": "a", "response": "b"}\n\x00\x00\x00\n', "line 2: binary data \\(a NUL byte at column 1\\)"),
+])
+def test_binary_or_non_utf8_jsonl_names_file_and_line(tmp_path, content, where):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"data\.jsonl: {where}"):
+        load_examples(path)
+
+
+def test_utf8_jsonl_with_a_bom_loads(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "caf\u00e9", "response": "\u2603"}).encode() + b"\n")
+    assert [(r["prompt"], r["response"]) for r in load_examples(path)] == [("caf\u00e9", "\u2603")]
+
+
+def test_parquet_with_non_utf8_strings_names_row_and_field(tmp_path):
+    raw = pa.array([b"ok", b"fine", b"\xff\xfe bad"], pa.binary())
+    bad = pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())      # a string column holding non-UTF-8 bytes
+    pq.write_table(pa.table({"prompt": pa.array(["a", "b", "c"]), "response": bad}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"bad\.parquet: row 3: field 'response' is not UTF-8 text"):
+        load_examples(tmp_path / "bad.parquet")
 
 
 def test_file_level_errors(tmp_path):

@@ -10,8 +10,12 @@
     add_config_args(parser, ProbeConfig); cfg = config_from_args(parser.parse_args(argv), ProbeConfig)
 
 Every field carries ``help`` and, where it has one, an allowed range or a list of choices; ``__post_init__``
-rejects a bad value naming the field and what is allowed. No torch here: the web app builds its forms from
-these classes.
+rejects a bad value naming the field and what is allowed. Every kind's ``run_id`` (the name of its run
+directory) is checked here too, whichever way the config was built: a non-empty one must be a safe folder name
+(``backend.store.rundir.check_run_id``: letters, digits, ``-``, ``_``, ``.``; no ``..``; not starting with ``.``
+or ``-``).
+``runs_root`` is not confined here: a CLI user may write runs anywhere, the web app confines it itself.
+No torch here: the web app builds its forms from these classes.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from backend.store.rundir import check_run_id
 
 INF = math.inf
 
@@ -68,6 +74,8 @@ class JobConfig:
                 raise ValueError(f"{f.name}={v!r} is not allowed; choose one of: {', '.join(f.metadata['choices'])}")
             if "range" in f.metadata:
                 check_range(f.name, v, f.metadata["range"])
+        if getattr(self, "run_id", ""):       # every kind has one (the registry asserts it); "" = choose one
+            check_run_id(self.run_id)
         self._floats_as_floats()
         self.validate()
 

@@ -19,17 +19,25 @@ Encoding rules (what every job trains and traces on):
   inference, so it is the right thing to train on.)
 - The response gets the tokenizer's EOS token appended, and EOS is labelled (the model learns to stop).
 - Labels are unshifted (HF convention: ``labels[t]`` is the target of position ``t - 1``); prompt tokens get -100.
-- Sequences longer than ``max_len`` are cut from the right; at least one response token must survive.
+- ``max_len`` bounds prompt + response (EOS included), and one rule covers both parts: a sequence is cut from
+  the right, and an example must keep at least one response token. So a prompt of ``max_len`` tokens or more
+  is an error (ValueError naming the example: it would train on nothing), while a response that does not fit
+  is cut, losing its end and its EOS. Cutting is never silent: ``encode_examples`` (every dataset a job
+  builds) emits one ``TruncationWarning`` per dataset that counts the cut examples, names the first few and
+  gives the length the longest needs; ``encode`` of a single example warns for that example.
 
-Record files (``.jsonl``: one JSON object a line, blank lines skipped; ``.parquet``: one row a record) hold
-either ``prompt`` + ``response`` strings, or ``messages``: a list of ``{"role", "content"}`` whose last message
-is from the assistant. An optional ``answer`` string is kept (the exact-match target of evaluation).
+Record files (``.jsonl``: UTF-8 text, one JSON object a line, blank lines skipped; ``.parquet``: one row a
+record) hold either ``prompt`` + ``response`` strings, or ``messages``: a list of ``{"role", "content"}`` whose
+last message is from the assistant. An optional ``answer`` string is kept (the exact-match target of evaluation). A file
+that is not UTF-8 text (a binary file, another encoding) is a ValueError naming the file and the first bad
+line (JSONL) or row and field (Parquet).
 
 This module does not import torch at load time (the web app reads files through it); ``collate`` does.
 """
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -41,6 +49,11 @@ SUFFIXES = (".jsonl", ".parquet")
 ROLES = ("system", "user", "assistant", "tool")
 
 Prompt = str | list[dict]          # a prompt text, or the prompt turns of a chat
+SHOW_TRUNCATED = 5                 # how many truncated examples a TruncationWarning names
+
+
+class TruncationWarning(UserWarning):
+    """Some examples' responses were cut to fit ``max_len`` (see the module docstring)."""
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -72,8 +85,18 @@ def load_examples(path: str | Path) -> list[dict]:
 
 
 def _read_jsonl(p: Path) -> Iterable[tuple[int, Any]]:
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    # read bytes and decode each line ourselves: a decode error then names the line, not a buffer offset
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")      # a leading BOM is allowed
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{p}: line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
+                                 "of the line); a .jsonl file must be UTF-8 text, one JSON object a line") from None
+            nul = line.find("\x00")
+            if nul >= 0:
+                raise ValueError(f"{p}: line {n}: binary data (a NUL byte at column {nul + 1}); "
+                                 "a .jsonl file must be UTF-8 text, one JSON object a line")
             if not line.strip():
                 continue
             try:
@@ -90,7 +113,23 @@ def _read_parquet(p: Path) -> list[Any]:
         table = pq.read_table(p)
     except (pa.ArrowInvalid, OSError) as e:
         raise ValueError(f"{p}: not a readable Parquet file ({e})") from None
-    return table.to_pylist()
+    try:
+        return table.to_pylist()
+    except UnicodeDecodeError as e:        # Parquet does not check that string columns hold UTF-8
+        raise ValueError(_bad_utf8_cell(p, table) or f"{p}: holds text that is not UTF-8 ({e})") from None
+
+
+def _bad_utf8_cell(p: Path, table: Any) -> str | None:
+    """Where the first string that is not UTF-8 sits in ``table``: 'FILE: row N: field NAME ...'."""
+    for name in table.column_names:
+        col = table.column(name)
+        for i in range(len(col)):
+            try:
+                col[i].as_py()
+            except UnicodeDecodeError as e:
+                return (f"{p}: row {i + 1}: field {name!r} is not UTF-8 text ({e.reason} at byte {e.start + 1}); "
+                        "string columns must hold UTF-8")
+    return None
 
 
 def _validate(rec: Any, where: str) -> dict:
@@ -181,9 +220,18 @@ def response_ids(tokenizer: Any, response: str) -> list[int]:
 def encode(tokenizer: Any, prompt: Prompt, response: str, max_len: int, chat: bool = True) -> dict[str, list[int]]:
     """``{"input_ids", "labels"}`` for one example: prompt labels -100, response (with EOS) labelled.
 
-    ``prompt`` is a text or a list of chat messages (the prompt turns). Truncates from the right to
-    ``max_len``; raises ValueError when not even one response token would remain.
+    ``prompt`` is a text or a list of chat messages (the prompt turns). A response that does not fit in
+    ``max_len`` is cut from the right with a ``TruncationWarning``; ValueError when the prompt leaves no room
+    for even one response token (module docstring).
     """
+    item, full_len = _encode(tokenizer, prompt, response, max_len, chat)
+    if full_len > max_len:
+        _warn_truncated([0], [full_len], 1, max_len)
+    return item
+
+
+def _encode(tokenizer: Any, prompt: Prompt, response: str, max_len: int, chat: bool) -> tuple[dict, int]:
+    """``encode`` without the warning: (the item, the length prompt + response + EOS had before cutting)."""
     if not isinstance(max_len, int) or max_len < 2:
         raise ValueError(f"max_len must be an integer >= 2, got {max_len!r}")
     p_ids = prompt_ids(tokenizer, prompt, chat)
@@ -194,7 +242,14 @@ def encode(tokenizer: Any, prompt: Prompt, response: str, max_len: int, chat: bo
     input_ids = (p_ids + r_ids)[:max_len]
     labels = ([IGNORE_INDEX] * len(p_ids) + r_ids)[:max_len]
     assert len(input_ids) == len(labels), "input_ids and labels must align"
-    return {"input_ids": input_ids, "labels": labels}
+    return {"input_ids": input_ids, "labels": labels}, len(p_ids) + len(r_ids)
+
+
+def _warn_truncated(idx: list[int], full_lens: list[int], n_total: int, max_len: int) -> None:
+    shown = ", ".join(str(i) for i in idx[:SHOW_TRUNCATED]) + (", ..." if len(idx) > SHOW_TRUNCATED else "")
+    warnings.warn(f"{len(idx)} of {n_total} example(s) were cut to max_len={max_len} tokens, losing the end of "
+                  f"their response and its EOS (example(s) {shown}); the longest needs {max(full_lens)} tokens: "
+                  "raise max_len to keep them whole", TruncationWarning, stacklevel=3)
 
 
 def record_prompt(record: Example | dict) -> Prompt:
@@ -204,22 +259,33 @@ def record_prompt(record: Example | dict) -> Prompt:
     return record["messages"] if record.get("messages") is not None else record["prompt"]
 
 
+def _record_response(record: Example | dict) -> str:
+    return record.response if isinstance(record, Example) else record["response"]
+
+
 def encode_record(tokenizer: Any, record: Example | dict, max_len: int, chat: bool = True) -> dict[str, list[int]]:
     """``encode`` for an Example or a record from ``load_examples``."""
-    response = record.response if isinstance(record, Example) else record["response"]
-    return encode(tokenizer, record_prompt(record), response, max_len, chat)
+    return encode(tokenizer, record_prompt(record), _record_response(record), max_len, chat)
 
 
 def encode_examples(tokenizer: Any, examples: Sequence[Example | dict], max_len: int,
                     chat: bool = True) -> list[dict]:
-    """Encode every example, keeping its position in ``examples`` as ``sample_idx``."""
+    """Encode every example, keeping its position in ``examples`` as ``sample_idx``. Responses cut to fit
+    ``max_len`` give one ``TruncationWarning`` for the whole list, counting them; a prompt with no room left
+    is a ValueError naming the example."""
     out = []
+    cut_idx, cut_lens = [], []
     for i, ex in enumerate(examples):
         try:
-            item = encode_record(tokenizer, ex, max_len, chat)
+            item, full_len = _encode(tokenizer, record_prompt(ex), _record_response(ex), max_len, chat)
         except ValueError as e:
             raise ValueError(f"example {i}: {e}") from None
+        if full_len > max_len:
+            cut_idx.append(i)
+            cut_lens.append(full_len)
         out.append(item | {"sample_idx": i})
+    if cut_idx:
+        _warn_truncated(cut_idx, cut_lens, len(out), max_len)
     return out
 
 
