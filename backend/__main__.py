@@ -6,6 +6,8 @@
     python -m backend analyze RUN_DIR
     python -m backend compare RUN_A RUN_B
     python -m backend build-demo-model
+    python -m backend resume RUN_DIR
+    python -m backend clean [--yes]
 
 Every job kind of the registry is a command (flags from its config dataclass); the tools below are the rest.
 This file only dispatches, so ``--help`` stays fast.
@@ -22,6 +24,8 @@ TOOLS: dict[str, tuple[str, str]] = {
     "analyze": ("backend.analysis.report", "the analyses of one run: summary.json and figures"),
     "compare": ("backend.analysis.report", "cross-run figures and a summary table"),
     "build-demo-model": ("backend.dev.demo_model", "rebuild the embedded tiny models under data/models/"),
+    "resume": ("backend.jobs.resume", "continue an interrupted train run from its latest checkpoint"),
+    "clean": ("backend.jobs.clean", "remove failed and interrupted runs (after asking; --yes to skip)"),
 }
 
 

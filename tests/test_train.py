@@ -119,3 +119,84 @@ def test_ddp_gloo_two_ranks_agree(tmp_path):
     assert len(m["rank_param_digests"]) == 2 and len(set(m["rank_param_digests"])) == 1
     shards = sorted(p.name for p in (run / "trace" / "tokens").iterdir())
     assert shards == ["step_000003.rank0.parquet", "step_000003.rank1.parquet"]      # each rank its own part
+
+
+KILLED_AT_STEP_5 = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from backend.jobs.train import TrainConfig
+from backend.lm import trainer
+from backend.store.rundir import RunDir
+trainer.TRAIN_STEPS_FLUSH = 2          # a train_steps part (steps 3-4) lands after the step-3 checkpoint
+real_event = RunDir.event
+def event(self, type_, **fields):      # kill -9 once step 5 (traced) is done, before its checkpoint
+    real_event(self, type_, **fields)
+    if type_ == "progress" and fields["step"] == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+RunDir.event = event
+trainer.train(TrainConfig(**{cfg!r}), progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_resume_after_kill_is_bit_identical(tmp_path):
+    """A run killed (SIGKILL) at step 5 is `interrupted`; `resume` continues from its step-3 checkpoint and
+    gives the losses of every step and the final adapter of a run that was never interrupted."""
+    from backend.__main__ import main as cli
+    from backend.index.ingest import status_of
+    from backend.lm.trainer import latest_checkpoint
+    kw = dict(steps=8, n_eval=0, lora_dropout=0.1, log_every=1, trace_every=5, trace_sequences=2, checkpoint_every=3)
+    whole = train(cfg(tmp_path / "whole", **kw), progress=False)
+    killed_cfg = cfg(tmp_path, run_id="killed", **kw).to_dict()
+    p = subprocess.run([sys.executable, "-c", KILLED_AT_STEP_5.format(root=str(ROOT), cfg=killed_cfg)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == -9, p.stderr[-3000:]
+    run = tmp_path / "runs" / "killed"
+    assert status_of(run) == "interrupted" and not (run / "manifest.json").exists()
+    assert latest_checkpoint(run).name == "step_000003.pt"
+    assert (run / "train_steps" / "part_000001.rank0.parquet").exists()       # steps 3-4, written after it
+    assert (run / "trace" / "tokens" / "step_000005.rank0.parquet").exists()
+
+    assert cli(["resume", str(run), "--quiet"]) == 0
+    assert status_of(run) == "finished"
+    a = pq.read_table(whole / "train_steps").to_pandas().sort_values("step")
+    b = pq.read_table(run / "train_steps").to_pandas().sort_values("step")
+    assert list(b["step"]) == list(range(1, 9))                                # each step once
+    assert a["loss"].tolist() == b["loss"].tolist() and a["grad_norm"].tolist() == b["grad_norm"].tolist()
+    ma = json.loads((whole / "manifest.json").read_text())
+    mb = json.loads((run / "manifest.json").read_text())
+    assert ma["rank_param_digests"] == mb["rank_param_digests"]                 # bit-identical adapter
+    assert mb["trace"]["steps"] == [5] and mb["final_loss"] == ma["final_loss"]
+    ea = pq.read_table(whole / "trace" / "tokens").to_pandas()["dot"].tolist()
+    eb = pq.read_table(run / "trace" / "tokens").to_pandas()["dot"].tolist()
+    assert ea == eb
+    types = [e["type"] for e in read_events(run)]
+    assert types.count("start") == 2 and "resumed" in types and types[-1] == "done"
+
+
+def test_resume_after_a_failure_is_bit_identical(tmp_path, monkeypatch):
+    """The fast, in-process version: a run that fails at step 3 (an exception, so it is `failed`) resumes from
+    its step-2 checkpoint to the losses and adapter of an uninterrupted run (dropout on: the RNG must follow)."""
+    from backend.index.ingest import status_of
+    from backend.lm.trainer import resume
+    from backend.store.rundir import RunDir
+    kw = dict(steps=4, n_train=32, n_eval=0, lora_dropout=0.1, log_every=1, checkpoint_every=2)
+    whole = train(cfg(tmp_path / "whole", **kw), progress=False)
+    real_event = RunDir.event
+
+    def event(self, type_, **fields):
+        real_event(self, type_, **fields)
+        if type_ == "progress" and fields["step"] == 3:
+            raise KeyboardInterrupt("stopped at step 3 by the test")
+    monkeypatch.setattr(RunDir, "event", event)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(tmp_path, run_id="stopped", **kw), progress=False)
+    monkeypatch.setattr(RunDir, "event", real_event)
+    run = tmp_path / "runs" / "stopped"
+    assert status_of(run) == "failed"
+    resume(run, progress=False)
+    a = pq.read_table(whole / "train_steps").to_pandas()
+    b = pq.read_table(run / "train_steps").to_pandas().sort_values("step")
+    assert list(b["step"]) == [1, 2, 3, 4] and a["loss"].tolist() == b["loss"].tolist()
+    assert json.loads((whole / "manifest.json").read_text())["rank_param_digests"] == \
+        json.loads((run / "manifest.json").read_text())["rank_param_digests"]

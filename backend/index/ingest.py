@@ -29,7 +29,9 @@ from backend.index import db, sql
 from backend.index.db import IngestError, TokvizIndexError, first_line, transaction
 from backend.jobs import registry
 from backend.store import paths, schema
-from backend.store.rundir import CONFIG, MANIFEST, read_events
+from backend.store.rundir import CONFIG, MANIFEST, process_alive, read_events
+
+STALE_S = 600.0     # a run on another host with no event (heartbeat included) for this long counts as interrupted
 
 
 def rebuild(con: duckdb.DuckDBPyConnection, runs_root: Path | None = None) -> list["IngestResult"]:
@@ -53,7 +55,7 @@ class IngestResult:
     run_id: str
     path: Path
     action: str                      # "ingested", "unchanged", "removed" or "failed"
-    status: str = ""                 # the run's status: finished, running or failed
+    status: str = ""                 # the run's status: RUN_STATUSES
     rows: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     error: str = ""
@@ -95,6 +97,35 @@ def _check_version(obj: dict, f: Path) -> None:
                           f"{schema.SCHEMA_VERSION} (a run written by another tokviz version)")
 
 
+RUN_STATUSES = ("queued", "running", "finished", "failed", "interrupted")
+
+
+def run_status(events: list[dict], now: float | None = None) -> str:
+    """The status of a run without manifest from its events: what happened since its last ``start`` (or
+    ``queued``) event. ``failed``: an ``error`` event; ``interrupted``: its process is gone without one
+    (``kill -9``, a reboot: same host and the pid is gone or is another process now; another host: no
+    event, heartbeats included, for STALE_S seconds); ``queued``: the queue has not started it yet (and the
+    queue's process lives); else ``running``. A run from before pids were recorded stays ``running``."""
+    now = time.time() if now is None else now
+    last = max((i for i, e in enumerate(events) if e.get("type") in ("start", "queued")), default=0)
+    tail = events[last:]
+    if any(e.get("type") == "error" for e in tail):
+        return "failed"
+    if not tail or "pid" not in tail[0]:
+        return "queued" if tail and tail[0].get("type") == "queued" else "running"
+    alive = process_alive(tail[0])
+    if tail[0].get("type") == "queued":         # no heartbeat before the job starts: only the pid can tell
+        return "interrupted" if alive is False else "queued"
+    if alive is None:                           # another host: the heartbeat decides
+        alive = now - max(float(e.get("time", 0)) for e in tail) < STALE_S
+    return "running" if alive else "interrupted"
+
+
+def status_of(run_path: Path) -> str:
+    """A run directory's status (RUN_STATUSES): ``finished`` once its manifest is there, else ``run_status``."""
+    return "finished" if (Path(run_path) / MANIFEST).exists() else run_status(read_events(run_path))
+
+
 def _scan_run(run_path: Path) -> _RunFiles:
     """What a run directory holds and which shards are complete. A run without manifest (still running, or
     crashed) contributes only the traced steps whose tokens and token_modules shards are both there."""
@@ -111,8 +142,7 @@ def _scan_run(run_path: Path) -> _RunFiles:
         _check_version(manifest, run_path / MANIFEST)
         status = "finished"
     else:
-        events = read_events(run_path)
-        status = "failed" if any(e.get("type") == "error" for e in events) else "running"
+        status = run_status(read_events(run_path))
     try:
         spec = registry.get(config["kind"])
     except ValueError as e:

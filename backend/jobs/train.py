@@ -61,6 +61,9 @@ class TrainConfig(JobConfig):
     attn_implementation: str = option("auto", "attention kernel", choices=("auto", "eager", "sdpa", "flash_attention_2"))
     trust_remote_code: bool = option(False, "run model code from the hub (only if you trust it)")
     log_every: int = option(10, "steps between progress events", range=(1, INF, False, True))
+    checkpoint_every: int = option(100, "save the resumable training state (adapter, optimizer, scheduler, RNG, "
+                                   "data order) every N steps, and at traced steps; `python -m backend resume` "
+                                   "continues from the latest (0: only at traced steps)", range=NONNEG)
     # evaluation
     eval_max_new_tokens: int = option(64, "generation length at eval", range=(1, INF, False, True))
     eval_batch_size: int = option(64, "prompts per generation batch", range=(1, INF, False, True))

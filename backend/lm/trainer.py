@@ -3,14 +3,23 @@
     python -m backend train --task arith --scheme antiop --steps 200
     python -m backend train --config run.yaml --trace-every 20 --trace-mode position
     torchrun --nproc_per_node 2 -m backend train --task arith --steps 100        # DDP, gloo on CPU
+    python -m backend resume RUN_DIR          # continue an interrupted run from its latest checkpoint
 
 The run directory gets config.json, events.jsonl (start, progress with step/loss/lr/tokens per s/ETA, eval,
 done or error), train_steps Parquet parts, traced steps (when asked), the final adapter, eval results, and
 manifest.json last.
+
+Every ``checkpoint_every`` steps and at traced steps the main process saves, after the optimizer step, all
+that the next step depends on (``checkpoint/step_NNNNNN.pt``, the latest one only): the trainable weights, the
+optimizer and scheduler state, the sampler's generator and pending order, the RNG states, and the train_steps
+rows not yet flushed. ``resume`` restores it and runs the remaining steps, so on CPU a resumed run's losses and
+final adapter are bit-identical to an uninterrupted run's.
 """
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import math
 import random
 import time
@@ -28,9 +37,10 @@ from backend.lm.loss import forward_loss, unwrap
 from backend.lm.models import apply_lora, load_model_and_tokenizer, resolve_device
 from backend.lm.schemes import get_scheme
 from backend.store import schema
-from backend.store.rundir import RunDir, new_run_id, rows_to_table
+from backend.store.rundir import CONFIG, RunDir, atomic_write_bytes, new_run_id, rows_to_table
 
 TRAIN_STEPS_FLUSH = 50      # steps per train_steps Parquet part: a crash loses at most this many rows
+CHECKPOINT_DIR = "checkpoint"
 
 
 @dataclass
@@ -104,19 +114,26 @@ def run_eval(model, tokenizer, cfg: TrainConfig, ds: Dataset, device) -> dict:
         model.train(was_training)
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> Path:
-    """Run one training job; returns the run directory. See the module docstring."""
+def train(cfg: TrainConfig, progress: bool = True, resume_from: Path | None = None) -> Path:
+    """Run one training job; returns the run directory. See the module docstring. ``resume_from``: a
+    checkpoint file of this run (``latest_checkpoint``) to continue from, in the run's own directory."""
     device = resolve_device(cfg.device)
     info = bdist.init_from_env(device.type)
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     seed_everything(cfg.seed)
     name = cfg.name or cfg.scheme
-    run_id = bdist.broadcast_object(cfg.run_id or new_run_id("train", name))     # every rank: rank 0's id
-    rd = RunDir.create("train", name, cfg.to_dict(), root=Path(cfg.runs_root) if cfg.runs_root else None,
-                       run_id=run_id, is_writer=info.is_main)
+    if resume_from is not None:
+        if info.enabled:
+            bdist.shutdown()
+            raise ValueError("resume continues single-process runs only; run it without torchrun")
+        rd = RunDir.reopen(Path(resume_from).parent.parent, resumed_from=str(Path(resume_from).name))
+    else:
+        run_id = bdist.broadcast_object(cfg.run_id or new_run_id("train", name))     # every rank: rank 0's id
+        rd = RunDir.create("train", name, cfg.to_dict(), root=Path(cfg.runs_root) if cfg.runs_root else None,
+                           run_id=run_id, is_writer=info.is_main)
     try:
-        return _train(cfg, rd, info, device, progress)
+        return _train(cfg, rd, info, device, progress, resume_from)
     except BaseException as e:
         rd.fail(e)      # recorded for the UI; no manifest, so the run shows as failed with what it has
         raise
@@ -124,7 +141,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         bdist.shutdown()
 
 
-def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.device, progress: bool) -> Path:
+def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.device, progress: bool,
+           resume_from: Path | None = None) -> Path:
     from backend.lm.data import collate
 
     t_load = time.time()
@@ -140,7 +158,7 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
              train_examples=len(ds.encoded), eval_examples=len(ds.eval_examples), world_size=info.world_size)
 
     eval_before = None
-    if cfg.eval_before and ds.eval_examples and info.is_main:
+    if cfg.eval_before and ds.eval_examples and info.is_main and resume_from is None:
         eval_before = run_eval(model, tok, cfg, ds, device)
         rd.event("eval", when="before", accuracy=eval_before["accuracy"], n=eval_before["n"])
 
@@ -157,9 +175,22 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
     rows: dict[str, list] = {f.name: [] for f in schema.TRAIN_STEPS}
     part = 0
     seen_tokens = 0
+    first = 1
+    loss_avg = float("nan")
     t0 = time.time()
-    bar = tqdm(total=cfg.steps, desc=f"train {cfg.scheme}", disable=not (progress and info.is_main), unit="step")
-    for step in range(1, cfg.steps + 1):
+    if resume_from is not None:
+        st = load_checkpoint(resume_from, model, opt, sched, sampler, device)
+        first, part, seen_tokens, loss_avg = st["step"] + 1, st["part"], st["seen_tokens"], st["loss"]
+        rows, eval_before, t0 = st["rows"], st["eval_before"], time.time() - st["elapsed_s"]
+        if tracer is not None:
+            tracer.steps, tracer.checks = st["trace_steps"], st["trace_checks"]
+        for f in (rd.path / "train_steps").glob("part_*.parquet"):      # written after the checkpoint: redone
+            if int(f.name.split(".")[0].split("_")[1]) >= part:
+                f.unlink()
+        rd.event("resumed", step=st["step"], total=cfg.steps)
+    bar = tqdm(total=cfg.steps, initial=first - 1, desc=f"train {cfg.scheme}",
+               disable=not (progress and info.is_main), unit="step")
+    for step in range(first, cfg.steps + 1):
         idx = sampler.next()
         micro = [idx[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(cfg.grad_accum)]
         batches = [_to(collate([ds.encoded[j] for j in m], tok.pad_token_id), device) for m in micro]
@@ -206,6 +237,12 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
             rd.write_table(f"train_steps/part_{part:06d}.rank0.parquet", rows_to_table(rows, schema.TRAIN_STEPS))
             rows = {k: [] for k in rows}
             part += 1
+        if info.is_main and (traced or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+            save_checkpoint(rd, step, model, opt, sched, sampler, device, world_size=info.world_size, part=part,
+                            rows=rows, loss=loss_avg, seen_tokens=seen_tokens, elapsed_s=time.time() - t0,
+                            eval_before=eval_before,
+                            trace_steps=list(tracer.steps) if tracer is not None else [],
+                            trace_checks=list(tracer.checks) if tracer is not None else [])
     bar.close()
     train_s = time.time() - t0
 
@@ -231,6 +268,87 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
     rd.finish(manifest)
     bdist.barrier()           # no rank returns before rank 0 has written the manifest
     return rd.path
+
+
+# ---- checkpoints: resume an interrupted run ----------------------------------------------------------------
+
+def checkpoint_path(run_path: Path, step: int) -> Path:
+    return Path(run_path) / CHECKPOINT_DIR / f"step_{step:06d}.pt"
+
+
+def latest_checkpoint(run_path: Path) -> Path | None:
+    """The checkpoint of the highest step in a run directory (temp files of a killed writer are ignored)."""
+    files = sorted((Path(run_path) / CHECKPOINT_DIR).glob("step_*.pt"))
+    return files[-1] if files else None
+
+
+def _rng_state(device: torch.device) -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def save_checkpoint(rd: RunDir, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                    sched: torch.optim.lr_scheduler.LRScheduler, sampler: BatchSampler, device: torch.device,
+                    **extra: object) -> Path:
+    """Everything step ``step + 1`` depends on, in one file written atomically; older checkpoints are removed
+    once it is in place. ``extra``: the loop's counters (part, rows, loss, seen_tokens, elapsed_s, ...)."""
+    state = {"step": step, "weights": {n: p.detach().cpu().clone() for n, p in model.named_parameters()
+                                       if p.requires_grad},
+             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "sampler": {"generator": sampler.gen.get_state(), "order": list(sampler.order)},
+             "rng": _rng_state(device), **extra}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    out = checkpoint_path(rd.path, step)
+    atomic_write_bytes(out, buf.getvalue())
+    for old in (rd.path / CHECKPOINT_DIR).glob("step_*.pt"):
+        if old != out:
+            old.unlink()
+    rd.event("checkpoint", step=step)
+    return out
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                    sched: torch.optim.lr_scheduler.LRScheduler, sampler: BatchSampler, device: torch.device) -> dict:
+    """Restore a checkpoint into freshly built training objects (RNG states last); returns its counters."""
+    # weights_only=False: the file holds Python RNG states, and it is this run's own file, written by save_checkpoint
+    st = torch.load(path, map_location="cpu", weights_only=False)
+    if st["world_size"] != sampler.info.world_size:
+        raise ValueError(f"{path}: saved by a run of {st['world_size']} processes; resume continues it with "
+                         f"{sampler.info.world_size} (the data order and the RNG states belong to that world size)")
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(trainable) != set(st["weights"]):
+        raise ValueError(f"{path}: its trainable parameters do not match the model built from the run's config "
+                         f"({len(st['weights'])} saved, {len(trainable)} in the model)")
+    with torch.no_grad():
+        for n, p in trainable.items():
+            p.copy_(st["weights"][n])
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    sampler.gen.set_state(st["sampler"]["generator"])
+    sampler.order = list(st["sampler"]["order"])
+    rng = st["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    if rng["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    return st
+
+
+def resume(run_path: Path, progress: bool = True) -> Path:
+    """Continue an interrupted (or failed) ``train`` run from its latest checkpoint, in its own directory,
+    with the config it was started with. ValueError if it has no checkpoint or is not a train run."""
+    run_path = Path(run_path)
+    record = json.loads((run_path / CONFIG).read_text())
+    if record.get("kind") != "train":
+        raise ValueError(f"{run_path}: resume continues train runs; this run's kind is {record.get('kind')!r}")
+    ckpt = latest_checkpoint(run_path)
+    if ckpt is None:
+        raise ValueError(f"{run_path}: no checkpoint to resume from (expected {CHECKPOINT_DIR}/step_NNNNNN.pt; "
+                         "a run saves one every checkpoint_every steps and at traced steps)")
+    cfg = TrainConfig.from_dict(record["config"])
+    return train(cfg, progress=progress, resume_from=ckpt)
 
 
 def param_digest(model: torch.nn.Module) -> str:
