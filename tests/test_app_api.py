@@ -7,11 +7,13 @@ text, the read-only SQL console, and paths that try to leave the data root.
 from __future__ import annotations
 
 import base64
+import json
 import urllib.error
 import urllib.request
 
 import numpy as np
 import plotly.io as pio
+import pyarrow.parquet as pq
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
@@ -167,13 +169,32 @@ def test_sql_console_is_read_only(server, shards):
     for bad, why in [("DROP TABLE tokens", "exactly one SELECT"), ("SELECT 1; SELECT 2", "exactly one SELECT"),
                      ("SELECT * FROM read_csv('/etc/passwd')", "disabled|Permission"),
                      ("SELECT * FROM read_parquet('../../**/*.parquet')", "disabled|Permission|outside"),
-                     ("INSTALL httpfs", "exactly one SELECT")]:
+                     ("INSTALL httpfs", "exactly one SELECT"),
+                     ("WITH x AS (DELETE FROM runs RETURNING *) SELECT * FROM x", "read-only"),
+                     ("WITH x AS (UPDATE runs SET name = 'x' RETURNING *) SELECT * FROM x", "read-only")]:
         with pytest.raises(AppError, match=why):
             client.predict(bad, 10, api_name="/sql")
+    _, table, _ = client.predict("SELECT run_id, name FROM runs ORDER BY run_id", 10, api_name="/sql")
+    assert table["data"] == [["synth-antiop", "synthetic antiop"], ["synth-sft", "synthetic sft"]]
+
+
+def test_sql_console_reads_the_runs_files_only(server, shards):
+    """An app in normal mode: a run's Parquet shard is readable, a job log under the data root is not."""
+    _, ctx, client = server
+    root = ctx.settings.data_root
+    shard = min((root / "runs" / "synth-sft" / "trace").rglob("*.parquet"))
+    _, table, _ = client.predict(f"SELECT count(*) AS n FROM read_parquet('{shard}')", 10, api_name="/sql")
+    assert table["data"] == [[pq.read_metadata(shard).num_rows]]
+    (root / "jobs").mkdir(exist_ok=True)
+    (root / "jobs" / "job9-x.log").write_text("$ python -m backend train --secret\n")
+    for path in (root / "jobs" / "job9-x.log", root / "runs" / ".." / "jobs" / "job9-x.log"):
+        with pytest.raises(AppError, match="disabled by configuration"):
+            client.predict(f"SELECT content FROM read_text('{path}')", 10, api_name="/sql")
 
 
 def test_paths_cannot_leave_the_data_root(server):
     url, ctx, client = server
+    jobs_before = len(ctx.jobs.snapshot())
     for model in ("../../../etc", "/etc", "~", "x/../../y"):
         with pytest.raises(AppError, match="model"):
             client.predict(f"model: '{model}'\nsteps: 1", "", api_name="/launch")
@@ -181,7 +202,11 @@ def test_paths_cannot_leave_the_data_root(server):
         client.predict("dataset: /etc/passwd\nsteps: 1", "", api_name="/launch")
     with pytest.raises(AppError, match="chosen by the app"):
         client.predict("runs_root: /tmp\nsteps: 1", "", api_name="/launch")
-    assert ctx.jobs.snapshot() == []                       # nothing was queued
+    with pytest.raises(AppError, match=r"run_id '\.\./\.\./escape' is not allowed"):
+        client.predict("run_id: ../../escape\nsteps: 1", "", api_name="/launch")
+    with pytest.raises(AppError, match="chosen by the app"):                 # a safe id is the app's to choose
+        client.predict("run_id: mine\nsteps: 1", "", api_name="/launch")
+    assert len(ctx.jobs.snapshot()) == jobs_before         # nothing was queued
     for path in ("/etc/passwd", str(ctx.settings.data_root / "tokviz.duckdb"), "../../../../etc/passwd"):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"{url}gradio_api/file={path}", timeout=10)
@@ -192,11 +217,38 @@ def test_paths_cannot_leave_the_data_root(server):
 
 def test_invalid_config_is_refused_with_the_field_named(server):
     _, ctx, client = server
+    jobs_before = len(ctx.jobs.snapshot())
     with pytest.raises(AppError, match=r"lora_r=0 is outside the allowed range"):
         client.predict("lora_r: 0", "", api_name="/launch")
     with pytest.raises(AppError, match="unknown config field"):
         client.predict("no_such_field: 1", "", api_name="/launch")
-    assert ctx.jobs.snapshot() == []
+    # a value of the wrong type is refused naming the field, never turned into its text (or into 1 for true)
+    for bad, msg in [("steps: true", "steps: expected int, got True"), ("steps: [1, 2]", r"steps: expected int"),
+                     ("lora_targets: {q_proj: 1}", "lora_targets: expected list"),
+                     ("task_params: [p, 13]", "task_params: expected dict"), ("name: [a, b]", "name: expected str")]:
+        with pytest.raises(AppError, match=msg):
+            client.predict(bad, "", api_name="/launch")
+    assert len(ctx.jobs.snapshot()) == jobs_before
+
+
+def test_launch_keeps_yaml_lists_dicts_and_numbers_typed(server):
+    _, ctx, client = server
+    config = ("name: typed\nsteps: 3\nn_train: 8\nn_eval: 0\nbatch_size: 2\nlr: 0.001\nchat_template: false\n"
+              "lora_targets: [q_proj, v_proj]\ntask: modadd\ntask_params: {p: 13, train_fraction: 0.25}\n"
+              "scheme: topk\nscheme_params: {keep_ratio: 0.5}\n")
+    job_id = client.predict(config, "", api_name="/launch")
+    job = ctx.jobs.get(job_id)
+    saved = json.loads((job.run_dir / "config.json").read_text())     # written before the job is queued
+    if job.status in ("queued", "running"):
+        ctx.jobs.cancel(job_id, reason="test: only its config.json is checked")
+    ctx.jobs.wait(job_id, timeout=60)
+    cfg = saved["config"]
+    assert cfg["lora_targets"] == ["q_proj", "v_proj"]
+    assert cfg["task_params"] == {"p": 13, "train_fraction": 0.25}
+    assert cfg["scheme_params"] == {"keep_ratio": 0.5}
+    assert (cfg["steps"], cfg["n_train"], cfg["lr"], cfg["chat_template"]) == (3, 8, 0.001, False)
+    assert type(cfg["steps"]) is int and type(cfg["lr"]) is float
+    assert saved["kind"] == "train" and saved["run_id"] == job.run_id and job.run_dir.name == job.run_id
 
 
 def test_xss_fixture_planted(data_home):

@@ -356,6 +356,61 @@ def test_job_queue_runs_one_at_a_time_reports_progress_and_cancels(tmp_path):
         q.shutdown()
 
 
+def test_the_queue_outlives_an_on_exit_that_raises(tmp_path, capfd):
+    """An error after a job ended (the app's ingest hit a DuckDB conflict) is reported on that job and on
+    stderr; the next job, queued behind it, still starts and finishes, and shutdown stops the watcher."""
+    import duckdb
+
+    def on_exit(job: jobs.Job) -> None:
+        if job.title == "first":
+            raise duckdb.TransactionException("TransactionContext Error: Conflict on tuple deletion!")
+
+    q = jobs.JobQueue(max_running=1, on_exit=on_exit, logs_dir=tmp_path / "logs")
+    a, b = (q.submit_command("fake", [sys.executable, "-c", FAKE_JOB, str(tmp_path / n), "4"], n, tmp_path / n,
+                             title=n) for n in ("first", "second"))
+    try:
+        q.wait(a.job_id, 30)
+        assert a.status == "finished" and "TransactionException: TransactionContext Error: Conflict" in a.message
+        q.wait(b.job_id, 30)
+        assert b.status == "finished" and b.message == ""
+    finally:
+        q.shutdown()
+    assert not q._watcher.is_alive() and not q.active()
+    assert f"tokviz: job {a.job_id} (run first) after it ended: TransactionException" in capfd.readouterr().err
+
+
+def test_the_app_reports_an_ingest_error_and_keeps_its_queue(tmp_path, monkeypatch, capfd):
+    """``AppContext``'s on_exit (ingest) failing with a DuckDB error: the job says its run is not indexed, the
+    next job runs and is ingested, and the app closes."""
+    import duckdb
+
+    from backend import index
+    from tokviz.context import AppContext
+    monkeypatch.setenv("TOKVIZ_HOME", str(tmp_path))
+    real, calls = index.ingest_run, []
+
+    def ingest_run(con, run_dir, **kw):
+        calls.append(Path(run_dir).name)
+        if len(calls) == 1:
+            raise duckdb.TransactionException("TransactionContext Error: Conflict on tuple deletion!")
+        return real(con, run_dir, **kw)
+    monkeypatch.setattr(index, "ingest_run", ingest_run)
+    ctx = AppContext(Settings(tmp_path))
+    runs = tmp_path / "runs"
+    a, b = (ctx.jobs.submit_command("fake", [sys.executable, "-c", FAKE_JOB, str(runs / n), "4"], n, runs / n,
+                                    title=n) for n in ("first", "second"))
+    try:
+        ctx.jobs.wait(a.job_id, 30)
+        ctx.jobs.wait(b.job_id, 30)
+        assert calls == ["first", "second"]
+        assert a.message.startswith("not indexed: TransactionException") and b.status == "finished"
+    finally:
+        ctx.close()
+        index.close_shared()
+    assert not ctx.jobs._watcher.is_alive()
+    assert "tokviz: could not ingest run first" in capfd.readouterr().err
+
+
 def _wait_running(q: jobs.JobQueue, job_id: str):
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -490,3 +545,22 @@ def test_every_config_field_has_a_form_input_or_is_set_by_the_app():
     HIDDEN = registry.get("train").hidden_fields
     assert {f.name for f in form_fields()} | set(HIDDEN) == {f.name for f in fields(TrainConfig)}
     assert paths.PROJECT_ROOT == ROOT
+
+
+def test_a_job_that_fails_before_its_start_is_failed_not_queued(tmp_path, monkeypatch):
+    """A job whose process exits before writing its own ``start`` (here: its dataset vanished after the form
+    validated it) leaves only the queue's ``queued`` event: the queue records the failure, so the run is
+    ``failed`` (not ``queued`` while the app lives, nor ``interrupted`` after)."""
+    from backend.index.ingest import status_of
+    monkeypatch.setenv("TOKVIZ_HOME", str(tmp_path / "home"))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    cfg = TrainConfig(dataset=str(data), steps=1, n_eval=0, run_id="vanished-data")
+    data.unlink()
+    q = jobs.JobQueue(max_running=1, logs_dir=tmp_path / "logs")
+    try:
+        job = q.wait(q.submit(cfg).job_id, timeout=120)
+    finally:
+        q.shutdown()
+    assert job.status == "failed" and "does not exist" in job.message
+    assert status_of(job.run_dir) == "failed"

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hmac
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import duckdb
 import pandas as pd
 
 from backend import index
@@ -93,12 +95,16 @@ class AppContext:
         return lines
 
     def _job_ended(self, job: Job) -> None:
+        """The queue's ``on_exit``: ingest the job's run. A run that cannot be ingested (a bad file, a DuckDB
+        error such as a transaction conflict, a file gone) is reported on the job's message and on stderr,
+        and the app goes on: the run can be ingested later (Refresh runs, or the next start)."""
         if (job.run_dir / "config.json").exists():
             try:
                 self.ingest(job.run_dir)
-            except index.TokvizIndexError as e:
-                job.message = (job.message + "; " if job.message else "") + f"not indexed: {e}"
-                print(f"tokviz: could not ingest {job.run_dir}: {e}", flush=True)
+            except (index.TokvizIndexError, duckdb.Error, OSError) as e:
+                why = f"{type(e).__name__}: {str(e).strip()}"
+                job.message = (job.message + "; " if job.message else "") + f"not indexed: {why}"
+                print(f"tokviz: could not ingest run {job.run_id} ({job.run_dir}): {why}", file=sys.stderr, flush=True)
 
     # ---- run lists every tab uses
     def runs(self) -> pd.DataFrame:

@@ -54,8 +54,10 @@ def connect(path: str | Path | None = None, *, read_only: bool = False,
     A new file gets the current schema; an older one is migrated or rebuilt; a newer one raises
     IndexVersionError. ``read_only`` opens without taking the writer lock (and never changes the file).
     ``allowed_dirs``: lock the connection down, with file access only below these folders (the app's
-    connection, which also serves the SQL console). ``threads``: DuckDB worker threads (default: one per
-    core); 1 gives steadier interactive latency on a machine whose cores are busy with other work.
+    connection, which also serves the SQL console). A locked-down or read-only connection's settings are then
+    locked (``lock_configuration``): no later SET or PRAGMA can widen them. ``threads``: DuckDB worker
+    threads (default: one per core); 1 gives steadier interactive latency on a machine whose cores are busy
+    with other work.
     Raises IndexLockedError if another process holds it.
     """
     if threads is not None and threads < 1:
@@ -65,7 +67,9 @@ def connect(path: str | Path | None = None, *, read_only: bool = False,
         if read_only and not Path(target).exists():
             raise ValueError(f"no index at {target}: build it with `python -m backend index`")
         Path(target).parent.mkdir(parents=True, exist_ok=True)
-    config = {"enable_external_access": False} if read_only else {}
+    # a read-only connection is locked down at open, unless it gets allowed directories: those can only be
+    # set on a running database, before external access is disabled (just below, before any query)
+    config = {"enable_external_access": False} if read_only and allowed_dirs is None else {}
     try:
         con = duckdb.connect(target, read_only=read_only, config=config)
     except duckdb.ConnectionException as e:
@@ -85,6 +89,8 @@ def connect(path: str | Path | None = None, *, read_only: bool = False,
             con.execute(sql.SET_ALLOWED_DIRECTORIES, [[str(Path(d).resolve()) + "/" for d in allowed_dirs]])
             con.execute(sql.SET_NO_EXTERNAL_ACCESS)
         _ensure_schema(con, target, read_only)
+        if allowed_dirs is not None or read_only:
+            con.execute(sql.SET_LOCK_CONFIGURATION)
     except BaseException:
         con.close()          # never keep the file locked behind an error
         raise
@@ -103,7 +109,8 @@ _shared_lock = threading.Lock()
 def shared(path: str | Path | None = None) -> duckdb.DuckDBPyConnection:
     """A cursor on this process's long-lived writer connection (the app's), opened on first use.
 
-    The connection is locked down to the data root (so the SQL console can read nothing else) and uses
+    The connection is locked down to the runs folder (ingest reads the runs' Parquet files; the SQL console,
+    which runs on it in read-only transactions, can read no job log, upload or other file) and uses
     half the cores, leaving the rest to the jobs the app launches (on a busy 2-core machine one DuckDB thread
     halves the inspector's tail latency); each call returns a new cursor, which is what DuckDB needs for
     use from several threads.
@@ -111,7 +118,7 @@ def shared(path: str | Path | None = None) -> duckdb.DuckDBPyConnection:
     key = str(Path(path) if path is not None else paths.index_path())
     with _shared_lock:
         if key not in _shared:
-            _shared[key] = connect(key, allowed_dirs=[paths.data_root()], threads=max(1, (os.cpu_count() or 2) // 2))
+            _shared[key] = connect(key, allowed_dirs=[paths.runs_dir()], threads=max(1, (os.cpu_count() or 2) // 2))
         return _shared[key].cursor()
 
 

@@ -12,6 +12,7 @@ not in the index raises ValueError naming what exists.
 """
 from __future__ import annotations
 
+import json
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ import pandas as pd
 
 from backend import index
 from backend.index import sql
+from backend.store import paths
 
 CONSOLE_MAX_ROWS = 10_000
 _LIST_MAX = 20    # names listed in an error message
@@ -194,14 +196,27 @@ def eval_rows(run_id: str, con: duckdb.DuckDBPyConnection | None = None) -> pd.D
     return _df(con, sql.EVAL_ROWS, [run_id])
 
 
+# table functions the console may call when it reads no files: they compute rows or describe the index
+_CONSOLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest", "json_each", "json_tree"})
+_CONSOLE_FUNCTION_PREFIXES = ("duckdb_", "pragma_")
+
+
 def console_query(query: str, path: str | Path | None = None, limit: int = 1000,
-                  timeout_s: float = 10.0) -> pd.DataFrame:
+                  timeout_s: float = 10.0, *, run_files: bool = False) -> pd.DataFrame:
     """Run one user-written SELECT against the index, read-only, returning at most ``limit`` rows.
 
-    The index is opened read-only with ``enable_external_access = false`` (no files, no extensions, no
-    ATTACH). Where this process is the app that holds the index (``index.shared``), that connection is
-    used instead: it is locked down to the data root at open, and the statement runs in a transaction that
-    is rolled back. A query running past ``timeout_s`` is interrupted.
+    The statement runs in a read-only transaction (``BEGIN TRANSACTION READ ONLY``): the engine refuses any
+    write in it, wherever it sits (a ``DELETE ... RETURNING`` inside a CTE, ``nextval``), and a reader never
+    conflicts with the app's ingest. Where this process is the app that holds the index (``index.shared``),
+    that connection's cursor is used (DuckDB opens a file once per process); else the index is opened
+    read-only. Either connection has its configuration locked (no SET or PRAGMA can widen what it reads).
+
+    Files: with ``run_files`` (the app in normal mode) the console may read files below the runs folder only
+    (the runs' Parquet shards; the engine refuses job logs, uploads and anything else). Without it (the
+    default; a read-only app) it reads no file at all: a table function other than ``range``,
+    ``generate_series``, ``unnest``, ``json_each``/``json_tree`` and the ``duckdb_*``/``pragma_*`` catalog
+    functions, or a table named like a file (``FROM 'x.parquet'``), is refused before anything runs.
+    A query running past ``timeout_s`` is interrupted.
     """
     if not 1 <= limit <= CONSOLE_MAX_ROWS:
         raise ValueError(f"limit must be in [1, {CONSOLE_MAX_ROWS}], got {limit}")
@@ -213,12 +228,17 @@ def console_query(query: str, path: str | Path | None = None, limit: int = 1000,
         kinds = ", ".join(s.type.name for s in statements) or "nothing"
         raise ValueError(f"the SQL console runs exactly one SELECT statement; got {kinds}")
     held = index.shared_path_held(path)
-    con = index.shared(path) if held else index.connect(path, read_only=True)
+    if held:
+        con = index.shared(path)
+    else:
+        con = index.connect(path, read_only=True, allowed_dirs=[paths.runs_dir()] if run_files else None)
     timer = threading.Timer(timeout_s, con.interrupt)
     timer.start()
     try:
-        con.begin()
+        con.execute(sql.BEGIN_READ_ONLY).fetchall()
         try:
+            if not run_files:
+                _refuse_file_reads(con, statements[0].query)
             return con.sql(statements[0].query).limit(limit).df()
         except duckdb.InterruptException as e:
             raise ValueError(f"the query ran past {timeout_s:g} s and was stopped") from e
@@ -229,3 +249,34 @@ def console_query(query: str, path: str | Path | None = None, limit: int = 1000,
     finally:
         timer.cancel()
         con.close()
+
+
+def _refuse_file_reads(con: duckdb.DuckDBPyConnection, query: str) -> None:
+    """ValueError if the SELECT ``query`` names a table function that is not a console one, or a table named
+    like a file (a replacement scan: ``FROM 'runs/x.parquet'``); read from DuckDB's own parse tree, so a
+    function in a subquery, a CTE or a join is found wherever it is. ``query()``/``query_table()`` (a query
+    in a string) are refused with the rest."""
+    tree = json.loads(con.execute(sql.SERIALIZE_SQL, [query]).fetchall()[0][0])
+    if tree.get("error"):
+        raise ValueError(f"the SQL does not parse: {tree.get('error_message', tree)}")
+    for node in _nodes(tree):
+        kind = node.get("type")
+        if kind == "TABLE_FUNCTION":
+            name = str(node.get("function", {}).get("function_name", "")).lower()
+            if name not in _CONSOLE_FUNCTIONS and not name.startswith(_CONSOLE_FUNCTION_PREFIXES):
+                raise ValueError(f"the SQL console cannot call {name}(): file access is disabled by configuration "
+                                 "in read-only mode; query the index's tables (runs, tokens, ...)")
+        elif kind == "BASE_TABLE" and any(c in str(node.get("table_name", "")) for c in "./\\:"):
+            raise ValueError(f"the SQL console cannot read {node['table_name']!r}: file access is disabled by "
+                             "configuration in read-only mode; query the index's tables (runs, tokens, ...)")
+
+
+def _nodes(obj: object) -> Iterator[dict]:
+    """Every JSON object in a parse tree, depth first."""
+    if isinstance(obj, dict):
+        yield obj
+        for v in obj.values():
+            yield from _nodes(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _nodes(v)

@@ -120,6 +120,13 @@ SET_NO_PROGRESS_BAR = "SET enable_progress_bar = false"
 SET_ALLOWED_DIRECTORIES = "SET allowed_directories = ?"
 SET_NO_EXTERNAL_ACCESS = "SET enable_external_access = false"
 SET_THREADS = "SET threads = ?"
+# the last setting of a locked-down connection: no later SET or PRAGMA can widen what it may read
+SET_LOCK_CONFIGURATION = "SET lock_configuration = true"
+
+# the SQL console: its statement runs in a transaction the engine refuses every write in (a DELETE inside a CTE,
+# nextval, ...); the parse tree of the statement is read to list the tables and table functions it names
+BEGIN_READ_ONLY = "BEGIN TRANSACTION READ ONLY"
+SERIALIZE_SQL = "SELECT json_serialize_sql(?)"
 
 LIST_TABLES = "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'"
 GET_META = "SELECT value FROM meta WHERE key = ?"

@@ -131,8 +131,9 @@ def progress_of(run_dir: Path) -> dict:
             out.update(step=e.get("step"), total=e.get("total"), eta_s=e.get("eta_s"))
         if e.get("type") == "error":
             out["error"] = e.get("error")
-    if events:
-        out["last_event"] = str(events[-1].get("type", ""))
+    shown = [e for e in events if e.get("type") != "heartbeat"]      # "still alive" is not news in a jobs table
+    if shown:
+        out["last_event"] = str(shown[-1].get("type", ""))
     return out
 
 
@@ -140,7 +141,8 @@ class JobQueue:
     """Jobs as child processes, at most ``max_running`` at once, started in submission order.
 
     ``on_exit(job)`` runs on the watcher thread once a job's process has ended (whatever the outcome):
-    the app ingests the run there. ``logs_dir`` (default ``<data root>/jobs``) holds one log per job.
+    the app ingests the run there. An error it raises is printed and added to the job's ``message``; the
+    queue keeps running the other jobs. ``logs_dir`` (default ``<data root>/jobs``) holds one log per job.
     """
 
     def __init__(self, max_running: int = 1, on_exit: Callable[[Job], None] | None = None,
@@ -277,7 +279,12 @@ class JobQueue:
 
     def _watch(self) -> None:
         while True:
-            ended = self._step()
+            try:
+                ended = self._step()
+            except Exception as e:  # noqa: BLE001 -- reported: one bad poll must not stop every later job
+                print(f"tokviz: the job watcher hit {type(e).__name__}: {e} (it keeps watching)",
+                      file=sys.stderr, flush=True)
+                ended = []
             for job in ended:
                 self._finish(job)
             with self._lock:
@@ -305,7 +312,10 @@ class JobQueue:
                     j.status = "finished"
                 else:
                     j.status = "failed"
-                    j.message = j.message or _failure(j)
+                    try:
+                        j.message = j.message or _failure(j)
+                    except OSError as e:      # its run directory or log went away: still a failed job
+                        j.message = f"exited with code {rc} (its log is unreadable: {e})"
                 ended.append(j)
             running = sum(j.status == "running" for j in self._jobs)
             for j in self._jobs:
@@ -317,34 +327,44 @@ class JobQueue:
         return ended
 
     def _start(self, j: Job) -> None:
-        j.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKVIZ_HOME": str(paths.data_root())}
-        with open(j.log_path, "ab") as log:
-            log.write(f"$ {' '.join(j.argv)}\n".encode())
-            log.flush()
-            try:
+        try:
+            j.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(j.log_path, "ab") as log:
+                log.write(f"$ {' '.join(j.argv)}\n".encode())
+                log.flush()
                 j.proc = subprocess.Popen(j.argv, cwd=paths.PROJECT_ROOT, env=env, stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           start_new_session=True)
-            except OSError as e:
-                j.status, j.ended, j.message = "failed", time.time(), f"could not start: {e}"
-                return
+        except OSError as e:         # no log folder, no interpreter, ...: this job fails, the queue goes on
+            j.status, j.ended, j.message = "failed", time.time(), f"could not start: {e}"
+            print(f"tokviz: job {j.job_id} (run {j.run_id}) could not start: {e}", file=sys.stderr, flush=True)
+            return
         j.status, j.started = "running", time.time()
 
     def _finish(self, j: Job) -> None:
-        if j.status == "cancelled":
-            _record_end(j)
+        """Record a cancelled or failed job's end and run ``on_exit``. Whatever they raise is reported (stderr
+        and the job's message) and goes no further: the watcher thread must keep starting and reaping the other
+        jobs."""
         try:
+            if j.status in ("cancelled", "failed"):
+                _record_end(j)
             if self.on_exit is not None:
                 self.on_exit(j)
+        except Exception as e:  # noqa: BLE001 -- on_exit is the caller's code (the app's ingest): reported below
+            why = f"after it ended: {type(e).__name__}: {e}"
+            with self._lock:
+                j.message = (j.message + "; " if j.message else "") + why
+            print(f"tokviz: job {j.job_id} (run {j.run_id}) {why}", file=sys.stderr, flush=True)
         finally:
             with self._lock:
                 j.proc = None
 
 
 def _record_end(j: Job) -> None:
-    """A job cancelled before it could record why (queued, or killed): say so in its run's events, so the
-    index shows the run as failed rather than running for ever."""
+    """A job that ended without recording why (cancelled while queued, killed, or failed before its own
+    ``start``, e.g. on a bad config): say so in its run's events, so the index shows the run as failed
+    rather than queued or interrupted."""
     if (j.run_dir / CONFIG).exists() and not (j.run_dir / MANIFEST).exists() and "error" not in progress_of(j.run_dir):
         with open(j.run_dir / EVENTS, "a") as f:
             f.write(json.dumps({"time": time.time(), "type": "error", "error": j.message}) + "\n")
