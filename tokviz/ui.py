@@ -20,8 +20,8 @@ from urllib.parse import parse_qsl
 import gradio as gr
 
 from backend import index
+from tokviz import concurrency, tabs
 from tokviz import header as header_mod
-from tokviz import tabs
 from tokviz.common import At, as_int, pick_step, step_choices, user_errors
 from tokviz.context import AppContext
 from tokviz.header import Page, Shown
@@ -80,7 +80,10 @@ LAUNCH_OPTIONS = {"run_history": False, "footer_links": ["api", "settings"], "ma
 
 
 def serve(demo: gr.Blocks, **launch_kwargs: object) -> object:
-    """``demo.launch`` with the app's options (``LAUNCH_OPTIONS``); keyword arguments are passed on."""
+    """``demo.launch`` with the app's options (``LAUNCH_OPTIONS``); keyword arguments are passed on. Every
+    event names its concurrency group (``tokviz.concurrency``); the queue's default limit only covers one that
+    does not (Gradio's own default is 1: one such event at a time across all sessions)."""
+    demo.queue(default_concurrency_limit=concurrency.RENDER_LIMIT)
     return demo.launch(**{**LAUNCH_OPTIONS, **launch_kwargs})
 
 
@@ -171,7 +174,7 @@ def wire_run_and_step(page: Page, views: Views) -> None:
     """A new run or traced step in the header renders the tab on screen (the others when they are opened)."""
     h = page.header
     inputs = {h.run, h.step, page.shown, page.generation, *views.inputs}
-    shared = {"api_visibility": "private", "show_progress": "minimal"}
+    shared = {"api_visibility": "private", "show_progress": "minimal", **concurrency.RENDER}
 
     def on_run(got: dict) -> dict:
         run_id = got[h.run]
@@ -199,7 +202,7 @@ def wire_tab_switching(page: Page, views: Views, built: list[Built]) -> None:
 
             b.tab.select(opened, {page.shown, page.generation, h.query, *b.t.inputs},
                          [h.query, h.notice, *b.t.outputs], api_visibility="private", show_progress="minimal",
-                         queue=False)
+                         queue=False, **concurrency.RENDER)
         else:
             def opened_other(got: dict, _name: str = b.spec.name) -> object:
                 if before_load(page, got):
@@ -209,7 +212,7 @@ def wire_tab_switching(page: Page, views: Views, built: list[Built]) -> None:
                 return Focus(_name, shown.run, shown.step).query()
 
             b.tab.select(opened_other, {page.shown, h.query}, h.query, api_visibility="private",
-                         show_progress="hidden")
+                         show_progress="hidden", **concurrency.UI)
 
 
 def wire_deep_link(demo: gr.Blocks, page: Page, views: Views, ins: Built) -> None:
@@ -240,11 +243,11 @@ def wire_deep_link(demo: gr.Blocks, page: Page, views: Views, ins: Built) -> Non
     outputs = unique([h.run, h.step, h.info, h.notice, page.tabs, page.generation, h.query,
                       *(d for d, _ in page.run_lists), *views.outputs])
     loaded = demo.load(on_load, {page.shown, *views.inputs}, outputs, api_visibility="private",
-                       show_progress="hidden", queue=False)
+                       show_progress="hidden", queue=False, **concurrency.RENDER)
     # Once the first view is painted, draw the (empty) token breakdown: the browser then loads the plotting
     # library while the reader looks at the page, not on the first click of a token or a tab.
     loaded.then(lambda token: inspect_tab.breakdown_placeholder() if token is None else gr.skip(), ins.t.token,
-                ins.t.breakdown, api_visibility="private", show_progress="hidden", queue=False)
+                ins.t.breakdown, api_visibility="private", show_progress="hidden", queue=False, **concurrency.UI)
 
 
 def wire_address_bar(page: Page) -> None:
@@ -252,7 +255,7 @@ def wire_address_bar(page: Page) -> None:
     h = page.header
     h.query.change(None, h.query, h.link, js=SET_URL_JS)
     h.copy.click(lambda: gr.update(visible=True), None, h.link, api_visibility="private",
-                 show_progress="hidden").then(None, None, h.link, js=COPY_JS)
+                 show_progress="hidden", **concurrency.UI).then(None, None, h.link, js=COPY_JS)
 
 
 def run_lists(page: Page, choices: list, traced: list) -> dict:
@@ -278,7 +281,7 @@ def wire_poll(page: Page, timer: gr.Timer) -> None:
             out.update(p.update(got, got[page.shown].tab))
         return out or gr.skip()
 
-    timer.tick(poll, inputs, outputs, api_visibility="private", show_progress="hidden")
+    timer.tick(poll, inputs, outputs, api_visibility="private", show_progress="hidden", **concurrency.POLL)
 
     def refresh(got: dict) -> dict:
         lines = ctx.ingest()
@@ -287,7 +290,8 @@ def wire_poll(page: Page, timer: gr.Timer) -> None:
             gr.Warning("some runs could not be indexed:\n" + "\n".join(failed))
         return poll(got)
 
-    page.header.refresh.click(refresh, inputs, outputs, api_name="refresh_runs", show_progress="minimal")
+    page.header.refresh.click(refresh, inputs, outputs, api_name="refresh_runs", show_progress="minimal",
+                              **concurrency.INGEST)
 
 
 def wire_open_in_inspect(page: Page, views: Views, tok: Built, ins: Built) -> None:
@@ -309,4 +313,4 @@ def wire_open_in_inspect(page: Page, views: Views, tok: Built, ins: Built) -> No
         return {page.tabs: gr.Tabs(selected=name), h.query: query, **dict(zip(t.outputs, values))}
 
     tok.t.surprising.click(open_token, {page.shown, page.generation, t.metric, t.view},
-                           [page.tabs, h.query, *t.outputs], api_visibility="private")
+                           [page.tabs, h.query, *t.outputs], api_visibility="private", **concurrency.RENDER)

@@ -17,6 +17,7 @@ from gradio.components.plot import PlotData
 from plotly.graph_objects import Figure
 
 from backend.analysis import figures, report
+from tokviz import concurrency
 from tokviz.common import At, ExportRow, export_zip, user_errors
 from tokviz.context import AppContext
 from tokviz.header import Page
@@ -133,11 +134,11 @@ def wire(t: CompareTab, page: Page) -> None:
         figs, tbl = compare(runs)
         return grid_figure(figs), summary_html(tbl)
 
-    t.button.click(go, [t.runs], [t.grid, t.summary], api_name="compare_runs")
+    t.button.click(go, [t.runs], [t.grid, t.summary], api_name="compare_runs", **concurrency.RENDER)
 
     @user_errors
     def export(runs):
         figs, _ = compare(runs)
         return export_zip(figs, "compare-" + "-vs-".join(r[:24] for r in runs))
 
-    t.export.button.click(export, [t.runs], t.export.file, api_visibility="private")
+    t.export.button.click(export, [t.runs], t.export.file, api_visibility="private", **concurrency.EXPORT)

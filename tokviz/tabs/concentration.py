@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 
 from backend.analysis import analyses, figures
 from backend.index import queries
+from tokviz import concurrency
 from tokviz.common import At, ExportRow, export_zip, for_display, require_run_step, table, user_errors
 from tokviz.context import AppContext
 from tokviz.header import Page
@@ -111,7 +112,7 @@ def wire(t: ConcentrationTab, page: Page) -> None:
     for c in (t.steps, t.runs):
         c.input(update, [run, step, t.steps, t.runs], [t.lorenz, t.over_training, t.stats],
                 api_name="concentration" if c is t.steps else None,
-                api_visibility="public" if c is t.steps else "private")
+                api_visibility="public" if c is t.steps else "private", **concurrency.RENDER)
 
     @user_errors
     def export(run_id, step_, steps, others):
@@ -119,4 +120,5 @@ def wire(t: ConcentrationTab, page: Page) -> None:
         figs, _ = make_figures(run_id, step_, steps, others)
         return export_zip(figs, f"{run_id}-step{step_}-concentration")
 
-    t.export.button.click(export, [run, step, t.steps, t.runs], t.export.file, api_visibility="private")
+    t.export.button.click(export, [run, step, t.steps, t.runs], t.export.file, api_visibility="private",
+                          **concurrency.EXPORT)

@@ -16,7 +16,7 @@ import pandas as pd
 from backend.analysis import figures
 from backend.index import queries
 from backend.lm.scheme_specs import WHAT_IF, what_if_weights
-from tokviz import overlay
+from tokviz import concurrency, overlay
 from tokviz.common import (
     At,
     ExportRow,
@@ -328,7 +328,7 @@ def wire(t: InspectTab, page: Page) -> None:
     round trip instead of the queue's join + event stream, about half the latency of a sample switch; they are
     short, read-only and safe to run side by side."""
     run, step, query, gen = page.header.run, page.header.step, page.header.query, page.generation
-    fast = {"show_progress": "hidden", "queue": False}
+    fast = {"show_progress": "hidden", "queue": False, **concurrency.RENDER}
     sample_in = [run, step, t.sample, t.metric, t.token, gen]
     sample_out = [t.overlay, t.token, t.title, t.breakdown, t.neighbours, query]
     token_in = [run, step, t.sample, t.token, t.view]
@@ -341,7 +341,7 @@ def wire(t: InspectTab, page: Page) -> None:
     t.token.submit(select_token, token_in, token_out, api_name="inspect_token", **fast)
     t.view.input(select_token, token_in, token_out, api_visibility="private", **fast)
     t.overlay.click(click_token, [run, step, t.sample, t.view], token_out, api_visibility="private", **fast)
-    t.search.submit(search, [run, t.search], t.results, api_name="search_samples")
+    t.search.submit(search, [run, t.search], t.results, api_name="search_samples", **concurrency.RENDER)
     t.results.select(open_result, [run, t.results, t.metric, gen, page.shown], [step, *t.outputs, query],
-                     api_visibility="private")
-    t.export.button.click(export, token_in, t.export.file, api_visibility="private")
+                     api_visibility="private", **concurrency.RENDER)
+    t.export.button.click(export, token_in, t.export.file, api_visibility="private", **concurrency.EXPORT)

@@ -28,6 +28,7 @@ from backend.jobs.config import JobConfig, default_of, parse_list, parse_mapping
 from backend.jobs.queue import JobView, confine_paths
 from backend.lm.scheme_specs import SCHEMES
 from backend.lm.tasks import TASKS
+from tokviz import concurrency
 from tokviz.context import AppContext
 
 MODELS = ("default", "tiny-arith", "tiny-modadd")
@@ -156,19 +157,33 @@ def _kind_form(spec: registry.JobSpec, visible: bool) -> KindForm:
 
 # ---------------------------------------------------------------------------------------------- form -> config
 def _value(f: Field, v: object) -> object:
-    """One form value as the field's type; ValueError naming the field."""
+    """One input value as the field's type; ValueError naming the field.
+
+    Text (what the form's textboxes give) is parsed by the field's type: a list comma separated, a dict as JSON
+    or key=value pairs, a number as a number. A value that is already typed (the YAML of the ``/launch`` API,
+    gr.Number, a checkbox) passes through as it is, so a list stays a list, a dict a dict and a number a
+    number; a value of the wrong type is left for the config to refuse, naming the field (never turned into
+    its text).
+    """
     kind = f.type
-    if kind == "int":
-        if v is None or (isinstance(v, float) and not v.is_integer()):
-            raise ValueError(f"{f.name}: expected a whole number, got {v!r}")
-        return int(v)  # type: ignore[arg-type]
-    if kind == "float":
-        if v is None:
-            raise ValueError(f"{f.name}: expected a number")
-        return float(v)  # type: ignore[arg-type]
-    if kind == "bool":
-        return bool(v)
-    text = "" if v is None else str(v)
+    if kind in ("int", "float"):
+        if v is None or (isinstance(v, str) and not v.strip()):
+            raise ValueError(f"{f.name}: expected a {'whole ' if kind == 'int' else ''}number")
+        if isinstance(v, str):
+            try:
+                v = int(v) if kind == "int" and v.strip().lstrip("+-").isdigit() else float(v)   # big ints exact
+            except ValueError as e:
+                raise ValueError(f"{f.name}: expected a number, got {v!r}") from e
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return v                                   # the config names the field and the type it wants
+        if kind == "int":
+            if isinstance(v, float) and not v.is_integer():
+                raise ValueError(f"{f.name}: expected a whole number, got {v!r}")
+            return int(v)
+        return float(v)
+    if not isinstance(v, str) and v is not None:
+        return v                                       # typed already (bool, list, dict, ...): the config checks it
+    text = "" if v is None else v
     try:
         if kind == "list":
             return parse_list(text)
@@ -176,6 +191,10 @@ def _value(f: Field, v: object) -> object:
             return parse_mapping(text)
     except argparse.ArgumentTypeError as e:
         raise ValueError(f"{f.name}: {e}") from e
+    if kind == "bool":
+        if text.strip().lower() in ("true", "false"):
+            return text.strip().lower() == "true"
+        raise ValueError(f"{f.name}: expected true or false, got {v!r}")
     return text.strip()
 
 
@@ -184,7 +203,7 @@ def config_from_form(values: dict[str, object], dataset: str = "", kind: str = D
     the field and what is allowed."""
     config = registry.get(kind).config
     by_name = {f.name: f for f in fields(config)}
-    unknown = sorted(set(values) - set(by_name))
+    unknown = sorted(str(k) for k in set(values) - set(by_name))
     if unknown:
         raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
     d = {k: _value(by_name[k], v) for k, v in values.items()}
@@ -315,13 +334,16 @@ def wire(t: LaunchTab, ctx: AppContext) -> None:
         return _message(f"queued {job_id}", True), table, jobs, log
 
     t.launch.click(on_launch, [t.token, t.kind, *inputs], [t.message, t.jobs, t.job, t.log],
-                   api_visibility="private")
+                   api_visibility="private", **concurrency.JOBS)
     t.kind.change(lambda kind: [gr.update(visible=k == kind) for k in t.forms], t.kind,
-                  [f.group for f in t.forms.values()], api_visibility="private", show_progress="hidden")
+                  [f.group for f in t.forms.values()], api_visibility="private", show_progress="hidden",
+                  **concurrency.UI)
 
     def launch_config(config_yaml: str, admin_token: str = "", kind: str = DEFAULT_KIND) -> str:
         """Queue a job of ``kind`` (default train) from its config fields as YAML or JSON text (what a YAML
-        config file holds); returns the job id, or the reason it was refused."""
+        config file holds); returns the job id, or the reason it was refused. Values keep their YAML types
+        (``lora_targets: [q_proj, v_proj]`` is a list, ``task_params: {p: 97}`` a dict), as in a config file
+        given to the CLI."""
         try:
             d = yaml.safe_load(config_yaml or "{}") or {}
             if not isinstance(d, dict):
@@ -332,7 +354,7 @@ def wire(t: LaunchTab, ctx: AppContext) -> None:
         except (ValueError, PermissionError, yaml.YAMLError) as e:
             raise gr.Error(str(e), print_exception=False) from e
 
-    gr.api(launch_config, api_name="launch")
+    gr.api(launch_config, api_name="launch", **concurrency.JOBS)
 
     def scheme_defaults(name):
         info = SCHEMES.get(name)
@@ -344,7 +366,7 @@ def wire(t: LaunchTab, ctx: AppContext) -> None:
         if "scheme" in form.fields and "scheme_params" in form.fields:
             form.fields["scheme"].input(scheme_defaults, form.fields["scheme"],
                                         [form.fields["scheme_params"], form.fields["scheme"]],
-                                        api_visibility="private")
+                                        api_visibility="private", **concurrency.UI)
 
     def on_cancel(job_id, token):
         if not job_id:
@@ -358,5 +380,6 @@ def wire(t: LaunchTab, ctx: AppContext) -> None:
             raise gr.Error(str(e), print_exception=False) from e
         return jobs_state(ctx, job_id)
 
-    t.cancel.click(on_cancel, [t.job, t.token], [t.jobs, t.job, t.log], api_name="cancel_job")
-    t.job.input(lambda j: jobs_state(ctx, j), t.job, [t.jobs, t.job, t.log], api_visibility="private")
+    t.cancel.click(on_cancel, [t.job, t.token], [t.jobs, t.job, t.log], api_name="cancel_job", **concurrency.JOBS)
+    t.job.input(lambda j: jobs_state(ctx, j), t.job, [t.jobs, t.job, t.log], api_visibility="private",
+                **concurrency.RENDER)

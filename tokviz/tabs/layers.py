@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 
 from backend.analysis import analyses, figures
 from backend.index import queries
+from tokviz import concurrency
 from tokviz.common import At, ExportRow, export_zip, for_display, require_run_step, user_errors
 from tokviz.context import AppContext
 from tokviz.header import Page
@@ -93,19 +94,23 @@ def wire(t: LayersTab, page: Page) -> None:
         return for_display(figures.build("layer_position_heatmap",
                                          analyses.run("layer_position_heatmap", run_id, step_, params)))
 
-    t.module.input(on_module, [run, step, t.module], t.layer_position, api_name="layer_position_heatmap")
+    t.module.input(on_module, [run, step, t.module], t.layer_position, api_name="layer_position_heatmap",
+                   **concurrency.RENDER)
 
     @user_errors
     def on_expand(run_id, step_):
         run_id, step_ = require_run_step(run_id, step_)
         return True, for_display(figures.build(SLOW, analyses.run(SLOW, run_id, step_)))
 
-    t.more.expand(on_expand, [run, step], [t.more_open, t.contribution], api_name="layer_module_contribution")
-    t.more.collapse(lambda: False, None, t.more_open, api_visibility="private", show_progress="hidden")
+    t.more.expand(on_expand, [run, step], [t.more_open, t.contribution], api_name="layer_module_contribution",
+                  **concurrency.RENDER)
+    t.more.collapse(lambda: False, None, t.more_open, api_visibility="private", show_progress="hidden",
+                    **concurrency.UI)
 
     @user_errors
     def export(run_id, step_, module):
         run_id, step_ = require_run_step(run_id, step_)
         return export_zip(make_figures(run_id, step_, module), f"{run_id}-step{step_}-layers")
 
-    t.export.button.click(export, [run, step, t.module], t.export.file, api_visibility="private")
+    t.export.button.click(export, [run, step, t.module], t.export.file, api_visibility="private",
+                          **concurrency.EXPORT)

@@ -1,6 +1,7 @@
-"""SQL: a read-only console over the index for the questions no tab foresaw. One SELECT at a time, run
-read-only (external access disabled: no files, no extensions, no ATTACH), at most 10,000 rows, stopped after
-10 s; results as a table and a CSV download."""
+"""SQL: a read-only console over the index for the questions no tab foresaw. One SELECT at a time, run in a
+read-only transaction (the engine refuses any write), at most 10,000 rows, stopped after 10 s; results as a
+table and a CSV download. Files: none on a read-only app (a hosted Space); the runs' Parquet files otherwise
+(``queries.console_query``'s ``run_files``)."""
 from __future__ import annotations
 
 import tempfile
@@ -11,6 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from backend.index import queries
+from tokviz import concurrency
 from tokviz.common import table, user_errors
 from tokviz.context import AppContext
 from tokviz.header import Page
@@ -42,8 +44,10 @@ class SqlTab:
 
 
 def build(ctx: AppContext) -> SqlTab:
+    files = ("no file access" if ctx.settings.readonly
+             else f"files: only the runs' own, below `{ctx.settings.data_root / 'runs'}`")
     gr.Markdown("Read-only SQL over the index (DuckDB): tables `runs`, `tokens`, `token_modules`, "
-                "`train_steps`, `eval`. One SELECT at a time; no file or network access.")
+                f"`train_steps`, `eval`. One SELECT at a time; no network access; {files}.")
     with gr.Row():
         example = gr.Dropdown(label="Examples", choices=list(EXAMPLES), value=None, scale=3, elem_id="tv-sql-example")
         limit = gr.Number(label="Max rows", value=1000, minimum=1, maximum=queries.CONSOLE_MAX_ROWS, precision=0,
@@ -57,10 +61,11 @@ def build(ctx: AppContext) -> SqlTab:
     return SqlTab(example, query, limit, run, message, result, download)
 
 
-def run_query(query: str, limit: float | None) -> tuple[str, pd.DataFrame, str]:
-    """(message, table, CSV path) of one console query; ValueError for SQL the console refuses."""
+def run_query(query: str, limit: float | None, run_files: bool = False) -> tuple[str, pd.DataFrame, str]:
+    """(message, table, CSV path) of one console query; ValueError for SQL the console refuses. ``run_files``:
+    the query may read the runs' Parquet files (an app not in read-only mode)."""
     n = int(limit or 1000)
-    df = queries.console_query(query or "", limit=n)
+    df = queries.console_query(query or "", limit=n, run_files=run_files)
     out = Path(tempfile.mkdtemp(prefix="tokviz-sql-")) / "query.csv"
     df.to_csv(out, index=False)
     more = f" (the first {n}; raise Max rows for more)" if len(df) == n else ""
@@ -68,11 +73,14 @@ def run_query(query: str, limit: float | None) -> tuple[str, pd.DataFrame, str]:
 
 
 def wire(t: SqlTab, page: Page) -> None:
-    t.example.input(lambda name: EXAMPLES.get(name, ""), t.example, t.query, api_visibility="private")
+    t.example.input(lambda name: EXAMPLES.get(name, ""), t.example, t.query, api_visibility="private",
+                    **concurrency.UI)
+
+    run_files = not page.ctx.settings.readonly      # a hosted Space's visitors read no file at all
 
     @user_errors
     def go(query, limit):
-        msg, df, path = run_query(query, limit)
+        msg, df, path = run_query(query, limit, run_files)
         return msg, df, gr.DownloadButton(value=path, visible=True)
 
-    t.run.click(go, [t.query, t.limit], [t.message, t.result, t.download], api_name="sql")
+    t.run.click(go, [t.query, t.limit], [t.message, t.result, t.download], api_name="sql", **concurrency.SQL)

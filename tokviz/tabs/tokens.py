@@ -12,6 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from backend.analysis import analyses, figures
+from tokviz import concurrency
 from tokviz.common import At, ExportRow, export_zip, for_display, require_run_step, user_errors
 from tokviz.context import AppContext
 from tokviz.header import Page
@@ -145,4 +146,4 @@ def wire(t: TokensTab, page: Page) -> None:
         figs, _ = compute(run_id, step_)
         return export_zip(figs, f"{run_id}-step{step_}-tokens")
 
-    t.export.button.click(export, [run, step], t.export.file, api_visibility="private")
+    t.export.button.click(export, [run, step], t.export.file, api_visibility="private", **concurrency.EXPORT)

@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 
 from backend.analysis import analyses, figures
 from backend.index import queries
+from tokviz import concurrency
 from tokviz.common import At, ExportRow, empty_figure, export_zip, for_display, user_errors
 from tokviz.context import AppContext
 from tokviz.header import Page
@@ -90,4 +91,5 @@ def wire(t: TrainingTab, page: Page) -> None:
             raise ValueError("choose a run first")
         return export_zip(make_figures(run_id), f"{run_id}-training")
 
-    t.export.button.click(export, [page.header.run], t.export.file, api_visibility="private")
+    t.export.button.click(export, [page.header.run], t.export.file, api_visibility="private",
+                          **concurrency.EXPORT)
