@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from backend.lm.loss import per_token_ce, scheme_loss
+from backend.lm.loss import entropy_from_logits, per_token_ce, scheme_loss, weight_ce
 from backend.lm.schemes import SCHEMES, SchemeInputs, get_scheme, kl_per_token
 
 # one sequence, five predicted positions; position 0 is prompt (masked)
@@ -119,6 +119,29 @@ def test_per_token_ce_matches_log_softmax():
                 assert mask[b, t]
             else:
                 assert not mask[b, t]
+
+
+def test_weight_ce_and_entropy_match_float64_log_softmax():
+    logits, labels = _logits_and_labels()
+    lp = torch.log_softmax(logits.detach()[:, :-1].double(), -1)
+    mask = labels[:, 1:] != -100
+    want = torch.where(mask, -lp.gather(-1, labels[:, 1:].clamp_min(0)[..., None])[..., 0], 0.0)
+    for chunk in (1, 2, 1024):                                             # row chunks do not change a value
+        got = weight_ce(logits, labels, chunk=chunk)
+        assert not got.requires_grad
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(entropy_from_logits(logits).double(), -(lp.exp() * lp).sum(-1), rtol=1e-6, atol=0)
+
+
+def test_schemes_marked_loss_free_ignore_the_loss_values():
+    # scheme_loss hands these the backpropagated loss instead of computing the accurate one: they must not read it
+    g = torch.Generator().manual_seed(3)
+    other = torch.rand(LOSS.shape, generator=g) * 5
+    for name, s in SCHEMES.items():
+        p = s.resolve_params({})
+        a = s.compute(SchemeInputs(loss=LOSS, mask=MASK, ref_loss=REF, entropy=ENT), p)
+        b = s.compute(SchemeInputs(loss=other, mask=MASK, ref_loss=REF, entropy=ENT), p)
+        assert torch.equal(a, b) != s.uses_loss, name
 
 
 def test_normalisers():

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from backend.lm.loss import forward_loss
+from backend.lm.loss import forward_loss, per_token_ce, weight_ce
 from backend.lm.schemes import get_scheme
 from backend.store.rundir import RunDir
 from backend.trace import InlineTrace, TraceConfig, discover_lora_modules, trace_batch
@@ -393,3 +393,60 @@ def test_token_mode_stays_exact_for_confident_tokens(magnitude):
     assert_close(errs, ref)
     if magnitude == "exact":
         assert res.checks["token_dot_jvp_vs_backward_max_rel_err"] < 1e-5
+
+
+def _float64_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent reference: -log_softmax in float64 of the float32 logits, and the entropy, (B, T-1) each."""
+    lp = torch.log_softmax(logits[:, :-1].double(), -1)
+    tgt = labels[:, 1:].clamp_min(0).unsqueeze(-1)
+    return -lp.gather(-1, tgt).squeeze(-1), -(lp.exp() * lp).sum(-1)
+
+
+def test_scheme_weights_come_from_accurate_losses_on_a_confident_model():
+    # float32 log-softmax rounds the loss of a confident token (log(1 + s), s < 1e-7) to 0: antiop's c / l_t, with
+    # c = 3 x median loss ~ 6e-3 here, was off by 4e-5 (by 9e-3 late in the demo run, c ~ 6e-5). The losses behind the weights are checked *relatively*:
+    # antiop's weight is a ratio c / l_t, so l_t's relative error passes one-to-one into it, and the losses span
+    # 1e-9 .. 1 (an absolute 1e-6 would accept 4e-9 read as 0).
+    model = tiny_lora_model("llama")
+    batch = confident_batch(model)
+    mask = batch["labels"][:, 1:] != -100
+    s = get_scheme("antiop")
+    params = s.resolve_params({})
+    with torch.no_grad():
+        out = forward_loss(model, batch, s, params, want_entropy=True)
+    l64, h64 = _float64_ce(out.logits, batch["labels"])
+    assert (l64[mask] < 1e-6).sum() >= 5                                  # confident tokens are there
+    w_loss = weight_ce(out.logits, batch["labels"])
+    rel = ((w_loss.double() - l64).abs() / l64)[mask]
+    assert rel.max() < 1e-6, float(rel.max())
+    assert (w_loss[~mask] == 0).all()
+    r = l64[mask]
+    c = params["clip_mult"] * torch.quantile(r, 0.5)
+    w64 = torch.where(r <= c, torch.ones_like(r), c / r)
+    assert (w64 < 0.5).sum() >= 5                                         # antiop clips here
+    werr = (out.weights[mask].double() - w64).abs().max()
+    assert werr < 1e-6, float(werr)
+    hrel = ((out.entropy.double() - h64).abs() / h64)[mask].max()       # entropy: log p_max had the same rounding
+    assert hrel < 1e-6, float(hrel)
+    # the backpropagated loss is per_token_ce as before: only the detached weights changed
+    loss, _ = per_token_ce(out.logits, batch["labels"])
+    assert torch.equal(out.loss, loss * mask)
+    assert torch.equal(out.total, (out.weights * loss).sum() / out.normaliser)
+    # the reference loss (lr, rho1) on a base model made confident (lora_B zeroed: the adapter is a no-op while
+    # the batch is generated), from the base model's logits with the adapter off
+    model = tiny_lora_model("llama")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    batch = confident_batch(model)
+    mask = batch["labels"][:, 1:] != -100
+    with torch.no_grad():
+        with model.disable_adapter():
+            ref_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        lr = get_scheme("lr")
+        out_lr = forward_loss(model, batch, lr, lr.resolve_params({}))
+    ref64 = _float64_ce(ref_logits, batch["labels"])[0]
+    assert (ref64[mask] < 1e-3).sum() >= 5                                # confident: p > 0.999
+    ref_rel = ((out_lr.ref_loss.double() - ref64).abs() / ref64)[mask].max()
+    assert ref_rel < 1e-6, float(ref_rel)

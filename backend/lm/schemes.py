@@ -116,6 +116,7 @@ class Scheme:
     spec: SchemeSpec
     weights: Callable[[SchemeInputs, dict], torch.Tensor]
     extra: Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor] | None = None
+    uses_loss: bool = True       # False: the weights ignore SchemeInputs.loss's values (only its shape is read)
 
     name = property(lambda self: self.spec.name)
     doc = property(lambda self: self.spec.doc)
@@ -142,8 +143,11 @@ _FUNCTIONS: dict[str, tuple[Callable, Callable | None]] = {
     "sft": (_sft, None), "dft": (_dft, None), "asft": (_dft, _asft_extra), "topk": (_topk, None),
     "antiop": (_antiop, None), "lr": (_lr, None), "rho1": (_rho1, None), "entropy": (_entropy, None),
 }
+# the weight functions that never read the loss values (a test checks it): no accurate loss is computed for them
+_LOSS_FREE = {"sft", "entropy"}
 assert set(_FUNCTIONS) == set(SPECS), f"schemes without a torch function or spec: {set(_FUNCTIONS) ^ set(SPECS)}"
-SCHEMES: dict[str, Scheme] = {name: Scheme(spec, *_FUNCTIONS[name]) for name, spec in SPECS.items()}
+SCHEMES: dict[str, Scheme] = {name: Scheme(spec, *_FUNCTIONS[name], uses_loss=name not in _LOSS_FREE)
+                              for name, spec in SPECS.items()}
 
 
 def get_scheme(name: str) -> Scheme:

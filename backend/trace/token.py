@@ -16,28 +16,13 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, jvp, vmap
 
+from backend.lm.loss import token_loss
 from backend.trace.batch import TracedBatch, token_stats
 from backend.trace.config import TraceConfig
 from backend.trace.position import batch_gradient
 from backend.trace.sites import LoraSite, sketch_direction
-
-
-def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """l = -log p(target) per position, float32, in a form whose derivatives stay accurate when p -> 1.
-
-    CE = logsumexp(z) - z_y, differentiated as written, subtracts two nearly equal numbers for a confident token
-    (dl/dz_y = p_y - 1): in float32 the derivative of a token with 1 - p = 1e-4 is then off by ~1e-3 relative,
-    in forward and in reverse mode alike, and two methods disagree by that much. Here
-    l = softplus(logsumexp_{j != y}(z_j - z_y)), the same value, whose derivatives are sums of positive terms:
-    dl/dz_j = p_j (j != y), dl/dz_y = -sum_{j != y} p_j. Shapes: (..., V), (...) -> (...).
-    """
-    z = logits.float()
-    y = targets.unsqueeze(-1)
-    d = (z - z.gather(-1, y)).scatter(-1, y, float("-inf"))                        # z_j - z_y, the target out
-    return F.softplus(torch.logsumexp(d, dim=-1), threshold=1000.0)
 
 
 def per_token_loss(model: torch.nn.Module, params: dict[str, torch.Tensor] | None, chunk: dict) -> torch.Tensor:
