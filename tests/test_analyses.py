@@ -184,8 +184,11 @@ def test_category_breakdown(env):
 def test_magnitude_alignment(env):
     f = analyses.run("magnitude_alignment", RUN, con=env["con"], params=analyses.AnalysisParams(scatter_points=50))
     r = resp(env, env["last"])
-    want = np.corrcoef(np.log1p(r.magnitude), r.alignment)[0, 1]
+    want = np.corrcoef(r.magnitude, r.alignment)[0, 1]                 # raw magnitudes, not the log axis
     assert f["stats"]["pearson_r"].iloc[0] == pytest.approx(want, rel=1e-9)
+    assert f["stats"]["slope"].iloc[0] == pytest.approx(np.polyfit(r.magnitude, r.alignment, 1)[0], rel=1e-9)
+    ranks = np.corrcoef(r.magnitude.rank(), r.alignment.rank())[0, 1]  # Pearson of average ranks
+    assert f["stats"]["spearman_r"].iloc[0] == pytest.approx(ranks, rel=1e-9)
     assert f["stats"]["n"].iloc[0] == len(r) and len(f["points"]) == 50
 
 
@@ -196,6 +199,14 @@ def test_module_types(env):
     np.testing.assert_allclose(df["mean_alignment"].sort_index(), want["mean"].sort_index(), rtol=1e-9)
     np.testing.assert_allclose(df["share"].sort_index(), (want["dot"] / want["dot"].sum()).sort_index(), rtol=1e-6)
     assert len(df) == 7 * 2
+    # per (layer, module, part) over response tokens, from the agg_layer_module_part aggregate
+    lm = analyses.run("module_types", RUN, step=10, con=env["con"])["layer_modules"]
+    want = response_modules(env, 10).groupby(["layer", "module", "part"]).agg(
+        n=("alignment", "size"), mean=("alignment", "mean"), mag=("magnitude", "mean"), dot=("dot", "sum"))
+    got = lm.set_index(["layer", "module", "part"]).sort_index()
+    assert got.index.tolist() == want.index.tolist() and got["n"].tolist() == want["n"].tolist()
+    for col, ref in (("mean_alignment", "mean"), ("mean_magnitude", "mag"), ("dot_sum", "dot")):
+        np.testing.assert_allclose(got[col], want[ref], rtol=1e-6, err_msg=col)
 
 
 def test_concentration(env):
@@ -252,3 +263,30 @@ def test_every_figure_builds_with_titles(env):
         assert fig.layout.title.text, name
         assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text, name
         assert any(getattr(tr, "hovertemplate", None) for tr in fig.data), name
+
+
+# ------------------------------------------------------------------------------------------------ trace mode
+def test_figure_titles_name_the_trace_mode(tmp_path):
+    """Alignment means a different thing in position and token mode: every figure's title names the mode of
+    the run it draws (tokens.mode), and a figure overlaying runs of both modes names both."""
+    con = index.connect(index.MEMORY)
+    try:
+        for mode in ("position", "token"):
+            index.ingest_run(con, make_run(SynthConfig.tiny(mode=mode), tmp_path / "runs", run_id=mode))
+        for mode in ("position", "token"):
+            results = analyses.run_all(mode, con=con)
+            for name, frames in results.items():
+                assert set(frames["mode"]["mode"]) == {mode}, name
+                title = figures.build(name, frames).layout.title.text
+                assert title.endswith(f" ({mode} mode)"), (name, title)
+                assert analyses.get(name).figure(frames).layout.title.text == title, name
+        both = {k: pd.concat([analyses.run("concentration", m, con=con)[k].assign(run=m)
+                              for m in ("token", "position")], ignore_index=True)
+                for k in ("lorenz", "stats", "mode")}
+        assert figures.build("concentration", both).layout.title.text.endswith(" (position / token mode)")
+    finally:
+        con.close()
+    # frames without a mode frame (a builder fed by hand) keep the plain title
+    assert figures.mode_suffix(None) == "" and figures.mode_suffix(pd.DataFrame({"mode": []})) == ""
+    with pytest.raises(ValueError, match="mode must be 'position' or 'token', got 'both'"):
+        SynthConfig.tiny(mode="both")

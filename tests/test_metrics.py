@@ -102,6 +102,32 @@ def test_pearson_against_numpy_and_edges():
         metrics.pearson([1, 2], [1, 2, 3])
 
 
+def test_average_ranks_average_ties():
+    np.testing.assert_array_equal(metrics.average_ranks([10, 20, 20, 5, 20]), [2, 4, 4, 1, 4])
+    np.testing.assert_array_equal(metrics.average_ranks([3.0, 1.0, 2.0]), [3, 1, 2])
+
+
+def test_spearman_hand_computed():
+    # no ties: rho = 1 - 6 sum d^2 / (n (n^2 - 1)); ranks x [3,1,4,2,5], y [2,4,1,5,3], sum d^2 = 32
+    assert metrics.spearman([3, 1, 4, 1.5, 9], [2, 7, 1, 8, 2.8]) == pytest.approx(1 - 6 * 32 / (5 * 24), abs=1e-12)
+    # ties: ranks x [1, 2.5, 2.5, 4], y [1, 3, 2, 4] -> Pearson of those = 4.5 / sqrt(4.5 * 5) = 3 / sqrt(10)
+    assert metrics.spearman([1, 2, 2, 3], [10, 30, 20, 40]) == pytest.approx(3 / math.sqrt(10), abs=1e-12)
+
+
+def test_spearman_is_rank_based_and_pearson_is_not():
+    rng = np.random.default_rng(0)
+    x = rng.lognormal(size=500)
+    y = 0.3 * np.log(x) + rng.normal(size=500)
+    # a monotone rescaling of x (log1p, as the scatter's axis) leaves Spearman as it is and moves Pearson
+    assert metrics.spearman(np.log1p(x), y) == pytest.approx(metrics.spearman(x, y), abs=1e-12)
+    assert abs(metrics.pearson(np.log1p(x), y) - metrics.pearson(x, y)) > 0.01
+    assert math.isnan(metrics.spearman([1, 1, 1], [1, 2, 3]))             # a constant variable
+    with pytest.raises(ValueError, match="equal lengths"):
+        metrics.spearman([1, 2], [1, 2, 3])
+    with pytest.raises(ValueError, match="finite values"):
+        metrics.spearman([1, np.nan], [1, 2])
+
+
 def test_ols_slope_against_polyfit():
     rng = np.random.default_rng(5)
     x = rng.uniform(0, 300, 400)

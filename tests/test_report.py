@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from backend import index
@@ -37,8 +39,10 @@ def direct_summary(run: Path, step: int) -> dict:
     desc = vs[::-1]
     means = resp.groupby("step").alignment.mean()
     m = mod[mod.step == step]
-    per_mod = m.groupby(["layer", "module"]).agg(dot=("dot", "sum"), align=("alignment", "mean"))
+    per_mod = m.groupby(["layer", "module"]).dot.sum()           # every traced position, both parts
     rm = m.merge(r[["sample_idx", "position"]], on=["sample_idx", "position"])
+    per_part = rm.groupby(["layer", "module", "part"]).alignment.mean()  # response tokens, per LoRA part
+    per_type = rm.groupby(["module", "part"]).agg(dot=("dot", "sum"), align=("alignment", "mean"))
     norms = (rm.assign(sq=rm.magnitude ** 2).groupby(["sample_idx", "position", "part"]).sq.sum() ** 0.5)
     part_mean = norms.groupby("part").mean()
     lag1 = []
@@ -47,7 +51,11 @@ def direct_summary(run: Path, step: int) -> dict:
         if x.size > 2:
             d = x - x.mean()
             lag1.append((d[:-1] * d[1:]).sum() / (d * d).sum())
-    dom, opp = per_mod["dot"].idxmax(), per_mod["align"].idxmin()
+    dom, top = per_part.idxmax(), per_mod.idxmax()
+    opposing = per_part[per_part < 0]
+    opp = opposing.idxmin() if len(opposing) else None
+    # Spearman from its definition: Pearson of the average ranks (pandas ranks ties by their mean rank)
+    rank_r = np.corrcoef(pd.Series(a).rank().to_numpy(), pd.Series(v).rank().to_numpy())[0, 1]
     return {
         "mean_alignment": a.mean(),
         "opposing_fraction": (a < 0).mean(),
@@ -56,10 +64,17 @@ def direct_summary(run: Path, step: int) -> dict:
         "gini": 2 * (np.arange(1, n + 1) * vs).sum() / (n * vs.sum()) - (n + 1) / n,
         "tokens_for_80pct": (np.searchsorted(np.cumsum(desc), 0.8 * v.sum()) + 1) / n,
         "category_alignment": r.groupby("category").alignment.mean().to_dict(),
-        "magnitude_alignment_r": np.corrcoef(a, np.log1p(v))[0, 1],
+        "magnitude_alignment_r": np.corrcoef(a, v)[0, 1],              # raw magnitudes, as the seeds report it
+        "magnitude_alignment_spearman": rank_r,
         "lora_ba_ratio": part_mean["lora_B"] / part_mean["lora_A"],
-        "dominant_module": f"L{dom[0]}.{dom[1]}",
-        "opposing_module": f"L{opp[0]}.{opp[1]}",
+        "dominant_module": "L{}.{}.{}".format(*dom),
+        "dominant_module_alignment": per_part[dom],
+        "opposing_module": "L{}.{}.{}".format(*opp) if opp is not None else None,
+        "opposing_module_alignment": per_part[opp] if opp is not None else None,
+        "dominant_module_type": "{}.{}".format(*per_type["align"].idxmax()),
+        "largest_share_module": "L{}.{}".format(*top),
+        "largest_share_module_share": per_mod[top] / per_mod.sum(),
+        "largest_share_module_type": "{}.{}".format(*per_type["dot"].idxmax()),
         "lag1_autocorr": float(np.mean(lag1)),
     }
 
@@ -73,7 +88,7 @@ def test_analyze_writes_every_figure_and_a_matching_summary(home):
     assert on_disk["step"] == 20 and on_disk["status"] == "finished"
     want = direct_summary(run, 20)
     for key, value in want.items():
-        if isinstance(value, str):
+        if value is None or isinstance(value, str):
             assert on_disk[key] == value, key
         elif isinstance(value, dict):
             assert on_disk[key] == pytest.approx(value, rel=1e-6), key
@@ -148,3 +163,68 @@ def test_static_export_is_skipped_with_a_message_when_no_browser(home, monkeypat
     assert "PNG/PDF export skipped" in capsys.readouterr().err
     with pytest.raises(report.StaticExportUnavailable, match="required but is unavailable"):
         report.export_figures(figs, home / "figs", static=True)
+
+
+# ------------------------------------------------------------------------------------------------ trace mode
+def test_summary_and_cli_say_the_trace_mode(home, capsys):
+    """summary.json carries the run's trace mode (the compare table shows it as a row), and ``analyze``
+    on a position run says what an opposing token is there."""
+    pos = make_run(SynthConfig.tiny(), home / "runs", run_id="run-p", name="pos")
+    tok = make_run(SynthConfig.tiny(mode="token", seed=2), home / "runs", run_id="run-t", name="tok")
+    assert report.main(["analyze", str(pos), "--static", "off"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads((pos / "analysis" / "summary.json").read_text())["mode"] == "position"
+    assert [ln for ln in out.splitlines() if ln.startswith("mode ")] == [f"{'mode':<24} position"]
+    assert report.OPPOSING_MEANS["position"] in out.splitlines()
+    assert "an opposing token is a position whose piece of the update points against the batch gradient" in out
+    assert report.analyze(tok, static=False)["mode"] == "token"
+    with report.index_with([pos, tok]) as (con, ids):
+        figs, table, _ = report.compare_indexed(ids, con=con)
+    assert list(table.loc["mode"]) == ["position", "token"]
+    for name, fig in figs.items():                # overlays of runs of both modes name both
+        if name != "summary_table":
+            assert fig.layout.title.text.endswith(" (position / token mode)"), name
+
+
+def rewrite_shards(run: Path, table: str, edit) -> None:
+    """Rewrite every Parquet shard of ``table`` in place: ``edit(df) -> df`` (same columns, same schema)."""
+    for f in sorted((run / "trace" / table).glob("*.parquet")):
+        t = pq.read_table(f)
+        pq.write_table(pa.Table.from_pandas(edit(t.to_pandas()), schema=t.schema, preserve_index=False), f)
+
+
+def test_opposing_module_is_per_part_and_only_when_negative(home):
+    """The synthetic modules all align positively (no opposing module: null); one (layer, module, part) whose
+    pieces are turned around becomes the opposing one, named with its LoRA part."""
+    run = make_run(SynthConfig.tiny(), home / "runs", run_id="run-a")
+    plain = report.analyze(run, static=False)
+    assert plain["opposing_module"] is None and plain["opposing_module_alignment"] is None
+    assert plain["dominant_module"].endswith((".lora_A", ".lora_B"))
+
+    def flip(df: pd.DataFrame) -> pd.DataFrame:       # L1 v_proj lora_B pieces point the other way
+        sel = (df.layer == 1) & (df.module == "v_proj") & (df.part == "lora_B")
+        df.loc[sel, ["alignment", "dot"]] *= -1
+        return df
+    rewrite_shards(run, "token_modules", flip)
+    flipped = report.analyze(run, static=False)
+    want = direct_summary(run, 20)
+    assert want["opposing_module"] == "L1.v_proj.lora_B" == flipped["opposing_module"]
+    assert flipped["opposing_module_alignment"] == pytest.approx(want["opposing_module_alignment"], rel=1e-6)
+    assert flipped["opposing_module_alignment"] < 0
+
+
+def test_token_mode_reports_no_shares(home):
+    """In token mode the tokens' dots do not add up to the update: the share-based keys are null (present,
+    with a definition saying why), the alignment-based ones are still reported."""
+    run = make_run(SynthConfig.tiny(), home / "runs", run_id="run-t")
+    rewrite_shards(run, "tokens", lambda df: df.assign(mode="token", share=np.nan))
+    s = report.analyze(run, static=False)
+    for key in ("largest_share_module", "largest_share_module_share", "largest_share_module_type", "prompt_share"):
+        assert key in s and s[key] is None, key
+    for key in ("largest_share_module", "largest_share_module_type", "prompt_share"):
+        assert "token mode" in analyses.summary("train").definitions[key], key
+    assert "dominant_module_share" not in s
+    want = direct_summary(run, 20)
+    assert s["dominant_module"] == want["dominant_module"]
+    assert s["dominant_module_type"] == want["dominant_module_type"]
+    assert s["magnitude_alignment_r"] == pytest.approx(want["magnitude_alignment_r"], rel=1e-6)

@@ -5,6 +5,7 @@ path checks, the job queue, the scheme table, the new figure builders, and a tor
 """
 from __future__ import annotations
 
+import html
 import json
 import subprocess
 import sys
@@ -564,3 +565,23 @@ def test_a_job_that_fails_before_its_start_is_failed_not_queued(tmp_path, monkey
         q.shutdown()
     assert job.status == "failed" and "does not exist" in job.message
     assert status_of(job.run_dir) == "failed"
+
+
+# ---------------------------------------------------------------------------------------------- trace mode
+def test_overlay_legend_says_which_mode_the_gradient_metrics_are_in():
+    """Alignment, dot, share and magnitude are of a position's piece in position mode and of the token's own
+    loss gradient in token mode: the legend says which; metrics that are not gradients say nothing."""
+    def legend_of(df: pd.DataFrame, metric: str) -> str:
+        return overlay.render(df, overlay.METRICS[metric]).split('class="tv-text"', 1)[0]
+
+    pos = tokens_frame(["Q", ":", " 4", "."], [0.1, -0.2, 0.3, -0.1], n_prompt=2)
+    tok = pos.assign(mode="token")
+    for metric in ("alignment", "dot", "share", "magnitude"):
+        want = f'<span class="tv-mode">({html.escape(overlay.MODE_DESCRIPTIONS["position"])})</span>'
+        assert want in legend_of(pos, metric)
+        assert "token mode: the gradient of this token&#x27;s own loss" in legend_of(tok, metric)
+        assert "position mode" not in legend_of(tok, metric)
+    assert "later tokens&#x27; losses through attention" in legend_of(pos, "alignment")
+    for metric in ("loss", "prob"):
+        assert "tv-mode" not in legend_of(pos, metric)
+    assert "tv-mode" not in legend_of(pos.drop(columns="mode"), "alignment")

@@ -126,11 +126,31 @@ def token_html(token: str) -> str:
     return text.replace("\n", '<i class="nl">⏎</i>\n') if "\n" in text else text
 
 
-def legend(metric: Metric, scale: Scale) -> str:
-    """A colour bar with the values at its ends and centre."""
+# the gradient metrics mean a different thing in each trace mode (tokens.mode; DESIGN.md "Definitions")
+GRADIENT_METRICS = ("alignment", "dot", "share", "magnitude")
+MODE_DESCRIPTIONS = {
+    "position": ("position mode: the piece this position supplies to the batch gradient (it carries the "
+                 "gradients of later tokens' losses through attention; prompt positions have pieces)"),
+    "token": "token mode: the gradient of this token's own loss",
+}
+
+
+def mode_note(metric: Metric, modes: pd.Series | None) -> str:
+    """What ``metric`` is a gradient of, given the sample's ``mode`` column: "" for metrics that are not
+    gradients (loss, prob, ...) or without a mode column."""
+    if metric.column not in GRADIENT_METRICS or modes is None:
+        return ""
+    found = list(dict.fromkeys(str(m) for m in modes.dropna()))
+    return "; ".join(MODE_DESCRIPTIONS.get(m, f"{m} mode") for m in found)
+
+
+def legend(metric: Metric, scale: Scale, mode: str = "") -> str:
+    """A colour bar with the values at its ends and centre; ``mode``: what the metric is a gradient of
+    (``mode_note``), shown after the metric's name."""
     stops = ", ".join(colours(np.linspace(-1, 1, 9)))
     lo, mid, hi = (scale.value_at(t) for t in (-1.0, 0.0, 1.0))
-    return (f'<div class="tv-legend"><span class="tv-metric">{html.escape(metric.label)}</span>'
+    mode_html = f'<span class="tv-mode">({html.escape(mode)})</span>' if mode else ""
+    return (f'<div class="tv-legend"><span class="tv-metric">{html.escape(metric.label)}</span>{mode_html}'
             f'<span>{_fmt(lo, metric.fmt)}</span><span class="tv-bar" style="background: linear-gradient(90deg, '
             f'{stops})"></span><span>{_fmt(hi, metric.fmt)}</span><span class="tv-mid">centre '
             f'{_fmt(mid, metric.fmt)}</span>'
@@ -192,7 +212,7 @@ def render(tokens: pd.DataFrame, metric: Metric, selected: int | None = None, wh
     v = np.asarray(values, dtype=np.float64)
     scale = scale_for(metric, pd.Series(v), tokens["is_response"])
     lev = levels(scale.position(v))
-    parts = [legend(metric, scale)]
+    parts = [legend(metric, scale, mode_note(metric, tokens["mode"] if "mode" in tokens else None))]
     if note:
         parts.append(f'<div class="tv-note">{html.escape(note)}</div>')
     run, step, sample = key if key is not None else ("", -1, -1)
@@ -229,6 +249,7 @@ CSS = """
 .tv-legend .tv-bar { display: inline-block; width: 180px; height: .9em; border: 1px solid #ccc; }
 .tv-legend .tv-metric { font-weight: 600; }
 .tv-legend .tv-mid { color: #666; }
+.tv-legend .tv-mode { color: #444; font-style: italic; }
 .tv-note { font-size: .85em; color: #a15c00; margin-bottom: .4em; }
 .tv-text { white-space: pre-wrap; word-break: break-word; font-family: ui-monospace, SFMono-Regular, Menlo, monospace;
            font-size: 14px; line-height: 1.9; max-height: 560px; overflow-y: auto; padding: .5em;

@@ -9,7 +9,8 @@ figure, the job kind whose runs it reads, and whether ``compare`` overlays it ac
 
 **Adding an analysis = one function with its ``@register(name, title, scope, figure=...)`` line in its
 kind's module** (``backend.analysis.trace`` for ``train`` runs; a job kind lists its modules in
-``JobSpec.analyses``), e.g. in ``trace.py``, where ``register = partial(analyses.register, kind="train")``:
+``JobSpec.analyses``), e.g. in ``trace.py``, whose ``register`` binds kind="train" (and adds the trace mode
+to every analysis's frames, so each title can name it):
 
     @register("concentration", "Concentration of gradient magnitude", "step",
               figure=lambda f: figures.lorenz_curve(f["lorenz"], f["stats"]), compare=True)

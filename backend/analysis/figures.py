@@ -13,7 +13,7 @@ titles with units and hover templates. No I/O here; imports no gradio or torch.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -514,6 +514,40 @@ def grid(figs: Sequence[go.Figure], cols: int = 2, row_height: int = 440) -> dic
         if src.get("barmode"):
             layout["barmode"] = src["barmode"]
     return {"data": data, "layout": layout}
+
+
+# ------------------------------------------------------------------------------------------------ trace mode
+MODE_ORDER = ("position", "token")      # the trace modes (DESIGN.md "Definitions"), in the order titles name them
+
+
+def mode_suffix(modes: pd.DataFrame | None) -> str:
+    """The title suffix " (position mode)", " (token mode)" or, when the rows name several (runs or steps of different
+    modes), " (position / token mode)": from a frame with a ``mode`` column (an analysis's ``mode`` frame);
+    "" when there is none or it has no rows, so figures of hand-made frames keep their plain titles."""
+    if modes is None or "mode" not in modes.columns:
+        return ""
+    found = {str(m) for m in modes["mode"].dropna()}
+    if not found:
+        return ""
+    ordered = [m for m in MODE_ORDER if m in found] + sorted(found - set(MODE_ORDER))
+    return f" ({' / '.join(ordered)} mode)"
+
+
+def with_mode(builder: Callable[[Frames], go.Figure]) -> Callable[[Frames], go.Figure]:
+    """``builder`` (frames -> figure) whose figure's title ends with the trace mode of ``frames["mode"]``
+    (``mode_suffix``): alignment means a different thing in each mode, so every trace figure says which."""
+    def build_titled(frames: Frames) -> go.Figure:
+        return name_mode(builder(frames), frames.get("mode"))
+    return build_titled
+
+
+def name_mode(fig: go.Figure, modes: pd.DataFrame | None) -> go.Figure:
+    """``fig`` with ``mode_suffix(modes)`` appended to its title (for figures drawn from several analyses'
+    frames, e.g. the app's concentration views); returns ``fig``."""
+    suffix = mode_suffix(modes)
+    if suffix:
+        fig.update_layout(title_text=f"{fig.layout.title.text or ''}{suffix}")
+    return fig
 
 
 def build(name: str, frames: Frames) -> go.Figure:

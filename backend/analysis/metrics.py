@@ -5,6 +5,7 @@
     tokens_for_p([4, 3, 2, 1], 0.5) -> 0.5                (the 2 largest hold 7/10 >= 0.5)
     x, y = lorenz([1, 2, 3])      # x = [0, 1/3, 2/3, 1], y = [0, 1/6, 1/2, 1]
     r, n_seq, band = mean_autocorr([seq_a, seq_b], max_lag=30)
+    spearman([1, 2, 3, 4], [1, 4, 9, 16]) -> 1.0        (Pearson of the average ranks; ties averaged)
 """
 from __future__ import annotations
 
@@ -68,6 +69,31 @@ def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) ->
     da, db = a - a.mean(), b - b.mean()
     den = math.sqrt(float((da * da).sum()) * float((db * db).sum()))
     return float((da * db).sum() / den) if den > 0 else float("nan")
+
+
+def average_ranks(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Ranks 1..n of ``values`` ascending; tied values all get the mean of the ranks they span."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    order = np.argsort(v, kind="stable")
+    sv = v[order]
+    # the first index of each run of equal values, and the run's average rank (1-based)
+    starts = np.flatnonzero(np.concatenate([[True], sv[1:] != sv[:-1]]))
+    ends = np.concatenate([starts[1:], [v.size]])
+    ranks = np.empty(v.size)
+    ranks[order] = np.repeat((starts + 1 + ends) / 2.0, ends - starts)
+    return ranks
+
+
+def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """Spearman rank correlation: Pearson of the average ranks (ties averaged); NaN when either variable is
+    constant. Unlike Pearson it does not change under a monotone transform of either variable."""
+    a = np.asarray(x, dtype=np.float64).ravel()
+    b = np.asarray(y, dtype=np.float64).ravel()
+    if a.size != b.size:
+        raise ValueError(f"spearman needs equal lengths, got {a.size} and {b.size}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("spearman needs finite values; got NaN or inf")
+    return pearson(average_ranks(a), average_ranks(b))
 
 
 def ols_slope(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:

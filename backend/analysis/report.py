@@ -264,6 +264,16 @@ def _common(ap: argparse.ArgumentParser) -> None:
                     help="inline: each HTML standalone; directory: one plotly.min.js beside them")
 
 
+# what "opposing tokens" (opposing_fraction, the opposing side of surprising_tokens) are in each trace mode
+OPPOSING_MEANS = {
+    "position": ("position mode: an opposing token is a position whose piece of the update points against the "
+                 "batch gradient; it includes gradients of later tokens' losses through attention"),
+    "token": "token mode: an opposing token is one whose own loss gradient points against the batch gradient",
+    "mixed": ("mixed modes: traced steps differ in mode (position: a position's piece of the update, including "
+              "later tokens' losses through attention; token: the token's own loss gradient)"),
+}
+
+
 def _run_cli(fn: Callable[..., dict | pd.DataFrame], args: argparse.Namespace, target: object) -> int:
     static = {"auto": None, "on": True, "off": False}[args.static]
     try:
@@ -273,10 +283,12 @@ def _run_cli(fn: Callable[..., dict | pd.DataFrame], args: argparse.Namespace, t
         print(f"error: {e}", file=sys.stderr)
         return 2
     if isinstance(result, dict):
-        keys = ("run_id", "step", "mean_alignment", "opposing_fraction", "gini", "tokens_for_80pct",
+        keys = ("run_id", "step", "mode", "mean_alignment", "opposing_fraction", "gini", "tokens_for_80pct",
                 "positional_decay_slope", "dominant_module", "opposing_module", "lag1_autocorr", "static_export")
         for k in keys:
             print(f"{k:<24} {result.get(k)}")
+        if result.get("mode") in OPPOSING_MEANS:
+            print(OPPOSING_MEANS[str(result["mode"])])
     else:
         print(result.to_string())
     return 0

@@ -16,7 +16,8 @@ Adding a trace analysis: one function below with its ``@register(name, title, sc
 from __future__ import annotations
 
 import math
-from functools import partial
+from functools import wraps
+from typing import Callable
 
 import duckdb
 import numpy as np
@@ -27,7 +28,26 @@ from backend.analysis.analyses import AnalysisParams, Frames
 from backend.index import queries, sql
 
 KIND = "train"      # the job kind whose runs these analyses read (backend.jobs.train lists this module)
-register = partial(analyses.register, kind=KIND)
+
+
+def _modes(con: duckdb.DuckDBPyConnection, run_id: str, step: int | None) -> pd.DataFrame:
+    """(step, mode) of the run's traced steps (``step`` None) or of one step: the ``mode`` frame."""
+    # fetchall, not .df(): a few rows, and every analysis reads them (half the time of the pandas conversion)
+    return pd.DataFrame(con.execute(sql.TRACE_MODES, [run_id, step, step]).fetchall(), columns=["step", "mode"])
+
+
+def register(name: str, title: str, scope: str, *, figure: analyses.FigureFn, compare: bool = False
+             ) -> Callable[[analyses.AnalysisFn], analyses.AnalysisFn]:
+    """``analyses.register`` for train runs. Each analysis's frames also get ``mode``: the trace mode (tokens.mode)
+    of the steps it read (every traced step for scope "run"); its figure's title names it
+    (``figures.with_mode``), since alignment means a different thing in position and in token mode."""
+    def deco(fn: analyses.AnalysisFn) -> analyses.AnalysisFn:
+        @wraps(fn)
+        def with_mode(con: duckdb.DuckDBPyConnection, run_id: str, step: int | None, p: AnalysisParams) -> Frames:
+            return {**fn(con, run_id, step, p), "mode": _modes(con, run_id, None if scope == "run" else step)}
+        return analyses.register(name, title, scope, kind=KIND, figure=figures.with_mode(figure),
+                                 compare=compare)(with_mode)
+    return deco
 
 
 def _q(con: duckdb.DuckDBPyConnection, query: str, params: list[object]) -> pd.DataFrame:
@@ -205,13 +225,17 @@ def category_breakdown(con: duckdb.DuckDBPyConnection, run_id: str, step: int, p
 @register("magnitude_alignment", "Magnitude vs alignment", "step",
           figure=lambda f: figures.magnitude_alignment(f["points"], f["stats"]))
 def magnitude_alignment(con: duckdb.DuckDBPyConnection, run_id: str, step: int, p: AnalysisParams) -> Frames:
-    """Response tokens' alignment against log1p(magnitude); ``stats``: Pearson r over all of them and the
-    least-squares slope. ``points`` keeps at most ``scatter_points`` tokens (a fixed random subset)."""
+    """Response tokens' alignment against their magnitude; ``stats``: Pearson r and the least-squares slope
+    of alignment on the raw magnitude, and Spearman's rank correlation (which no monotone rescaling of the
+    magnitude changes), over all of them. ``points`` keeps at most ``scatter_points`` tokens (a fixed random
+    subset), with log1p(magnitude) for the scatter's axis."""
     t = _q(con, sql.RESPONSE_TOKENS_AT_STEP, [run_id, step]).dropna(subset=["alignment", "magnitude"])
     t["log1p_magnitude"] = np.log1p(t["magnitude"].to_numpy(dtype=np.float64))
-    x, y = t["log1p_magnitude"].to_numpy(), t["alignment"].to_numpy(dtype=np.float64)
-    stats = pd.DataFrame([{"pearson_r": metrics.pearson(x, y) if len(t) > 1 else np.nan,
-                           "slope": metrics.ols_slope(x, y) if len(t) > 1 else np.nan, "n": len(t)}])
+    x, y = t["magnitude"].to_numpy(dtype=np.float64), t["alignment"].to_numpy(dtype=np.float64)
+    enough = len(t) > 1
+    stats = pd.DataFrame([{"pearson_r": metrics.pearson(x, y) if enough else np.nan,
+                           "spearman_r": metrics.spearman(x, y) if enough else np.nan,
+                           "slope": metrics.ols_slope(x, y) if enough else np.nan, "n": len(t)}])
     pts = t.sample(n=p.scatter_points, random_state=0) if len(t) > p.scatter_points else t
     return {"points": pts[["sample_idx", "position", "token", "category", "magnitude", "log1p_magnitude",
                            "alignment"]].reset_index(drop=True), "stats": stats}
@@ -222,11 +246,13 @@ def magnitude_alignment(con: duckdb.DuckDBPyConnection, run_id: str, step: int, 
           figure=lambda f: figures.module_types(f["modules"]), compare=True)
 def module_types(con: duckdb.DuckDBPyConnection, run_id: str, step: int, p: AnalysisParams) -> Frames:
     """Per (module type, LoRA part), over all layers and response tokens: per-module alignment (mean, std,
-    fraction negative), mean magnitude, summed dot and its share of the total."""
+    fraction negative), mean magnitude, summed dot and its share of the total. ``layer_modules``: per
+    (layer, module, LoRA part) over response tokens, mean alignment and magnitude, summed dot (what the
+    summary's dominant and opposing modules are picked from)."""
     df = _q(con, sql.MODULE_TYPES, [run_id, step])
     total = df["dot_sum"].sum()
     df["share"] = df["dot_sum"] / total if total != 0 else np.nan
-    return {"modules": df}
+    return {"modules": df, "layer_modules": _q(con, sql.LAYER_MODULE_PARTS_AT_STEP, [run_id, step])}
 
 
 # ------------------------------------------------------------------------------------------------ 12
@@ -285,6 +311,9 @@ def layer_position_heatmap(con: duckdb.DuckDBPyConnection, run_id: str, step: in
 
 # ------------------------------------------------------------------------------------------------ summary
 DEFINITIONS = {
+    "mode": "trace mode of the run's traced steps (tokens.mode): position (alignment of the piece a position "
+            "supplies to the batch gradient, including later tokens' losses through attention) or token (of the "
+            "token's own loss gradient); mixed when steps differ",
     "mean_alignment": "mean alignment (cosine with the batch gradient) of response tokens at `step`",
     "opposing_fraction": "fraction of response tokens at `step` with alignment < 0",
     "alignment_trend": "least-squares slope of the per-step mean alignment against optimizer step (per step)",
@@ -292,10 +321,24 @@ DEFINITIONS = {
     "gini": "Gini of response-token magnitudes at `step` (0 equal, 1 - 1/n all on one token)",
     "tokens_for_80pct": "smallest fraction of response tokens, largest magnitude first, holding 80% of the total",
     "category_alignment": "mean alignment of response tokens per token category at `step`",
-    "magnitude_alignment_r": "Pearson r of alignment with log1p(magnitude) over response tokens at `step`",
+    "magnitude_alignment_r": "Pearson r of alignment with the raw magnitude over response tokens at `step`",
+    "magnitude_alignment_spearman": "Spearman rank correlation (Pearson of average ranks, ties averaged) of "
+                                    "alignment with magnitude over response tokens at `step`; unlike Pearson, "
+                                    "unchanged by any monotone rescaling of the magnitude",
     "lora_ba_ratio": "mean per-token norm of the lora_B pieces over that of the lora_A pieces (all layers)",
-    "dominant_module": "layer.module with the largest share of the update (sum of dot / total) at `step`",
-    "opposing_module": "layer.module with the lowest mean per-module alignment at `step`",
+    "dominant_module": "layer.module.part (LoRA A or B) with the largest mean per-module alignment over response "
+                       "tokens at `step`",
+    "opposing_module": "layer.module.part with the lowest mean per-module alignment over response tokens at "
+                       "`step`, if that mean is negative; null when no module opposes the update on average",
+    "dominant_module_type": "module.part (over all layers) with the largest mean per-module alignment over "
+                            "response tokens at `step`",
+    "largest_share_module": "layer.module (both LoRA parts, every traced position) with the largest share of the "
+                            "update (its summed dot over the total, = ||G_m||^2 / ||G||^2) at `step`; "
+                            "null in token mode, where the dots of the tokens do not add up to the update",
+    "largest_share_module_type": "module.part (all layers, response tokens) with the largest summed-dot share at "
+                                 "`step`; null in token mode (see largest_share_module)",
+    "prompt_share": "share of the update from prompt positions (summed share) at `step`; null in token mode "
+                    "(see largest_share_module)",
     "lag1_autocorr": "lag-1 autocorrelation of alignment along each response, averaged over sequences",
 }
 
@@ -308,6 +351,17 @@ def _num(v: object) -> float | int | None:
     return None if math.isnan(f) else (int(f) if isinstance(v, int) else f)
 
 
+def _pick(df: pd.DataFrame, col: str, *, largest: bool) -> pd.Series | None:
+    """The row with the largest (smallest) non-null ``col``; None when there is none."""
+    if not len(df) or not df[col].notna().any():
+        return None
+    return df.loc[df[col].idxmax() if largest else df[col].idxmin()]
+
+
+def _part_name(row: pd.Series | None) -> str | None:
+    return f"L{int(row['layer'])}.{row['module']}.{row['part']}" if row is not None else None
+
+
 @analyses.register_summary(KIND, definitions=DEFINITIONS, needs=(
     "alignment_evolution", "prompt_vs_response", "layer_module_contribution", "positional_decay", "lora_ab",
     "category_breakdown", "magnitude_alignment", "module_types", "concentration", "autocorrelation"))
@@ -316,16 +370,25 @@ def summary(step: int, results: dict[str, Frames]) -> dict[str, object]:
     ev = results["alignment_evolution"]["evolution"]
     at = ev[ev["step"] == step]
     conc = results["concentration"]["stats"].iloc[0]
+    # shares (summed dots over the total) decompose the update only in position mode, where the pieces of all
+    # positions add up to the batch gradient; in token mode a share-based key would name a non-quantity
+    mt = results["module_types"]
+    shares_ok = set(mt["mode"]["mode"]) == {"position"}       # the mode frame of a step-scoped analysis
     mods = results["layer_module_contribution"]["modules"]
     mods = mods[mods["step"] == step]
-    dom = mods.loc[mods["share"].idxmax()] if len(mods) and mods["share"].notna().any() else None
-    opp = mods.loc[mods["mean_alignment"].idxmin()] if len(mods) and mods["mean_alignment"].notna().any() else None
-    types = results["module_types"]["modules"]
-    top_type = types.loc[types["share"].idxmax()] if len(types) and types["share"].notna().any() else None
+    top_share = _pick(mods, "share", largest=True) if shares_ok else None
+    parts = mt["layer_modules"]
+    dom = _pick(parts, "mean_alignment", largest=True)
+    opp = _pick(parts[parts["mean_alignment"] < 0], "mean_alignment", largest=False)
+    types = mt["modules"]
+    dom_type = _pick(types, "mean_alignment", largest=True)
+    top_type = _pick(types, "share", largest=True) if shares_ok else None
     lags = results["autocorrelation"]["lags"]
     groups = results["prompt_vs_response"]["groups"].set_index("group")
     overall = results["lora_ab"]["overall"]
+    modes = sorted(set(results["alignment_evolution"]["mode"]["mode"]))    # every traced step (scope "run")
     return {
+        "mode": modes[0] if len(modes) == 1 else ("mixed" if modes else None),
         "traced_steps": [int(s) for s in ev["step"]],
         "n_response_tokens": int(at["n"].iloc[0]) if len(at) else 0,
         "mean_alignment": _num(at["mean"].iloc[0]) if len(at) else None,
@@ -340,15 +403,19 @@ def summary(step: int, results: dict[str, Frames]) -> dict[str, object]:
         "category_alignment": {str(r.category): _num(r.mean_alignment)
                                for r in results["category_breakdown"]["categories"].itertuples()},
         "magnitude_alignment_r": _num(results["magnitude_alignment"]["stats"]["pearson_r"].iloc[0]),
+        "magnitude_alignment_spearman": _num(results["magnitude_alignment"]["stats"]["spearman_r"].iloc[0]),
         "lora_ba_ratio": _num(overall["ratio_b_over_a"].iloc[0]) if len(overall) else None,
-        "dominant_module": f"L{int(dom['layer'])}.{dom['module']}" if dom is not None else None,
-        "dominant_module_share": _num(dom["share"]) if dom is not None else None,
-        "opposing_module": f"L{int(opp['layer'])}.{opp['module']}" if opp is not None else None,
+        "dominant_module": _part_name(dom),
+        "dominant_module_alignment": _num(dom["mean_alignment"]) if dom is not None else None,
+        "opposing_module": _part_name(opp),
         "opposing_module_alignment": _num(opp["mean_alignment"]) if opp is not None else None,
-        "dominant_module_type": f"{top_type['module']}.{top_type['part']}" if top_type is not None else None,
+        "dominant_module_type": f"{dom_type['module']}.{dom_type['part']}" if dom_type is not None else None,
+        "largest_share_module": f"L{int(top_share['layer'])}.{top_share['module']}" if top_share is not None else None,
+        "largest_share_module_share": _num(top_share["share"]) if top_share is not None else None,
+        "largest_share_module_type": f"{top_type['module']}.{top_type['part']}" if top_type is not None else None,
         "lag1_autocorr": _num(lags["r"].iloc[0]) if len(lags) else None,
         "lag1_noise_band": _num(lags["band"].iloc[0]) if len(lags) else None,
         "prompt_alignment": _num(groups.loc["prompt", "mean_alignment"]),
         "response_alignment": _num(groups.loc["response", "mean_alignment"]),
-        "prompt_share": _num(groups.loc["prompt", "share_sum"]),
+        "prompt_share": _num(groups.loc["prompt", "share_sum"]) if shares_ok else None,
     }

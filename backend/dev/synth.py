@@ -72,6 +72,7 @@ class SynthConfig:
     seed: int = field(default=0, metadata={"help": "random seed"})
     finished: bool = field(default=True, metadata={"help": "write manifest.json (False: a run still going)"})
     scheme: str = field(default="sft", metadata={"help": "scheme name recorded in the config"})
+    mode: str = field(default="position", metadata={"help": "trace mode written to tokens.mode: position or token"})
 
     def __post_init__(self) -> None:
         if self.n_layers < 1:
@@ -84,6 +85,8 @@ class SynthConfig:
             raise ValueError(f"traced_steps must lie in [1, max_step={self.max_step}], got {self.traced_steps}")
         if self.n_samples < 1 or self.world_size < 1:
             raise ValueError(f"n_samples and world_size must be >= 1, got {self.n_samples}, {self.world_size}")
+        if self.mode not in ("position", "token"):
+            raise ValueError(f"mode must be 'position' or 'token', got {self.mode!r}")
         for name in ("prompt_len", "response_len"):
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:
@@ -233,7 +236,7 @@ def make_run(cfg: SynthConfig, root: Path, run_id: str | None = None, name: str 
     rng = np.random.default_rng(cfg.seed)
     rd = RunDir.create(kind="train", name=name, root=Path(root), run_id=run_id, config={
         "model": f"synthetic/{cfg.n_layers}L", "task": "synthetic-math", "scheme": cfg.scheme,
-        "mode": "position", "synth": asdict(cfg)})
+        "mode": cfg.mode, "synth": asdict(cfg)})
     texts, cat_of_id, _, _ = _vocab()
     s = _make_samples(cfg, rng)
     cats = np.array(cat_of_id, dtype=object)[s.token_id]
@@ -249,7 +252,7 @@ def make_run(cfg: SynthConfig, root: Path, run_id: str | None = None, name: str 
             tok_cols = {"run_id": _strings([rd.run_id], np.zeros(n)), "sample_idx": s.sample_idx[sel],
                         "position": s.position[sel], "token_id": s.token_id[sel],
                         "token": _strings(texts, s.token_id[sel]), "category": pa.array(list(cats[sel])),
-                        "is_response": s.is_response[sel], "mode": _strings(["position"], np.zeros(n)),
+                        "is_response": s.is_response[sel], "mode": _strings([cfg.mode], np.zeros(n)),
                         "magnitude_estimated": np.zeros(n, bool), "rank": np.full(n, rank, np.int16),
                         **{k: v[sel] for k, v in tok.items()}}
             rd.write_table(f"trace/tokens/step_{step:06d}.rank{rank}.parquet", _table(tok_cols, schema.TOKENS))

@@ -17,6 +17,8 @@ the oldest migration is rebuilt from the run directories.
 
 Version 2 added the per-step aggregates of ``token_modules`` (``agg_*``), filled at ingest: the module-level
 analyses read a few hundred rows from them instead of scanning millions (an index of version 1 is rebuilt).
+Version 3 added ``agg_layer_module_part`` (per layer, module and LoRA part over response tokens: what the
+summary's dominant and opposing modules read); an index of version 2 is rebuilt, which fills it for every run.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import pyarrow as pa
 if TYPE_CHECKING:
     from backend.jobs.registry import TableSpec
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3
 
 # from-version -> statements that turn an index of that version into one of version + 1
 MIGRATIONS: dict[int, tuple[str, ...]] = {}
@@ -155,6 +157,9 @@ AGG_CREATE = {
     run_id VARCHAR NOT NULL, step INTEGER NOT NULL, module VARCHAR NOT NULL, part VARCHAR NOT NULL,
     n BIGINT NOT NULL, mean_alignment DOUBLE, std_alignment DOUBLE, frac_negative DOUBLE, mean_magnitude DOUBLE,
     dot_sum DOUBLE)""",
+    "agg_layer_module_part": """CREATE TABLE IF NOT EXISTS agg_layer_module_part (
+    run_id VARCHAR NOT NULL, step INTEGER NOT NULL, layer SMALLINT NOT NULL, module VARCHAR NOT NULL,
+    part VARCHAR NOT NULL, n BIGINT NOT NULL, mean_alignment DOUBLE, mean_magnitude DOUBLE, dot_sum DOUBLE)""",
     "agg_lora_ab": """CREATE TABLE IF NOT EXISTS agg_lora_ab (
     run_id VARCHAR NOT NULL, step INTEGER NOT NULL, layer VARCHAR NOT NULL, part VARCHAR NOT NULL,
     mean_magnitude DOUBLE, n BIGINT NOT NULL)""",
@@ -178,6 +183,11 @@ WITH m AS ({_RESPONSE_MODULE_ROWS_ALL_STEPS})
 SELECT run_id, step, module, part, count(*), avg(alignment), stddev_samp(alignment),
     avg(CASE WHEN alignment < 0 THEN 1.0 ELSE 0.0 END), avg(magnitude), sum(dot)
 FROM m GROUP BY run_id, step, module, part""",
+    # per (step, layer, module, LoRA part), over response tokens
+    "agg_layer_module_part": f"""INSERT INTO agg_layer_module_part
+WITH m AS ({_RESPONSE_MODULE_ROWS_ALL_STEPS})
+SELECT run_id, step, layer, module, part, count(*), avg(alignment), avg(magnitude), sum(dot)
+FROM m GROUP BY run_id, step, layer, module, part""",
     # per (step, layer, part): the norm of a response token's piece in that layer (over its modules), averaged
     # over tokens; the 'all' rows take the norm over every layer
     "agg_lora_ab": f"""INSERT INTO agg_lora_ab
@@ -268,6 +278,9 @@ ALL_TOKENS_AT_STEP = """SELECT sample_idx, position, resp_pos, token, category, 
     magnitude, loss, prob
 FROM tokens WHERE run_id = ? AND step = ? ORDER BY sample_idx, position"""
 MAX_RESP_POS = "SELECT max(resp_pos) FROM tokens WHERE run_id = ? AND (?::INTEGER IS NULL OR step = ?)"
+# the trace mode(s) of a run (step NULL) or of one step: each analysis's figure names it
+TRACE_MODES = """SELECT step, mode FROM tokens WHERE run_id = ? AND (?::INTEGER IS NULL OR step = ?)
+GROUP BY ALL ORDER BY ALL"""
 STEP_POSITION = """SELECT step, (resp_pos // ?) * ? AS bin_start, count(*) AS n, avg(alignment) AS mean_alignment
 FROM tokens WHERE run_id = ? AND is_response AND alignment IS NOT NULL
 GROUP BY ALL ORDER BY step, bin_start"""
@@ -280,6 +293,9 @@ LORA_AB = """SELECT layer, part, mean_magnitude, n FROM agg_lora_ab WHERE run_id
 # per (module type, LoRA part): see AGG_FILL["agg_module_types"]
 MODULE_TYPES = """SELECT module, part, n, mean_alignment, std_alignment, frac_negative, mean_magnitude, dot_sum
 FROM agg_module_types WHERE run_id = ? AND step = ? ORDER BY module, part"""
+# per (layer, module, LoRA part): see AGG_FILL["agg_layer_module_part"]
+LAYER_MODULE_PARTS_AT_STEP = """SELECT layer, module, part, n, mean_alignment, mean_magnitude, dot_sum
+FROM agg_layer_module_part WHERE run_id = ? AND step = ? ORDER BY layer, module, part"""
 MODULE_NAMES = "SELECT DISTINCT module FROM token_modules WHERE run_id = ? AND step = ? ORDER BY module"
 LAYER_POSITION = """SELECT m.layer, (t.resp_pos // ?) * ? AS bin_start, count(*) AS n,
     avg(m.alignment) AS mean_alignment, avg(m.magnitude) AS mean_magnitude

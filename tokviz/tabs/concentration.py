@@ -65,7 +65,7 @@ def make_figures(run_id: str, step: int, steps: list[int] | None, others: list[s
     labels = {r: _label(r) for r in runs}
     if len(set(labels.values())) < len(labels):
         labels = {r: r for r in runs}
-    lorenz, stats = [], []
+    lorenz, stats, modes = [], [], []
     for r in runs:
         traced = queries.traced_steps(r)
         if not traced:
@@ -73,6 +73,7 @@ def make_figures(run_id: str, step: int, steps: list[int] | None, others: list[s
         frames = {s: analyses.run("concentration", r, s) for s in traced}
         for s in traced:
             stats.append(frames[s]["stats"].assign(run=labels[r], step=s))
+            modes.append(frames[s]["mode"])
         at = [s for s in (steps or [step]) if s in traced] if r == run_id else [traced[-1]]
         for s in at:
             fr = frames[s]
@@ -82,8 +83,9 @@ def make_figures(run_id: str, step: int, steps: list[int] | None, others: list[s
     lz_stats = pd.concat([b for _, b in lorenz], ignore_index=True)
     all_stats = pd.concat(stats, ignore_index=True)
     over = all_stats if len(runs) > 1 else all_stats.drop(columns="run")
-    figs = {"lorenz": figures.lorenz_curve(lz, lz_stats), "concentration_over_training":
-            figures.concentration_over_training(over)}
+    mode = pd.concat(modes, ignore_index=True)     # the titles name the trace mode(s) of the runs shown
+    figs = {"lorenz": figures.name_mode(figures.lorenz_curve(lz, lz_stats), mode), "concentration_over_training":
+            figures.name_mode(figures.concentration_over_training(over), mode)}
     return figs, all_stats[STAT_COLS]
 
 
