@@ -14,7 +14,6 @@ runs ``python -m backend KIND --config <that file>``, so a launched job is exact
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -29,7 +28,7 @@ from typing import Callable
 from backend.jobs import registry
 from backend.jobs.config import JobConfig
 from backend.store import paths
-from backend.store.rundir import CONFIG, EVENTS, MANIFEST, new_run_id, queue_config, read_events
+from backend.store.rundir import CONFIG, MANIFEST, RunDir, new_run_id, queue_config, read_events
 
 STATUSES = ("queued", "running", "finished", "failed", "cancelled")
 ACTIVE = ("queued", "running")
@@ -366,8 +365,7 @@ def _record_end(j: Job) -> None:
     ``start``, e.g. on a bad config): say so in its run's events, so the index shows the run as failed
     rather than queued or interrupted."""
     if (j.run_dir / CONFIG).exists() and not (j.run_dir / MANIFEST).exists() and "error" not in progress_of(j.run_dir):
-        with open(j.run_dir / EVENTS, "a") as f:
-            f.write(json.dumps({"time": time.time(), "type": "error", "error": j.message}) + "\n")
+        RunDir(j.run_dir, j.run_id).event("error", error=j.message)
 
 
 def _signal_group(proc: subprocess.Popen | None, sig: int) -> None:

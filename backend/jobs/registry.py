@@ -161,21 +161,13 @@ def for_config(cfg: object) -> JobSpec:
 
 
 def tables() -> dict[str, TableSpec]:
-    """Every table any kind writes, by name (a table two kinds write is one spec)."""
-    out: dict[str, TableSpec] = {}
-    for spec in kinds().values():
-        for t in spec.tables:
-            out.setdefault(t.name, t)
-    return out
+    """Every table any kind writes, by name (a table two kinds write is one spec: _check_tables)."""
+    return {t.name: t for spec in kinds().values() for t in spec.tables}
 
 
 def derived_tables() -> dict[str, DerivedTable]:
     """Every derived (aggregate) table, by name."""
-    out: dict[str, DerivedTable] = {}
-    for spec in kinds().values():
-        for t in spec.derived:
-            out.setdefault(t.name, t)
-    return out
+    return {t.name: t for spec in kinds().values() for t in spec.derived}
 
 
 def _check_tables(specs) -> None:

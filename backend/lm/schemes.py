@@ -138,16 +138,16 @@ class Scheme:
         return torch.where(x.mask, w, torch.zeros_like(w)).detach()
 
 
-# name -> (weight function, extra term); names, docs and parameters come from scheme_specs.SCHEMES
-_FUNCTIONS: dict[str, tuple[Callable, Callable | None]] = {
-    "sft": (_sft, None), "dft": (_dft, None), "asft": (_dft, _asft_extra), "topk": (_topk, None),
-    "antiop": (_antiop, None), "lr": (_lr, None), "rho1": (_rho1, None), "entropy": (_entropy, None),
+# name -> (weight function, extra term, whether the weights read the loss values); names, docs and parameters
+# come from scheme_specs.SCHEMES. A scheme whose weights never read the loss (sft, entropy: a test checks it)
+# is spared the accurate-loss pass.
+_FUNCTIONS: dict[str, tuple[Callable, Callable | None, bool]] = {
+    "sft": (_sft, None, False), "dft": (_dft, None, True), "asft": (_dft, _asft_extra, True),
+    "topk": (_topk, None, True), "antiop": (_antiop, None, True), "lr": (_lr, None, True),
+    "rho1": (_rho1, None, True), "entropy": (_entropy, None, False),
 }
-# the weight functions that never read the loss values (a test checks it): no accurate loss is computed for them
-_LOSS_FREE = {"sft", "entropy"}
 assert set(_FUNCTIONS) == set(SPECS), f"schemes without a torch function or spec: {set(_FUNCTIONS) ^ set(SPECS)}"
-SCHEMES: dict[str, Scheme] = {name: Scheme(spec, *_FUNCTIONS[name], uses_loss=name not in _LOSS_FREE)
-                              for name, spec in SPECS.items()}
+SCHEMES: dict[str, Scheme] = {name: Scheme(spec, *_FUNCTIONS[name]) for name, spec in SPECS.items()}
 
 
 def get_scheme(name: str) -> Scheme:
