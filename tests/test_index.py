@@ -10,6 +10,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -88,6 +89,36 @@ def test_aggregates_cover_every_traced_step(home, run_a):
     for step, part, n in con.execute("SELECT step, part, n FROM agg_lora_ab WHERE layer = 'all'").fetchall():
         assert n == n_resp[step], (step, part)
     assert {r[0] for r in con.execute("SELECT DISTINCT step FROM agg_module_types").fetchall()} == set(n_resp.index)
+
+
+def test_aggregates_leave_null_module_alignments_out(home):
+    """A module piece below the tracer's threshold has a null alignment: means and opposing fractions are over
+    the rows that have one (pandas skips NaN the same way), counts still over every row."""
+    run = make_run(SynthConfig.tiny(), home / "runs", run_id="run-null")
+    rng = np.random.default_rng(0)
+    for f in sorted((run / "trace" / "token_modules").glob("*.parquet")):
+        t = pq.read_table(f)
+        a = t.column("alignment").to_numpy(zero_copy_only=False).copy()
+        a[rng.random(len(a)) < 0.3] = np.nan
+        t = t.set_column(t.schema.get_field_index("alignment"), "alignment", pa.array(a, pa.float32(),
+                                                                                   from_pandas=True))
+        pq.write_table(t, f)
+    con = index.connect()
+    index.ingest_run(con, run)
+    mod, tok = read_shards(run, "token_modules"), read_shards(run, "tokens")
+    assert mod["alignment"].isna().mean() > 0.2
+    want = mod.groupby(["step", "layer", "module"]).agg(mean=("alignment", "mean"), n=("alignment", "size"))
+    got = con.execute("SELECT step, layer, module, mean_alignment, n FROM agg_layer_module ORDER BY ALL").df()
+    got = got.set_index(["step", "layer", "module"])
+    np.testing.assert_allclose(got["mean_alignment"], want["mean"], rtol=1e-6)
+    assert (got["n"] == want["n"]).all()
+    resp = mod.merge(tok.loc[tok.is_response, ["step", "sample_idx", "position"]])
+    resp = resp.assign(neg=np.where(resp["alignment"].isna(), np.nan, (resp["alignment"] < 0).astype(float)))
+    want = resp.groupby(["step", "module", "part"]).agg(mean=("alignment", "mean"), neg=("neg", "mean"))
+    got = con.execute("SELECT step, module, part, mean_alignment, frac_negative FROM agg_module_types "
+                      "ORDER BY ALL").df().set_index(["step", "module", "part"])
+    np.testing.assert_allclose(got["mean_alignment"], want["mean"], rtol=1e-6)
+    np.testing.assert_allclose(got["frac_negative"], want["neg"], rtol=1e-12)
 
 
 def test_ingest_twice_equals_once(home, run_a, run_b):

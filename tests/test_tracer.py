@@ -42,8 +42,8 @@ def errors_vs_naive(model, res) -> tuple[dict, dict]:
     return compare(ours, mods, ref), ref
 
 
-def assert_close(errs: dict, ref: dict) -> None:
-    bad = failures({"errors": errs, "checks_reference": ref["checks"]}, TOL)
+def assert_close(errs: dict, ref: dict, recorded: dict) -> None:
+    bad = failures({"errors": errs, "checks_reference": ref["checks"], "checks_recorded": recorded}, TOL)
     assert not bad, bad
     assert errs["token_rows_unmatched"] == 0 and errs.get("module_rows_unmatched", 0) == 0
 
@@ -99,7 +99,7 @@ def test_position_mode_matches_naive_pieces(arch, case):
     res = trace_batch(model, tiny_batch(), c["scheme"], c["params"], TraceConfig(mode="position", **c["cfg"]),
                       step=7)
     errs, ref = errors_vs_naive(model, res)
-    assert_close(errs, ref)
+    assert_close(errs, ref, res.checks)
     assert abs(res.checks["share_sum"] - 1) < 1e-5
     assert res.checks["pieces_sum_max_rel_err"] < 1e-5
     assert res.checks["unrecorded_abs_share"] < 1e-6
@@ -121,7 +121,7 @@ def test_token_mode_matches_naive_per_token_backward(arch, case):
     model = tiny_lora_model(arch)
     res = trace_batch(model, tiny_batch(), "dft", {}, TraceConfig(mode="token", **TOKEN_CASES[case]), step=3)
     errs, ref = errors_vs_naive(model, res)
-    assert_close(errs, ref)
+    assert_close(errs, ref, res.checks)
     assert res.checks["attn_implementation_used"] == "eager"
     if case.startswith("exact"):
         assert res.checks["token_dot_jvp_vs_backward_max_rel_err"] < 1e-5
@@ -141,6 +141,94 @@ def test_sketched_magnitudes_are_within_their_statistical_error():
     assert np.median(rel) < 2 * (0.5 / k) ** 0.5 and rel.max() < 0.5
     assert sk.tokens["magnitude_estimated"].all()
     np.testing.assert_allclose(sk.tokens["dot"], exact.tokens["dot"], rtol=1e-5, atol=1e-7)
+
+
+# ---- G is the whole step's gradient; max_sequences only limits the rows -------------------------------------
+
+def _step_reference(model, batch, scheme_name, params, micro, n_traced):
+    """G of the whole step and the traced sequences' part of it, by plain autograd on each micro-batch's
+    scheme loss (weights and N of the whole micro-batch), and those weights."""
+    scheme = get_scheme(scheme_name)
+    params = scheme.resolve_params(params)
+    B = batch["input_ids"].shape[0]
+    bounds = list(range(0, B, micro or B)) + [B]
+    K = len(bounds) - 1
+    ws = [p for n, p in model.named_parameters() if "lora_" in n]
+    G = [torch.zeros_like(w) for w in ws]
+    G_tr = [torch.zeros_like(w) for w in ws]
+    weights = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        ch = {k: batch[k][a:b] for k in ("input_ids", "attention_mask", "labels")}
+        out = forward_loss(model, ch, scheme, params)
+        rows = torch.arange(a, b) < n_traced
+        part = (out.weights * out.loss)[rows].sum() / out.normaliser
+        for acc, g in zip(G, torch.autograd.grad(out.total / K, ws, retain_graph=True)):
+            acc += g
+        if rows.any():
+            for acc, g in zip(G_tr, torch.autograd.grad(part / K, ws)):
+                acc += g
+        weights.append(out.weights.detach())
+    flat = lambda gs: torch.cat([g.reshape(-1) for g in gs]).double()       # noqa: E731
+    return flat(G), flat(G_tr), torch.cat(weights)
+
+
+@pytest.mark.parametrize("mode", ["position", "token"])
+@pytest.mark.parametrize("micro", [None, 2, 3])
+def test_g_is_the_whole_step_and_traced_share_is_the_traced_rows_part(mode, micro):
+    model = tiny_lora_model("qwen2")
+    batch = tiny_batch()
+    cfg = TraceConfig(mode=mode, max_sequences=2, micro_batch_size=micro)
+    res = trace_batch(model, batch, "antiop", {"clip_mult": 1.0}, cfg, step=5)
+    G, G_tr, weights = _step_reference(model, batch, "antiop", {"clip_mult": 1.0}, micro, n_traced=2)
+    ours = torch.cat([res.grad[n + ".weight"].reshape(-1) if n + ".weight" in res.grad else None
+                      for n in [s.name for s in discover_lora_modules(model)]]).double()
+    cos = float(ours @ G / (ours.norm() * G.norm()))
+    assert cos > 1 - 1e-6 and float(ours.norm() / G.norm()) == pytest.approx(1, rel=1e-5)
+    assert res.checks["grad_norm"] == pytest.approx(float(G.norm()), rel=1e-5)
+    want_share = float(G_tr @ G / G.square().sum())
+    assert 0.05 < want_share < 0.95                              # the untraced sequences hold a real part
+    assert res.checks["traced_share"] == pytest.approx(want_share, abs=1e-5)
+    assert set(res.tokens["sample_idx"]) == {100, 101}           # rows for the traced sequences only
+    b, p = res.tokens["sample_idx"] - 100, res.tokens["position"]
+    np.testing.assert_allclose(res.tokens["weight"], weights[b, p].numpy(), rtol=1e-6, atol=1e-7)
+    if mode == "position":
+        assert res.tokens["share"].sum() == pytest.approx(want_share, abs=1e-5)
+        assert abs(res.checks["share_sum"] - 1) < 1e-5 and res.checks["pieces_sum_max_rel_err"] < 1e-5
+    assert res.checks["micro_batches"] == (1 if micro is None else 2) and res.checks["micro_batches_traced"] == 1
+    errs, ref = errors_vs_naive(model, res)                      # the naive reference agrees, rows and share
+    assert_close(errs, ref, res.checks)
+    assert ref["checks"]["traced_share"] == pytest.approx(res.checks["traced_share"], abs=1e-5)
+
+
+def test_traced_subset_with_dropout_and_micro_batches_replays_the_step():
+    # pass 2 runs only the first micro-batch; its dropout masks must be those pass 1 (and verify) drew
+    model = tiny_lora_model("llama", dropout=0.2)
+    cfg = TraceConfig(mode="position", max_sequences=1, micro_batch_size=2, dropout=True)
+    res = trace_batch(model, tiny_batch(), "sft", {}, cfg, step=9)
+    errs, ref = errors_vs_naive(model, res)
+    assert_close(errs, ref, res.checks)
+    assert set(res.tokens["sample_idx"]) == {100} and 0 < res.checks["traced_share"] < 1
+
+
+@pytest.mark.parametrize("mode", ["position", "token"])
+def test_module_alignment_of_a_piece_that_is_zero_in_theory_is_null(mode):
+    # a sequence's first real position attends to one key: its softmax is constant, so q_proj gets no gradient
+    # there; float32 leaves dust whose cosine with G is noise (it used to be stored as +-0.1 .. 0.8)
+    from backend.trace.batch import MODULE_ALIGNMENT_MIN_REL
+    model = tiny_lora_model("qwen2")
+    batch = tiny_batch()
+    res = trace_batch(model, batch, "sft", {}, TraceConfig(mode=mode), step=1)
+    t, m = pd.DataFrame(res.tokens), pd.DataFrame(res.modules)
+    m = m.merge(t[["sample_idx", "position", "magnitude"]], on=["sample_idx", "position"], suffixes=("", "_tok"))
+    first = {100 + b: int(batch["attention_mask"][b].nonzero()[0]) for b in range(4)}
+    at_first = m[(m["position"] == m["sample_idx"].map(first)) & (m["module"] == "q_proj")]
+    assert len(at_first) == 4 * 2 * 2                                 # sequences x layers x LoRA parts
+    assert (at_first["magnitude"] < 1e-5 * at_first["magnitude_tok"]).all()          # dust, not a piece
+    assert at_first["alignment"].isna().all()
+    small = m["magnitude"] < MODULE_ALIGNMENT_MIN_REL * m["magnitude_tok"]
+    assert m.loc[small, "alignment"].isna().all()                      # the stated rule, and nothing more
+    assert m.loc[~small & (m["magnitude"] > 0), "alignment"].notna().all()
+    assert m["dot"].notna().all()                                     # dots still sum into the token's
 
 
 # ---- which positions are recorded ---------------------------------------------------------------------------
@@ -252,7 +340,7 @@ def test_inline_trace_of_the_real_step():
     assert all(torch.equal(traced[n], plain[n]) for n in plain)
     assert res.checks["step_grad_norm_rel_err"] < 1e-6 and abs(res.checks["share_sum"] - 1) < 1e-5
     errs, ref = errors_vs_naive(model, res)                            # dropout replayed from the saved RNG
-    assert_close(errs, ref)
+    assert_close(errs, ref, res.checks)
 
 
 # ---- storage ------------------------------------------------------------------------------------------------
@@ -390,7 +478,7 @@ def test_token_mode_stays_exact_for_confident_tokens(magnitude):
     res = trace_batch(model, batch, "sft", {}, TraceConfig(mode="token", magnitude=magnitude, sketch_k=8))
     assert np.mean(res.tokens["prob"][res.tokens["is_response"]] > 0.999) > 0.3
     errs, ref = errors_vs_naive(model, res)
-    assert_close(errs, ref)
+    assert_close(errs, ref, res.checks)
     if magnitude == "exact":
         assert res.checks["token_dot_jvp_vs_backward_max_rel_err"] < 1e-5
 

@@ -86,6 +86,38 @@ def test_tracing_leaves_training_bit_identical(tmp_path):
         ["step_000003.rank0.parquet", "step_000006.rank0.parquet"]
 
 
+@pytest.mark.parametrize("mode", ["position", "token"])
+def test_traced_g_is_the_gradient_the_optimizer_applies(tmp_path, mode):
+    """Two micro-batches of 4, 3 sequences traced: G (every micro-batch, their own weights and N) against the
+    accumulated .grad the optimizer steps with, at every traced step; the traced rows hold part of ||G||^2."""
+    run = train(cfg(tmp_path, steps=4, n_eval=0, batch_size=4, grad_accum=2, scheme="antiop",
+                    scheme_params={"clip_mult": 1.0}, trace_every=2, trace_sequences=3, trace_mode=mode,
+                    trace_magnitude="none"), progress=False)
+    trace = json.loads((run / "manifest.json").read_text())["trace"]
+    assert trace["steps"] == [2, 4]
+    for c in trace["checks"]:
+        assert c["grad_cosine_applied"] >= 1 - 1e-6, c
+        assert c["micro_batches"] == 2 and c["traced_sequences"] == 3 and c["n_sequences"] == 8
+        assert 0 < c["traced_share"] < 1
+    assert trace["grad_cosine_applied_min"] >= 1 - 1e-6
+    tokens = pq.read_table(run / "trace" / "tokens").to_pandas()
+    assert tokens.groupby("step")["sample_idx"].nunique().tolist() == [3, 3]
+    if mode == "position":
+        got = tokens.groupby("step")["share"].sum().to_numpy()
+        want = [c["traced_share"] for c in trace["checks"]]
+        assert got == pytest.approx(want, abs=1e-5)
+    assert not [e for e in read_events(run) if e["type"] == "warning"]
+
+
+def test_a_trace_of_another_loss_warns_that_it_is_not_the_applied_update(tmp_path):
+    run = train(cfg(tmp_path, steps=2, n_eval=0, batch_size=4, scheme="dft", trace_every=2, trace_sequences=2,
+                    trace_loss="ce"), progress=False)
+    (c,) = json.loads((run / "manifest.json").read_text())["trace"]["checks"]
+    assert c["grad_cosine_applied"] < 0.9999
+    (w,) = [e for e in read_events(run) if e["type"] == "warning"]
+    assert w["step"] == 2 and "plain cross-entropy" in w["message"]
+
+
 def test_inline_trace_matches_rerun(tmp_path):
     """The real step traced inline and a re-run of the same step give the same numbers (no dropout)."""
     rerun = train(cfg(tmp_path, steps=2, n_eval=0, trace_every=2, trace_sequences=8), progress=False)

@@ -30,7 +30,7 @@ import pyarrow as pa
 if TYPE_CHECKING:
     from backend.jobs.registry import TableSpec
 
-INDEX_VERSION = 3
+INDEX_VERSION = 4
 
 # from-version -> statements that turn an index of that version into one of version + 1
 MIGRATIONS: dict[int, tuple[str, ...]] = {}
@@ -181,7 +181,7 @@ FROM token_modules WHERE run_id = ? GROUP BY run_id, step, layer, module""",
     "agg_module_types": f"""INSERT INTO agg_module_types
 WITH m AS ({_RESPONSE_MODULE_ROWS_ALL_STEPS})
 SELECT run_id, step, module, part, count(*), avg(alignment), stddev_samp(alignment),
-    avg(CASE WHEN alignment < 0 THEN 1.0 ELSE 0.0 END), avg(magnitude), sum(dot)
+    avg(CAST(alignment < 0 AS DOUBLE)), avg(magnitude), sum(dot)
 FROM m GROUP BY run_id, step, module, part""",
     # per (step, layer, module, LoRA part), over response tokens
     "agg_layer_module_part": f"""INSERT INTO agg_layer_module_part
@@ -217,7 +217,7 @@ RUN_STEPS = """SELECT step, count(DISTINCT sample_idx) AS n_samples, count(*) AS
 FROM tokens WHERE run_id = ? GROUP BY step ORDER BY step"""
 STEP_SAMPLES = """SELECT sample_idx, count(*) AS n_tokens, count(*) FILTER (WHERE is_response) AS n_response,
     avg(alignment) FILTER (WHERE is_response) AS mean_alignment,
-    avg(CASE WHEN alignment < 0 THEN 1.0 ELSE 0.0 END) FILTER (WHERE is_response) AS opposing_fraction,
+    avg(CAST(alignment < 0 AS DOUBLE)) FILTER (WHERE is_response) AS opposing_fraction,
     avg(loss) FILTER (WHERE is_response) AS mean_loss, sum(share) AS share_sum,
     left(string_agg(token, '' ORDER BY position), ?) AS preview
 FROM tokens WHERE run_id = ? AND step = ? GROUP BY sample_idx ORDER BY sample_idx"""
@@ -250,11 +250,11 @@ FROM eval WHERE run_id = ? ORDER BY sample_idx, sample_k"""
 # traced position, since the pieces of all positions sum to the batch gradient.
 ALIGNMENT_EVOLUTION = """SELECT step, count(*) AS n, avg(alignment) AS mean, stddev_samp(alignment) AS std,
     quantile_cont(alignment, 0.1) AS p10, quantile_cont(alignment, 0.5) AS p50,
-    quantile_cont(alignment, 0.9) AS p90, avg(CASE WHEN alignment < 0 THEN 1.0 ELSE 0.0 END) AS frac_negative
+    quantile_cont(alignment, 0.9) AS p90, avg(CAST(alignment < 0 AS DOUBLE)) AS frac_negative
 FROM tokens WHERE run_id = ? AND is_response AND alignment IS NOT NULL GROUP BY step ORDER BY step"""
 PROMPT_VS_RESPONSE = """SELECT CASE WHEN is_response THEN 'response' ELSE 'prompt' END AS "group", count(*) AS n,
     avg(alignment) AS mean_alignment, stddev_samp(alignment) AS std_alignment,
-    avg(CASE WHEN alignment < 0 THEN 1.0 ELSE 0.0 END) AS frac_negative, avg(magnitude) AS mean_magnitude,
+    avg(CAST(alignment < 0 AS DOUBLE)) AS frac_negative, avg(magnitude) AS mean_magnitude,
     sum(share) AS share_sum, sum(dot) AS dot_sum
 FROM tokens WHERE run_id = ? AND step = ? GROUP BY ALL"""
 LAYER_MODULE_AT_STEP = """SELECT layer, module, dot_sum, mean_alignment, mean_magnitude, n
@@ -285,7 +285,7 @@ STEP_POSITION = """SELECT step, (resp_pos // ?) * ? AS bin_start, count(*) AS n,
 FROM tokens WHERE run_id = ? AND is_response AND alignment IS NOT NULL
 GROUP BY ALL ORDER BY step, bin_start"""
 CATEGORY_AT_STEP = """SELECT category, count(*) AS n, avg(alignment) AS mean_alignment,
-    stddev_samp(alignment) AS std_alignment, avg(CASE WHEN alignment < 0 THEN 1.0 ELSE 0.0 END) AS frac_negative,
+    stddev_samp(alignment) AS std_alignment, avg(CAST(alignment < 0 AS DOUBLE)) AS frac_negative,
     avg(magnitude) AS mean_magnitude, sum(share) AS share_sum, avg(loss) AS mean_loss
 FROM tokens WHERE run_id = ? AND step = ? AND is_response GROUP BY category ORDER BY mean_alignment"""
 # per layer and part (and 'all' layers): see AGG_FILL["agg_lora_ab"]

@@ -211,6 +211,8 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
             loss_sum += out.total.item()
             ce_sum += out.ce.item()
             n_tok += out.mask.sum().cpu()
+        if traced and not cfg.trace_inline:
+            tracer.applied(ddp_model, step)              # cos(G, .grad) recorded; step written before opt.step
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         lr_now = sched.get_last_lr()[0]
         opt.step()

@@ -1,10 +1,13 @@
 """The traced batch: which positions are recorded, per-token statistics, and the table columns.
 
     tb = TracedBatch.from_batch(batch, max_sequences=8, micro_batch_size=None, device=dev)
-    tb.record_mask("position")                   # (n, T-1) bool
+    tb.record_mask("position")                   # (n, T-1) bool: the rows written (first max_sequences only)
+    tb.carry_mask("position")                    # (n, T-1) bool: every position that carries gradient
     loss, prob, entropy = token_stats(logits, tb.input_ids, chunk=1024)      # (n, T-1) float32 each
 
-Which positions are recorded ("carry gradient"), position t predicting x_{t+1}:
+The batch is the whole step (every sequence the loss, the scheme weights, the normaliser and G come from);
+``max_sequences`` only limits which sequences get rows: the first ``n_traced``. Which positions carry gradient
+(``carry_mask``; ``record_mask`` = those of the traced sequences), position t predicting x_{t+1}:
 
 - every position needs a real token and a real target: attention_mask[t] = attention_mask[t+1] = 1, so padding
   is never recorded;
@@ -30,6 +33,12 @@ from backend.lm.categories import categorize
 from backend.lm.loss import IGNORE
 
 REQUIRED = ("input_ids", "attention_mask", "labels")
+# A module's piece (or part of g_t) smaller than this fraction of the token's magnitude has its alignment
+# stored as null: at that size it is float32 rounding where the theory says zero (position 0's q_proj pieces,
+# whose softmax over one key is constant, measure 1e-11 to 2e-8 of the token's magnitude on the demo runs; real
+# pieces of the same token are 1e-3 to 1 of it), and even a real one holds < 1e-12 of the token's ||.||^2.
+# Its dot and magnitude are kept (they still sum into the token's); averages of alignment skip the null.
+MODULE_ALIGNMENT_MIN_REL = 1e-6
 
 
 @dataclass
@@ -39,6 +48,7 @@ class TracedBatch:
     labels: torch.Tensor           # (n, T) long, -100 = no loss
     sample_idx: torch.Tensor       # (n,) long
     chunk_sizes: list[int]         # micro-batches: consecutive rows
+    n_traced: int                  # rows are written for sequences 0 .. n_traced-1
 
     @classmethod
     def from_batch(cls, batch: dict, max_sequences: int | None, micro_batch_size: int | None,
@@ -53,7 +63,7 @@ class TracedBatch:
         for k in REQUIRED[1:]:
             if tuple(batch[k].shape) != tuple(ids.shape):
                 raise ValueError(f"{k} has shape {tuple(batch[k].shape)}, input_ids {tuple(ids.shape)}")
-        n = ids.shape[0] if max_sequences is None else min(max_sequences, ids.shape[0])
+        n = ids.shape[0]
         if n == 0:
             raise ValueError("the batch holds no sequences")
         sidx = batch.get("sample_idx")
@@ -62,14 +72,35 @@ class TracedBatch:
             raise ValueError(f"sample_idx has {sidx.shape[0]} entries for {ids.shape[0]} sequences")
         mb = micro_batch_size or n
         sizes = [min(mb, n - i) for i in range(0, n, mb)]
-        return cls(input_ids=ids[:n].to(device=device, dtype=torch.long),
-                   attention_mask=batch["attention_mask"][:n].to(device),
-                   labels=batch["labels"][:n].to(device=device, dtype=torch.long),
-                   sample_idx=sidx[:n].to(torch.long).cpu(), chunk_sizes=sizes)
+        return cls(input_ids=ids.to(device=device, dtype=torch.long),
+                   attention_mask=batch["attention_mask"].to(device),
+                   labels=batch["labels"].to(device=device, dtype=torch.long),
+                   sample_idx=sidx.to(torch.long).cpu(), chunk_sizes=sizes,
+                   n_traced=n if max_sequences is None else min(max_sequences, n))
 
     @property
     def n(self) -> int:
         return self.input_ids.shape[0]
+
+    def traced_chunks(self) -> list[int]:
+        """Indices of the micro-batches that hold traced sequences (a prefix: the traced rows come first)."""
+        out, i = [], 0
+        for k, s in enumerate(self.chunk_sizes):
+            if i < self.n_traced:
+                out.append(k)
+            i += s
+        return out
+
+    def head(self, n: int) -> "TracedBatch":
+        """The first ``n`` sequences (micro-batches cut at the same row boundaries), all traced."""
+        sizes, left = [], n
+        for s in self.chunk_sizes:
+            if left <= 0:
+                break
+            sizes.append(min(s, left))
+            left -= s
+        return TracedBatch(self.input_ids[:n], self.attention_mask[:n], self.labels[:n], self.sample_idx[:n],
+                           sizes, n)
 
     def chunks(self) -> list[dict[str, torch.Tensor]]:
         out, i = [], 0
@@ -87,7 +118,13 @@ class TracedBatch:
         return self.labels[:, 1:] != IGNORE                            # (n, T-1)
 
     def record_mask(self, mode: str, token_positions: str = "all") -> torch.Tensor:
-        """(n, T-1) bool: the positions whose rows are written (see the module docstring)."""
+        """(n, T-1) bool: the positions whose rows are written: ``carry_mask`` of the traced sequences."""
+        rec = self.carry_mask(mode, token_positions).clone()
+        rec[self.n_traced:] = False
+        return rec
+
+    def carry_mask(self, mode: str, token_positions: str = "all") -> torch.Tensor:
+        """(n, T-1) bool: the positions that carry gradient, every sequence (see the module docstring)."""
         valid, resp = self.valid(), self.response()
         if mode == "position":
             t = torch.arange(resp.shape[1], device=resp.device)
@@ -152,6 +189,15 @@ def cosine(dot: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     return torch.where(n > 0, d / n.clamp_min(1e-300), torch.full_like(d, float("nan")))
 
 
+def module_alignment(site_dot: torch.Tensor, site_mag: torch.Tensor, site_g_norm: torch.Tensor,
+                     token_mag: torch.Tensor) -> torch.Tensor:
+    """(M, rows) cosine of each module's piece with G_m; NaN (null) where the piece is below
+    ``MODULE_ALIGNMENT_MIN_REL`` of the token's magnitude (or where either norm is 0)."""
+    cos = cosine(site_dot, site_mag * site_g_norm[:, None])
+    small = site_mag.double() < MODULE_ALIGNMENT_MIN_REL * token_mag.double()[None, :]
+    return torch.where(small, torch.full_like(cos, float("nan")), cos)
+
+
 def build_columns(mode: str, tb: TracedBatch, record: torch.Tensor, stats: dict[str, torch.Tensor],
                   dot: torch.Tensor, magnitude: torch.Tensor | None, estimated: bool | None,
                   g_norm: float, site_dot: torch.Tensor | None, site_mag: torch.Tensor | None,
@@ -198,7 +244,7 @@ def build_columns(mode: str, tb: TracedBatch, record: torch.Tensor, stats: dict[
             "layer": np.repeat(np.array([s.layer for s in sites], dtype=np.int16), n_rows),
             "module": np.repeat(np.array([s.module for s in sites]), n_rows),         # fixed-width str: fast
             "part": np.repeat(np.array([s.part for s in sites]), n_rows),
-            "alignment": _np(cosine(sd, sm * site_g_norm.to(sm)[:, None])).reshape(-1),
+            "alignment": _np(module_alignment(sd, sm, site_g_norm.to(sm), mag)).reshape(-1),
             "dot": _np(sd).reshape(-1),
             "magnitude": _np(sm).reshape(-1),
         }

@@ -11,9 +11,12 @@
 
 A re-run leaves training untouched: it runs inside ``torch.random.fork_rng`` (dropout, sketch directions),
 uses ``torch.autograd.grad`` (no ``.grad`` is written), and restores every module's train/eval flag and the
-attention implementation. The traced loss of ``n`` sequences in K micro-batches on W ranks is
-L = (1/W) sum_r (1/K) sum_k L_{r,k}, each L_{r,k} the scheme loss of one micro-batch: as DDP with gradient
-accumulation averages, so G is the gradient training would apply. Token mode runs the model with eager
+attention implementation. ``batch`` is the whole step: the loss of its ``n`` sequences in K micro-batches on
+W ranks is L = (1/W) sum_r (1/K) sum_k L_{r,k}, each L_{r,k} the scheme loss of one micro-batch (its weights and
+normaliser N from that micro-batch, as training computes them): as DDP with gradient accumulation averages, so
+G is the gradient training applies. ``max_sequences`` only limits which sequences get rows (the first ones);
+``checks["traced_share"]`` is their share of ||G||^2 (what their ``share`` column sums to, in position mode), and
+``res.grad`` holds G by parameter name, to compare with the ``.grad`` the optimizer then applies. Token mode runs the model with eager
 attention (fused SDPA kernels have no forward-mode derivative); ``checks["attn_implementation_used"]`` says
 which kernel a trace ran with, ``checks["attn_implementation_model"]`` the model's own.
 """
@@ -48,6 +51,7 @@ class TraceResult:
     modules: dict[str, np.ndarray]
     checks: dict[str, Any]
     state: dict[str, Any] = field(repr=False)
+    grad: dict[str, torch.Tensor] | None = field(default=None, repr=False)   # G by parameter name (global)
 
 
 def world() -> tuple[int, int]:
@@ -129,8 +133,8 @@ def resolve_scheme(scheme: Scheme | str, params: dict | None, trace_loss: str) -
 
 def trace_batch(model: torch.nn.Module, batch: dict, scheme: Scheme | str, scheme_params: dict | None,
                 cfg: TraceConfig, tokenizer: Any = None, *, step: int = 0) -> TraceResult:
-    """Trace the first ``cfg.max_sequences`` sequences of ``batch`` (a re-run: no optimizer step, no ``.grad``
-    written, RNG and module modes restored). ``model``: a peft LoRA model, possibly DDP-wrapped (the re-run uses
+    """Trace the step ``batch`` (every sequence: G, weights, N), writing rows for its first ``cfg.max_sequences``
+    sequences (a re-run: no optimizer step, no ``.grad`` written, RNG and module modes restored). ``model``: a peft LoRA model, possibly DDP-wrapped (the re-run uses
     the inner module; G is all-reduced by the tracer). Under torch.distributed every rank must call this at
     the same steps. ``step`` seeds the dropout and sketch directions."""
     if cfg.inline:
@@ -168,24 +172,47 @@ def trace_batch(model: torch.nn.Module, batch: dict, scheme: Scheme | str, schem
     g_norm = float(g_sq.sum().sqrt())
     checks = dict(out["checks"])
     if cfg.mode == "position":
-        share_sum = (dot[record].double().sum() / g_sq.sum().double()).reshape(1)
-        leak = dot.double().abs()[~record].sum() / g_sq.sum().double()
-        if W > 1:
-            dist.all_reduce(share_sum)
-        checks["share_sum"] = float(share_sum)
-        checks["unrecorded_abs_share"] = float(leak)
+        checks.update(position_shares(dot, record, tb.carry_mask("position"), g_sq, out["proc_dot"], W))
+    elif out["traced_loss_dot"] is not None:
+        checks["traced_share"] = _rank_sum(out["traced_loss_dot"], W) / W / float(g_sq.double().sum())
+    else:
+        checks["traced_share"] = None
     stats = out["stats"]
     tokens, modules = build_columns(cfg.mode, tb, record, stats, dot, magnitude, estimated, g_norm,
                                     site_dot if cfg.module_rows else None,
                                     site_mag if cfg.module_rows else None,
                                     g_sq.sqrt(), sites, tokenizer)
     checks.update(attn_implementation_used=used_attn, attn_implementation_model=before_attn,
-                  grad_norm=g_norm, loss=float(stats["total"]), n_sequences=tb.n, n_rows=len(tokens["dot"]),
-                  n_module_rows=len(modules["dot"]), world_size=W, rank=rank, seconds=time.perf_counter() - t0)
+                  grad_norm=g_norm, loss=float(stats["total"]), n_sequences=tb.n, traced_sequences=tb.n_traced,
+                  n_rows=len(tokens["dot"]), n_module_rows=len(modules["dot"]), world_size=W, rank=rank,
+                  seconds=time.perf_counter() - t0)
     state = _state(tb, stats["weight"], rng, cfg, sch, sparams, sites, step, W, rank,
                    network="train" if cfg.dropout else "eval", attn=used_attn, sketch_seed=sketch_seed,
                    inline=False, checks=checks)
-    return TraceResult(mode=cfg.mode, tokens=tokens, modules=modules, checks=checks, state=state)
+    return TraceResult(mode=cfg.mode, tokens=tokens, modules=modules, checks=checks, state=state,
+                       grad={s.param_name: g for s, g in zip(sites, out["G"])})
+
+
+def _rank_sum(x: torch.Tensor | float, W: int) -> float:
+    """Sum over ranks of a scalar (itself on one process)."""
+    t = torch.as_tensor(x, dtype=torch.float64).reshape(1)
+    if W > 1:
+        dist.all_reduce(t)
+    return float(t)
+
+
+def position_shares(dot: torch.Tensor, record: torch.Tensor, carry: torch.Tensor, g_sq: torch.Tensor,
+                    proc_dot: torch.Tensor | float, W: int) -> dict[str, float]:
+    """Position mode's built-in checks. ``share_sum``: the dots of every processed position that carries
+    gradient, summed over ranks, over <G_proc, G> (1 when the pieces decompose the gradient: see
+    ``position.run_position``); ``traced_share``: the written rows' share of ||G||^2 (their ``share`` column
+    sums to it; 1 when every sequence is traced); ``unrecorded_abs_share``: |dots| of positions that carry no
+    gradient, which must be 0."""
+    G2 = float(g_sq.double().sum())
+    d = dot.double()
+    return {"share_sum": _rank_sum(d[carry].sum(), W) / float(proc_dot),
+            "traced_share": _rank_sum(d[record].sum(), W) / G2,
+            "unrecorded_abs_share": float(d.abs()[~carry].sum()) / G2}
 
 
 def _state(tb: TracedBatch, weights: torch.Tensor, rng: dict, cfg: TraceConfig, scheme: Scheme, params: dict,
@@ -197,7 +224,7 @@ def _state(tb: TracedBatch, weights: torch.Tensor, rng: dict, cfg: TraceConfig, 
                **{k: v.cpu() for k, v in rng.items()}}
     meta = {"step": step, "rank": rank, "world_size": W, "mode": cfg.mode, "trace_config": cfg.to_dict(),
             "scheme": scheme.name, "scheme_params": params, "network": network, "attn_implementation": attn,
-            "chunk_sizes": tb.chunk_sizes, "sketch_seed": sketch_seed, "inline": inline,
+            "chunk_sizes": tb.chunk_sizes, "traced_sequences": tb.n_traced, "sketch_seed": sketch_seed, "inline": inline,
             "sites": [s.name for s in sites], "dtype": str(sites[0].param.dtype).replace("torch.", ""),
             "device_type": sites[0].param.device.type, "checks": checks}
     return {"tensors": tensors, "meta": meta}
@@ -249,13 +276,14 @@ class InlineTrace:
         cfg, sites = self.cfg, self.sites
         sch, sparams = resolve_scheme(scheme, scheme_params, "scheme")
         self.hooks.check_one_call()
-        tb = TracedBatch.from_batch(batch, None, None, self.device)
+        tb = TracedBatch.from_batch(batch, cfg.max_sequences, None, self.device)
         record = tb.record_mask("position")
         n, T = tb.input_ids.shape
         site_dot, site_sq, g_sq = self.hooks.finish()
         site_dot = site_dot.view(len(sites), n, T)[:, :, :-1]
         site_sq = site_sq.view(len(sites), n, T)[:, :, :-1]
         errs = list(self.hooks.pieces_err.values())
+        G = self.hooks.gradient()
         # the step's accumulated .grad (DDP-averaged) against the G the hooks used: catches a scaled loss
         grad_sq = sum(float(s.param.grad.double().square().sum()) for s in sites if s.param.grad is not None)
         g_sq_total = float(g_sq.double().sum())
@@ -264,16 +292,12 @@ class InlineTrace:
         stats = {"loss": loss, "prob": prob, "entropy": ent, "weight": out.weights.detach().float(),
                  "total": out.total.detach().float()}
         dot, g_norm = site_dot.sum(0), float(g_sq.sum().sqrt())
-        share_sum = (dot[record].double().sum() / g_sq.sum().double()).reshape(1)
-        if self.W > 1:
-            dist.all_reduce(share_sum)
-        checks = {"micro_batches": 1, "pieces_checked_modules": len(errs), "pieces_sum_max_rel_err": max(errs),
-                  "step_grad_norm_rel_err": grad_err,
-                  "share_sum": float(share_sum),
-                  "unrecorded_abs_share": float(dot.double().abs()[~record].sum() / g_sq.sum().double()),
+        checks = {"micro_batches": 1, "micro_batches_traced": 1, "pieces_checked_modules": len(errs),
+                  "pieces_sum_max_rel_err": max(errs), "step_grad_norm_rel_err": grad_err,
+                  **position_shares(dot, record, tb.carry_mask("position"), g_sq, g_sq_total, self.W),
                   "attn_implementation_used": self.attn, "attn_implementation_model": self.attn,
                   "grad_norm": g_norm, "loss": float(stats["total"]), "n_sequences": n,
-                  "world_size": self.W, "rank": self.rank}
+                  "traced_sequences": tb.n_traced, "world_size": self.W, "rank": self.rank}
         tokens, modules = build_columns("position", tb, record, stats, dot, site_sq.sum(0).sqrt(), False, g_norm,
                                         site_dot if cfg.module_rows else None,
                                         site_sq.sqrt() if cfg.module_rows else None,
@@ -283,4 +307,5 @@ class InlineTrace:
         state = _state(tb, stats["weight"], self.rng, cfg, sch, sparams, sites, self.step, self.W, self.rank,
                        network=self.network, attn=self.attn, sketch_seed=cfg.seed + self.step, inline=True,
                        checks=checks)
-        return TraceResult(mode="position", tokens=tokens, modules=modules, checks=checks, state=state)
+        return TraceResult(mode="position", tokens=tokens, modules=modules, checks=checks, state=state,
+                           grad={s.param_name: g for s, g in zip(sites, G)})

@@ -210,6 +210,14 @@ class PositionHooks:
         assert not bad, (f"LoRA modules called {sorted(set(self.calls))} times in one forward (weight sharing or "
                          f"gradient checkpointing is not supported by position mode): {bad[:3]}")
 
+    def gradient(self) -> list[torch.Tensor]:
+        """G_m of every site in its weight's shape (float32, global), as the hooks formed it (G not given)."""
+        assert self.G is None, "the hooks were given G"
+        assert all(g is not None for g in self.G_seen), "the backward did not reach every site"
+        out = [g.T if s.part == "lora_B" else g for g, s in zip(self.G_seen, self.sites)]   # lora_B kept G^T
+        assert all(g.shape == s.param.shape for g, s in zip(out, self.sites)), "a site's G has the wrong shape"
+        return out
+
     @torch.no_grad()
     def finish(self, calls: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(M, N) dot and (M, N) squared piece norm of every site and position (micro-batches concatenated),

@@ -5,8 +5,10 @@
 
 One micro-batch (the default): a single pass; the hooks (see ``hooks``) compute every product as the backward
 reaches each LoRA matrix, and check on the lowest traced layer (every layer with ``full_check``) that the pieces
-sum to autograd's gradient. Several micro-batches: pass 1 computes G = grad of the mean micro-batch loss, pass 2 runs
-the hooks against it; both passes start from the same RNG state, so dropout masks (when on) agree.
+sum to autograd's gradient. Several micro-batches: pass 1 computes G = grad of the mean micro-batch loss over
+every micro-batch of the step, pass 2 runs the hooks against it on the micro-batches that hold traced sequences,
+replayed from the RNG state pass 1 started from, so dropout masks (when on) agree; their pieces are checked against
+autograd's gradient of the same micro-batches.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ def check_indices(sites: list[LoraSite], full: bool) -> list[int]:
 
 def batch_gradient(sites: list[LoraSite], chunks: list[dict], loss_fn: LossFn, world_size: int,
                    on_chunk: Callable | None = None) -> list[torch.Tensor]:
-    """G per site (float32): gradient of the mean micro-batch loss, averaged over ranks. ``.grad`` untouched."""
+    """G per site (float32): gradient of the mean micro-batch loss, averaged over ranks. ``.grad`` untouched.
+    ``on_chunk(k, out)`` runs after micro-batch k's backward."""
     K = len(chunks)
     G = [torch.zeros(s.param.shape, dtype=torch.float32, device=s.param.device) for s in sites]
     for k, ch in enumerate(chunks):
@@ -46,11 +49,15 @@ def batch_gradient(sites: list[LoraSite], chunks: list[dict], loss_fn: LossFn, w
         if on_chunk is not None:
             on_chunk(k, out)
         del out, grads
-    if world_size > 1:
-        flat = torch.cat([g.reshape(-1) for g in G])
-        all_reduce_mean(flat, world_size)
-        G = [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in G]), G)]
-    return G
+    return all_reduce_flat(G, world_size)
+
+
+def all_reduce_flat(G: list[torch.Tensor], world_size: int) -> list[torch.Tensor]:
+    """Mean over ranks of a list of tensors, in one all-reduce (a no-op on one process)."""
+    if world_size == 1:
+        return G
+    flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in G]), world_size)
+    return [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in G]), G)]
 
 
 def collect_stats(stats: dict[str, list], out, chunk: dict, cfg: TraceConfig) -> None:
@@ -64,10 +71,17 @@ def collect_stats(stats: dict[str, list], out, chunk: dict, cfg: TraceConfig) ->
 
 def run_position(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSite], loss_fn: LossFn,
                  cfg: TraceConfig, world_size: int, replay: Callable[[], None]) -> dict:
+    """Pieces of every position of the micro-batches that hold traced sequences (rows of the others are zero).
+
+    Returns site_dot, site_sq (M, n, T); g_sq (M,); G (per site, the weight's shape); ``proc_dot`` =
+    <G_proc, G> with G_proc the gradient of the processed micro-batches' share of the loss (= ||G||^2 when every
+    micro-batch was processed), so that the processed pieces' dots sum to it (the ``share_sum`` check); checks;
+    stats of every sequence. The processed micro-batches are a prefix (the traced sequences come first), so pass 2,
+    replayed from pass 1's RNG state, draws the same dropout masks for them.
+    """
     chunks = tb.chunks()
     K = len(chunks)
     check = check_indices(sites, cfg.full_check)
-    check_params = [sites[i].param for i in check]
     stats: dict[str, list] = {k: [] for k in ("loss", "prob", "entropy", "weight", "total")}
     checks: dict = {"micro_batches": K, "pieces_checked_modules": len(check)}
 
@@ -85,30 +99,47 @@ def run_position(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSite],
         site_dot, site_sq, g_sq = hooks.finish()
         assert len(hooks.pieces_err) == len(check), "a checked LoRA matrix got no gradient from autograd"
         errs = list(hooks.pieces_err.values())
+        G = hooks.gradient()
+        proc_dot = g_sq.double().sum()
+        checks["micro_batches_traced"] = 1
     else:
         replay()
-        G = batch_gradient(sites, chunks, loss_fn, world_size)
+        G = batch_gradient(sites, chunks, loss_fn, world_size,
+                           on_chunk=lambda k, out: collect_stats(stats, out, chunks[k], cfg))
         hooks = PositionHooks(sites, G=G, piece_scale=1.0 / (K * world_size), world_size=world_size,
                               check=set(check))
+        todo = tb.traced_chunks()                  # a prefix: the traced sequences come first
+        assert todo == list(range(len(todo)))
+        params = [s.param for s in sites]
+        G_proc = [torch.zeros_like(g) for g in G]
         replay()
-        for ch in chunks:
+        for k in todo:
             hooks.reset_calls()
             with attached(hooks.forward_hooks()):
-                out = loss_fn(ch)
+                out = loss_fn(chunks[k])
                 hooks.check_one_call()
-                torch.autograd.grad(out.total, check_params)               # runs the whole backward
-            collect_stats(stats, out, ch, cfg)
-            del out
+                grads = torch.autograd.grad(out.total, params)                  # runs the whole backward
+            for Gp, g in zip(G_proc, grads):
+                Gp += g.float() / K
+            del out, grads
+        G_proc = all_reduce_flat(G_proc, world_size)
         errs = []
         for i in check:
             s = hooks.piece_sum[i]
             if world_size > 1:
                 s = all_reduce_mean(s, world_size) * world_size                  # sum over ranks
-            errs.append(rel_err(s, G[i]))
-        site_dot, site_sq, _ = hooks.finish(calls=K)
+            errs.append(rel_err(s, G_proc[i]))
+        site_dot, site_sq, _ = hooks.finish(calls=len(todo))
+        rows = sum(tb.chunk_sizes[k] for k in todo)
+        if rows < n:                                                             # the rest: no pieces computed
+            pad = torch.zeros(len(sites), (n - rows) * T, dtype=site_dot.dtype, device=site_dot.device)
+            site_dot, site_sq = torch.cat([site_dot, pad], 1), torch.cat([site_sq, pad], 1)
         g_sq = torch.stack([g.square().sum() for g in G])
+        proc_dot = sum((gp.double() * g.double()).sum() for gp, g in zip(G_proc, G))
+        checks["micro_batches_traced"] = len(todo)
     site_dot = site_dot.view(len(sites), n, T)                                   # (M, n, T)
     site_sq = site_sq.view(len(sites), n, T)
     checks["pieces_sum_max_rel_err"] = max(errs)
-    return {"site_dot": site_dot, "site_sq": site_sq, "g_sq": g_sq, "checks": checks,
+    return {"site_dot": site_dot, "site_sq": site_sq, "g_sq": g_sq, "G": G, "proc_dot": proc_dot,
+            "checks": checks,
             "stats": {k: torch.cat(v) if k != "total" else torch.stack(v).mean() for k, v in stats.items()}}

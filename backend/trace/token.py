@@ -45,15 +45,26 @@ def _jvps(model: torch.nn.Module, primals: dict[str, torch.Tensor], tangents: di
 
 def run_token(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSite], loss_fn: Callable,
               cfg: TraceConfig, world_size: int, record: torch.Tensor, sketch_seed: int) -> dict:
+    """G from every micro-batch of the step; per-token values for the traced sequences (rows of the others zero).
+
+    ``traced_loss_dot`` = sum over the traced sequences' loss terms of (w_t / N) <g_t, G> / K (this rank's):
+    the traced sequences' part of <G, G> (None when the scheme adds a term that is not a weighted token loss).
+    """
     chunks = tb.chunks()
+    K = len(chunks)
     M = len(sites)
     stats: dict[str, list] = {k: [] for k in ("loss", "prob", "entropy", "weight", "total")}
+    norms: list[torch.Tensor] = []
+    has_extra = False
 
     def on_chunk(k: int, out) -> None:
+        nonlocal has_extra
         loss, prob, ent = token_stats(out.logits.detach(), chunks[k]["input_ids"], cfg.stats_chunk)
         for key, v in (("loss", loss), ("prob", prob), ("entropy", ent), ("weight", out.weights.float()),
                        ("total", out.total.detach().float())):
             stats[key].append(v)
+        norms.append(out.normaliser.detach().float().expand(chunks[k]["input_ids"].shape[0]))
+        has_extra = has_extra or out.extra is not None
 
     G = batch_gradient(sites, chunks, loss_fn, world_size, on_chunk=on_chunk)       # M x (out, in) float32
     g_sq = torch.stack([g.square().sum() for g in G])
@@ -62,27 +73,38 @@ def run_token(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSite], lo
     dtype = sites[0].param.dtype
     n, T = tb.input_ids.shape
     dev = tb.input_ids.device
+    head = tb.head(tb.n_traced)                       # per-token values: only the traced sequences are run
+    hchunks = head.chunks()
+    nt = head.n
+
+    def full(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """(.., nt, T-1) -> (.., n, T-1), zeros for the sequences that are not traced."""
+        if nt == n:
+            return x
+        shape = list(x.shape)
+        shape[dim] = n - nt
+        return torch.cat([x, torch.zeros(shape, dtype=x.dtype, device=x.device)], dim=dim)
 
     with torch.no_grad():
         # dot: one JVP along G per micro-batch
         tang = {nm: g.to(dtype) for nm, g in zip(names, G)}
-        dot = torch.cat([jvp(lambda p: per_token_loss(model, p, ch), (primals,), (tang,))[1]
-                         for ch in chunks])                                          # (n, T-1)
+        dot = full(torch.cat([jvp(lambda p: per_token_loss(model, p, ch), (primals,), (tang,))[1]
+                              for ch in hchunks]))                                  # (n, T-1)
         magnitude = site_dot = site_mag = None
 
         if cfg.magnitude == "sketch":
-            acc = torch.zeros(n, T - 1, dtype=torch.float64, device=dev)
+            acc = torch.zeros(nt, T - 1, dtype=torch.float64, device=dev)
             shapes = [s.param.shape for s in sites]
             for i0 in range(0, cfg.sketch_k, cfg.jvp_chunk):
                 idx = range(i0, min(i0 + cfg.jvp_chunk, cfg.sketch_k))
                 dirs = [sketch_direction(shapes, sketch_seed, i, dev) for i in idx]
                 tangents = {nm: torch.stack([d[j] for d in dirs]).to(dtype) for j, nm in enumerate(names)}
-                jv = torch.cat([_jvps(model, primals, tangents, ch) for ch in chunks], dim=1)   # (C, n, T-1)
+                jv = torch.cat([_jvps(model, primals, tangents, ch) for ch in hchunks], dim=1)   # (C, nt, T-1)
                 acc += jv.double().square().sum(0)
-            magnitude = (acc / cfg.sketch_k).sqrt().float()
+            magnitude = full((acc / cfg.sketch_k).sqrt().float())
 
         if cfg.module_rows and cfg.magnitude != "exact":
-            site_dot = torch.zeros(M, n, T - 1, dtype=torch.float32, device=dev)
+            site_dot = torch.zeros(M, nt, T - 1, dtype=torch.float32, device=dev)
             for j0 in range(0, M, cfg.jvp_chunk):
                 grp = list(range(j0, min(j0 + cfg.jvp_chunk, M)))
                 prim = {names[j]: primals[names[j]] for j in grp}
@@ -91,9 +113,10 @@ def run_token(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSite], lo
                     t = torch.zeros((len(grp),) + tuple(G[j].shape), dtype=dtype, device=dev)
                     t[c] = G[j]
                     tangents[names[j]] = t
-                site_dot[grp] = torch.cat([_jvps(model, prim, tangents, ch) for ch in chunks], dim=1).float()
+                site_dot[grp] = torch.cat([_jvps(model, prim, tangents, ch) for ch in hchunks], dim=1).float()
+            site_dot = full(site_dot, dim=1)
 
-    checks: dict = {"micro_batches": len(chunks)}
+    checks: dict = {"micro_batches": K, "micro_batches_traced": len(tb.traced_chunks())}
     if cfg.magnitude == "exact":
         site_dot, site_sq = per_token_exact(model, tb, sites, G, record, cfg.grad_chunk)
         site_mag = site_sq.sqrt()
@@ -102,8 +125,13 @@ def run_token(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSite], lo
         scale = (magnitude * g_sq.sum().sqrt()).clamp_min(1e-30)
         diff = ((site_dot.sum(0) - dot).abs() / scale)[record]
         checks["token_dot_jvp_vs_backward_max_rel_err"] = float(diff.max()) if diff.numel() else 0.0
+    weights = torch.cat(stats["weight"])
+    traced_loss_dot = None
+    if not has_extra:
+        w = (weights.double() * tb.response().double())[:nt] / torch.cat(norms).double()[:nt, None]
+        traced_loss_dot = (w * dot[:nt].double()).sum() / K
     return {"dot": dot, "magnitude": magnitude, "site_dot": site_dot, "site_mag": site_mag, "g_sq": g_sq,
-            "checks": checks,
+            "G": G, "traced_loss_dot": traced_loss_dot, "checks": checks,
             "stats": {k: torch.cat(v) if k != "total" else torch.stack(v).mean() for k, v in stats.items()}}
 
 

@@ -2,14 +2,19 @@
 
     tracer = TrainTracer(cfg, rd, info, tokenizer, scheme)
     tracer.rerun(model, micro_batches, step)            # default: a re-run, training is untouched
-    with tracer.inline(model, step) as t:              # --trace-inline: the real step (accumulation 1)
+    ...the step's forward/backward...
+    tracer.applied(model, step)                         # compare with .grad, then write (before opt.step)
+    with tracer.inline(model, step, batch) as t:        # --trace-inline: the real step (accumulation 1)
         out = forward_loss(...); out.total.backward()
         t.out = out
-    tracer.summary()                                   # -> manifest["trace"]
+    tracer.summary()                                    # -> manifest["trace"]
 
-The traced batch is the step's first ``trace_sequences`` sequences; with gradient accumulation they keep their
-micro-batches, so G is the gradient of the mean micro-batch loss, as in training. Each traced step writes its
-shards and its state (adapter + batch, for ``python -m backend verify``) before the optimizer moves on.
+The traced batch is the whole step: every micro-batch (each keeps its own scheme weights and normaliser, as in
+training), so G is the gradient of the mean micro-batch loss, averaged over ranks: the update training applies.
+``trace_sequences`` limits which sequences get rows (the first ones; ``traced_share`` says how much of ||G||^2
+they hold). After the step's backward, ``grad_cosine_applied`` = cos(G, the accumulated ``.grad``) is recorded
+with the step's checks (a warning event below ``APPLIED_COSINE_MIN``). Each traced step writes its shards and its
+state (adapter + batch, for ``python -m backend verify``) before the optimizer moves on.
 """
 from __future__ import annotations
 
@@ -20,11 +25,27 @@ import torch
 
 from backend.jobs.train import TrainConfig
 from backend.lm.dist import DistInfo
-from backend.lm.loss import IGNORE
+from backend.lm.loss import IGNORE, unwrap
 from backend.lm.schemes import Scheme
 from backend.store.rundir import RunDir
 from backend.trace import InlineTrace, TraceConfig, trace_batch
 from backend.trace import store as trace_store
+from backend.trace.core import TraceResult
+
+APPLIED_COSINE_MIN = 0.9999      # below: the traced G is not the update the optimizer applied (a warning)
+
+
+def applied_cosine(model: torch.nn.Module, grad: dict[str, torch.Tensor]) -> float | None:
+    """cos(G, the ``.grad`` now accumulated on the same parameters), float64; None when no ``.grad`` is there."""
+    params = dict(unwrap(model).named_parameters())
+    missing = [k for k in grad if k not in params]
+    assert not missing, f"traced parameters not in the model: {missing[:3]}"
+    if any(params[k].grad is None for k in grad):
+        return None
+    dot = sum(float((g.double() * params[k].grad.double()).sum()) for k, g in grad.items())
+    a = sum(float(g.double().square().sum()) for g in grad.values()) ** 0.5
+    b = sum(float(params[k].grad.double().square().sum()) for k in grad) ** 0.5
+    return dot / (a * b) if a > 0 and b > 0 else None
 
 
 def merge_batches(batches: list[dict], pad_id: int) -> dict:
@@ -47,18 +68,45 @@ class TrainTracer:
         self.tcfg = TraceConfig.from_train_config(cfg, micro_batch_size=None if cfg.trace_inline else micro)
         self.steps: list[int] = []
         self.checks: list[dict] = []
+        self._pending: tuple[int, TraceResult] | None = None
 
-    def _store(self, model: torch.nn.Module, step: int, res) -> None:
+    def _store(self, model: torch.nn.Module, step: int, res: TraceResult) -> None:
+        if res.grad is not None:
+            cos = applied_cosine(model, res.grad)
+            res.checks["grad_cosine_applied"] = cos
+            res.state["meta"]["checks"]["grad_cosine_applied"] = cos
+            if cos is not None and cos < APPLIED_COSINE_MIN:
+                self.rd.event("warning", step=step, message=f"cos(traced G, applied gradient) = {cos:.6f} < "
+                              f"{APPLIED_COSINE_MIN}: the traced update is not the one the optimizer applied"
+                              + self._why_not_applied())
+            res.grad = None
         trace_store.store_step(self.rd, step, model, res, rank=self.info.rank)
         self.steps.append(step)
         self.checks.append({"step": step, **{k: v for k, v in res.checks.items()
                                              if isinstance(v, (int, float, str, bool)) or v is None}})
         self.rd.event("trace", step=step, rows=res.checks.get("n_rows"), seconds=res.checks.get("seconds"),
-                      share_sum=res.checks.get("share_sum"))
+                      share_sum=res.checks.get("share_sum"), traced_share=res.checks.get("traced_share"),
+                      grad_cosine_applied=res.checks.get("grad_cosine_applied"))
+
+    def _why_not_applied(self) -> str:
+        if self.tcfg.trace_loss == "ce" and self.cfg.scheme != "sft":
+            return f" (expected: the trace follows plain cross-entropy, training the {self.cfg.scheme} loss)"
+        if self.cfg.lora_dropout > 0 and not (self.tcfg.dropout or self.tcfg.inline):
+            return " (expected: the re-run has no LoRA dropout, training has; --trace-inline traces the real step)"
+        return ""
 
     def rerun(self, model: torch.nn.Module, batches: list[dict], step: int) -> None:
+        """Trace the step's micro-batches (before its forward/backward); ``applied`` writes it afterwards."""
+        assert self._pending is None, "applied() was not called after the previous traced step"
         batch = merge_batches(batches, self.tok.pad_token_id) if len(batches) > 1 else batches[0]
         res = trace_batch(model, batch, self.scheme, self.cfg.scheme_params, self.tcfg, self.tok, step=step)
+        self._pending = (step, res)
+
+    def applied(self, model: torch.nn.Module, step: int) -> None:
+        """After the step's backward, before the optimizer: compare G with ``.grad`` and write the step."""
+        assert self._pending is not None and self._pending[0] == step, f"no re-run traced step {step}"
+        res = self._pending[1]
+        self._pending = None
         self._store(model, step, res)
 
     @contextmanager
@@ -74,8 +122,10 @@ class TrainTracer:
     def summary(self) -> dict:
         """For the manifest: traced steps, the trace config, and the built-in checks of every step."""
         share = [c["share_sum"] for c in self.checks if c.get("share_sum") is not None]
+        cos = [c["grad_cosine_applied"] for c in self.checks if c.get("grad_cosine_applied") is not None]
         return {"steps": self.steps, "mode": self.tcfg.mode, "config": self.tcfg.to_dict(),
                 "share_sum_max_abs_err": max((abs(s - 1) for s in share), default=None),
+                "grad_cosine_applied_min": min(cos, default=None),
                 "checks": self.checks}
 
 
