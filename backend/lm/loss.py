@@ -17,7 +17,7 @@ s = sum_{j != y} p_j < 1e-7 to 0 (l_t = 4e-9 comes out as 0, l_t = 2e-5 ~15% off
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +144,14 @@ def scheme_loss(logits: torch.Tensor, labels: torch.Tensor, scheme: Scheme, para
         total = total + extra.sum()
     return LossOutput(total=total / n, loss=loss * mask, mask=mask, weights=weights, normaliser=n,
                       entropy=entropy, ref_loss=ref_loss, extra=extra, logits=logits)
+
+
+def summed(out: LossOutput, sum_normaliser: float, micro_batches: int) -> LossOutput:
+    """``out`` as one of ``micro_batches`` micro-batches whose losses are summed, each sum_t (w_t l_t + extra_t)
+    divided by ``sum_normaliser`` (HF's Trainer with ``num_items_in_batch``: the step's label count), written in
+    the tracer's form L = (1/K) sum_k L_k: total = K * sum / sum_normaliser, normaliser = sum_normaliser / K."""
+    n = torch.as_tensor(float(sum_normaliser) / micro_batches, dtype=torch.float32, device=out.total.device)
+    return replace(out, total=out.total * out.normaliser / n, normaliser=n)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -153,3 +153,28 @@ SCHEMES: dict[str, Scheme] = {name: Scheme(spec, *_FUNCTIONS[name]) for name, sp
 def get_scheme(name: str) -> Scheme:
     """The scheme called ``name``; ValueError listing the schemes otherwise."""
     return SCHEMES[scheme_specs.get(name).name]
+
+
+# ---- weights given from outside: a Trainer's own weighted loss, or stored weights ---------------------------
+
+CUSTOM = "custom"
+
+
+def custom_scheme(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], normaliser: str = "response") -> Scheme:
+    """A scheme from a user's weight function ``fn(loss, mask) -> weights``, all (B, T-1): ``loss`` the accurate
+    detached per-token cross-entropy, ``mask`` the response tokens. Its name is ``custom``; a traced step keeps
+    the weights it used, which is what ``verify`` recomputes with (``fixed_weights``)."""
+    if not callable(fn):
+        raise ValueError(f"weights must be a scheme name or a callable (loss, mask) -> weights, got {fn!r}")
+    if normaliser not in ("response", "kept"):
+        raise ValueError(f"normaliser={normaliser!r}: choose response or kept")
+    spec = scheme_specs.SchemeSpec(name=CUSTOM, doc=f"user weights {getattr(fn, '__name__', repr(fn))}",
+                                   normaliser=normaliser)
+    return Scheme(spec, lambda x, p: fn(x.loss, x.mask))
+
+
+def fixed_weights(weights: torch.Tensor, normaliser: str = "response") -> Scheme:
+    """A scheme whose weights are the given (B, T-1) tensor (a stored step's ``custom`` weights)."""
+    spec = scheme_specs.SchemeSpec(name=CUSTOM, doc="stored weights", normaliser=normaliser)
+    return Scheme(spec, lambda x, p: weights.to(x.loss.device), uses_loss=False)
+

@@ -52,7 +52,9 @@ class TracedBatch:
 
     @classmethod
     def from_batch(cls, batch: dict, max_sequences: int | None, micro_batch_size: int | None,
-                   device: torch.device) -> "TracedBatch":
+                   device: torch.device, chunk_sizes: list[int] | None = None) -> "TracedBatch":
+        """``chunk_sizes``: the micro-batches' sizes when they differ (they must sum to the batch), else every
+        ``micro_batch_size`` rows (None: one micro-batch)."""
         missing = [k for k in REQUIRED if k not in batch]
         if missing:
             raise ValueError(f"the batch lacks {missing}; it needs {', '.join(REQUIRED)} (B, T) and optionally "
@@ -70,8 +72,13 @@ class TracedBatch:
         sidx = torch.arange(ids.shape[0]) if sidx is None else torch.as_tensor(sidx).reshape(-1)
         if sidx.shape[0] != ids.shape[0]:
             raise ValueError(f"sample_idx has {sidx.shape[0]} entries for {ids.shape[0]} sequences")
-        mb = micro_batch_size or n
-        sizes = [min(mb, n - i) for i in range(0, n, mb)]
+        if chunk_sizes is not None:
+            if sum(chunk_sizes) != n or min(chunk_sizes) < 1:
+                raise ValueError(f"micro-batch sizes {chunk_sizes} must be >= 1 and sum to the batch's {n} rows")
+            sizes = list(chunk_sizes)
+        else:
+            mb = micro_batch_size or n
+            sizes = [min(mb, n - i) for i in range(0, n, mb)]
         return cls(input_ids=ids.to(device=device, dtype=torch.long),
                    attention_mask=batch["attention_mask"].to(device),
                    labels=batch["labels"].to(device=device, dtype=torch.long),
@@ -133,6 +140,19 @@ class TracedBatch:
         if token_positions == "response":
             return valid & resp
         return valid
+
+
+def merge_batches(batches: list[dict], pad_id: int) -> dict:
+    """Concatenate right-padded micro-batches along the batch dimension, padding to the longest."""
+    T = max(b["input_ids"].shape[1] for b in batches)
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE}
+    out: dict[str, list] = {k: [] for k in batches[0]}
+    for b in batches:
+        for k, v in b.items():
+            if k in fill and v.shape[1] < T:
+                v = torch.nn.functional.pad(v, (0, T - v.shape[1]), value=fill[k])
+            out[k].append(v)
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 @torch.no_grad()

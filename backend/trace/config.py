@@ -12,6 +12,7 @@ MODES = ("position", "token")
 TRACE_LOSSES = ("scheme", "ce")
 MAGNITUDES = ("exact", "sketch", "none")
 TOKEN_POSITIONS = ("all", "response")
+AUTOCAST_DTYPES = ("bfloat16", "float16")
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -48,6 +49,8 @@ class TraceConfig:
     full_check: bool = _f(False, "position mode: check that the pieces sum to G for every LoRA matrix (costs "
                                  "autograd's weight gradients); default: the lowest traced layer")
     distributed: bool = _f(True, "under torch.distributed, make G the global gradient (all-reduced mean)")
+    autocast: str | None = _f(None, "run the traced passes under torch.autocast of this dtype (bfloat16, float16), "
+                                    "as a mixed-precision training step runs; position mode only")
 
     def __post_init__(self) -> None:
         for name, allowed in (("mode", MODES), ("trace_loss", TRACE_LOSSES), ("magnitude", MAGNITUDES),
@@ -77,6 +80,12 @@ class TraceConfig:
         if self.mode == "token" and self.dropout:
             raise ValueError("dropout=True is only allowed in position mode: token mode runs several passes "
                              "(gradient, JVPs, per-token backward) that must all see the same network")
+        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast={self.autocast!r} is not allowed; choose None or one of: "
+                             f"{', '.join(AUTOCAST_DTYPES)}")
+        if self.autocast is not None and self.mode != "position":
+            raise ValueError("autocast is only supported in position mode (token mode's forward-mode passes are "
+                             "not replayed under autocast): trace in position mode, or train in float32")
         if self.inline and self.mode != "position":
             raise ValueError("inline=True needs mode='position' (token mode needs passes of its own)")
         if self.inline and self.micro_batch_size is not None:

@@ -9,22 +9,23 @@
         out.total.backward()                              # the real step's backward (accumulation 1)
     res = tr.result(batch, out, scheme, params, tokenizer)
 
-A re-run leaves training untouched: it runs inside ``torch.random.fork_rng`` (dropout, sketch directions),
-uses ``torch.autograd.grad`` (no ``.grad`` is written), and restores every module's train/eval flag and the
-attention implementation. ``batch`` is the whole step: the loss of its ``n`` sequences in K micro-batches on
-W ranks is L = (1/W) sum_r (1/K) sum_k L_{r,k}, each L_{r,k} the scheme loss of one micro-batch (its weights and
-normaliser N from that micro-batch, as training computes them): as DDP with gradient accumulation averages, so
-G is the gradient training applies. ``max_sequences`` only limits which sequences get rows (the first ones);
+A re-run leaves training untouched: it runs inside ``torch.random.fork_rng`` (dropout, sketch directions), uses
+``torch.autograd.grad`` (no ``.grad`` is written), and restores every module's train/eval flag and the attention
+implementation. ``batch`` is the whole step: the loss of its ``n`` sequences in K micro-batches on W ranks is L =
+(1/W) sum_r (1/K) sum_k L_{r,k}, each L_{r,k} the scheme loss of one micro-batch (its weights and normaliser N from
+that micro-batch, as training computes them): as DDP with gradient accumulation averages, so G is the gradient
+training applies. ``max_sequences`` only limits which sequences get rows (the first ones);
 ``checks["traced_share"]`` is their share of ||G||^2 (what their ``share`` column sums to, in position mode), and
-``res.grad`` holds G by parameter name, to compare with the ``.grad`` the optimizer then applies. Token mode runs the model with eager
-attention (fused SDPA kernels have no forward-mode derivative); ``checks["attn_implementation_used"]`` says
-which kernel a trace ran with, ``checks["attn_implementation_model"]`` the model's own.
+``res.grad`` holds G by parameter name, to compare with the ``.grad`` the optimizer then applies. Token mode runs
+the model with eager attention (fused SDPA kernels have no forward-mode derivative);
+``checks["attn_implementation_used"]`` says which kernel a trace ran with, ``checks["attn_implementation_model"]``
+the model's own.
 """
 from __future__ import annotations
 
 import time
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from backend.lm.loss import LossOutput, forward_loss, unwrap
+from backend.lm.loss import LossOutput, forward_loss, summed, unwrap
 from backend.lm.schemes import Scheme, get_scheme
 from backend.trace.batch import TracedBatch, build_columns
 from backend.trace.config import TraceConfig
@@ -132,11 +133,15 @@ def resolve_scheme(scheme: Scheme | str, params: dict | None, trace_loss: str) -
 
 
 def trace_batch(model: torch.nn.Module, batch: dict, scheme: Scheme | str, scheme_params: dict | None,
-                cfg: TraceConfig, tokenizer: Any = None, *, step: int = 0) -> TraceResult:
-    """Trace the step ``batch`` (every sequence: G, weights, N), writing rows for its first ``cfg.max_sequences``
-    sequences (a re-run: no optimizer step, no ``.grad`` written, RNG and module modes restored). ``model``: a peft LoRA model, possibly DDP-wrapped (the re-run uses
-    the inner module; G is all-reduced by the tracer). Under torch.distributed every rank must call this at
-    the same steps. ``step`` seeds the dropout and sketch directions."""
+                cfg: TraceConfig, tokenizer: Any = None, *, step: int = 0, chunk_sizes: list[int] | None = None,
+                sum_normaliser: float | None = None) -> TraceResult:
+    """Trace the step ``batch`` (every sequence: G, weights, N), writing rows for its first
+    ``cfg.max_sequences`` sequences (a re-run: no optimizer step, no ``.grad`` written, RNG and module modes
+    restored). ``model``: a peft LoRA model, possibly DDP-wrapped (the re-run uses the inner module; G is
+    all-reduced by the tracer). Under torch.distributed every rank must call this at the same steps. ``step`` seeds
+    the dropout and sketch directions. ``chunk_sizes``: the step's micro-batches when their sizes differ (else
+    ``cfg.micro_batch_size``). ``sum_normaliser``: the micro-batches' losses are summed, each divided by it
+    instead of its own N (HF's Trainer with ``num_items_in_batch``; see ``backend.lm.loss.summed``)."""
     if cfg.inline:
         raise ValueError("cfg.inline=True traces the real step: use InlineTrace around its forward/backward")
     t0 = time.perf_counter()
@@ -145,15 +150,21 @@ def trace_batch(model: torch.nn.Module, batch: dict, scheme: Scheme | str, schem
     device = sites[0].param.device
     W, rank = world() if cfg.distributed else (1, 0)
     sch, sparams = resolve_scheme(scheme, scheme_params, cfg.trace_loss)
-    tb = TracedBatch.from_batch(batch, cfg.max_sequences, cfg.micro_batch_size, device)
+    tb = TracedBatch.from_batch(batch, cfg.max_sequences, cfg.micro_batch_size, device, chunk_sizes)
     record = tb.record_mask(cfg.mode, cfg.token_positions)
     before_attn = attn_implementation(inner)
     attn = "eager" if cfg.mode == "token" else None
     sketch_seed = cfg.seed + step
     dropout_seed = (cfg.seed + step) * 1009 + rank
 
+    K = len(tb.chunk_sizes)
+    amp = (torch.autocast(device.type, dtype=getattr(torch, cfg.autocast)) if cfg.autocast is not None
+           else nullcontext())
+
     def loss_fn(chunk: dict) -> LossOutput:
-        return forward_loss(inner, chunk, sch, sparams)
+        with amp:
+            out = forward_loss(inner, chunk, sch, sparams)
+        return summed(out, sum_normaliser, K) if sum_normaliser is not None else out
 
     # without dropout no pass draws a random number (the sketch has its own generator): no seeding needed
     with traced_network(inner, train=cfg.dropout, attn=attn, seed=dropout_seed if cfg.dropout else None,
@@ -189,8 +200,26 @@ def trace_batch(model: torch.nn.Module, batch: dict, scheme: Scheme | str, schem
     state = _state(tb, stats["weight"], rng, cfg, sch, sparams, sites, step, W, rank,
                    network="train" if cfg.dropout else "eval", attn=used_attn, sketch_seed=sketch_seed,
                    inline=False, checks=checks)
+    state["meta"]["sum_normaliser"] = sum_normaliser
     return TraceResult(mode=cfg.mode, tokens=tokens, modules=modules, checks=checks, state=state,
                        grad={s.param_name: g for s, g in zip(sites, out["G"])})
+
+
+APPLIED_COSINE_MIN = 0.9999      # below: the traced G is not the update the optimizer applied (a warning)
+
+
+def applied_cosine(model: torch.nn.Module, grad: dict[str, torch.Tensor]) -> float | None:
+    """cos(G, the ``.grad`` now accumulated on the same parameters), float64; None when no ``.grad`` is there.
+    Gradient clipping scales ``.grad`` and leaves the cosine alone."""
+    params = dict(unwrap(model).named_parameters())
+    missing = [k for k in grad if k not in params]
+    assert not missing, f"traced parameters not in the model: {missing[:3]}"
+    if any(params[k].grad is None for k in grad):
+        return None
+    dot = sum(float((g.double() * params[k].grad.double()).sum()) for k, g in grad.items())
+    a = sum(float(g.double().square().sum()) for g in grad.values()) ** 0.5
+    b = sum(float(params[k].grad.double().square().sum()) for k in grad) ** 0.5
+    return dot / (a * b) if a > 0 and b > 0 else None
 
 
 def _rank_sum(x: torch.Tensor | float, W: int) -> float:
@@ -223,8 +252,10 @@ def _state(tb: TracedBatch, weights: torch.Tensor, rng: dict, cfg: TraceConfig, 
                "weights": weights.detach().float().cpu(), "label_mask": tb.response().cpu(),
                **{k: v.cpu() for k, v in rng.items()}}
     meta = {"step": step, "rank": rank, "world_size": W, "mode": cfg.mode, "trace_config": cfg.to_dict(),
-            "scheme": scheme.name, "scheme_params": params, "network": network, "attn_implementation": attn,
-            "chunk_sizes": tb.chunk_sizes, "traced_sequences": tb.n_traced, "sketch_seed": sketch_seed, "inline": inline,
+            "scheme": scheme.name, "scheme_normaliser": scheme.normaliser, "scheme_params": params,
+            "network": network, "attn_implementation": attn,
+            "chunk_sizes": tb.chunk_sizes, "traced_sequences": tb.n_traced, "sketch_seed": sketch_seed,
+            "inline": inline,
             "sites": [s.name for s in sites], "dtype": str(sites[0].param.dtype).replace("torch.", ""),
             "device_type": sites[0].param.device.type, "checks": checks}
     return {"tensors": tensors, "meta": meta}

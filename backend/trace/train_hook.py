@@ -25,40 +25,12 @@ import torch
 
 from backend.jobs.train import TrainConfig
 from backend.lm.dist import DistInfo
-from backend.lm.loss import IGNORE, unwrap
 from backend.lm.schemes import Scheme
 from backend.store.rundir import RunDir
 from backend.trace import InlineTrace, TraceConfig, trace_batch
 from backend.trace import store as trace_store
-from backend.trace.core import TraceResult
-
-APPLIED_COSINE_MIN = 0.9999      # below: the traced G is not the update the optimizer applied (a warning)
-
-
-def applied_cosine(model: torch.nn.Module, grad: dict[str, torch.Tensor]) -> float | None:
-    """cos(G, the ``.grad`` now accumulated on the same parameters), float64; None when no ``.grad`` is there."""
-    params = dict(unwrap(model).named_parameters())
-    missing = [k for k in grad if k not in params]
-    assert not missing, f"traced parameters not in the model: {missing[:3]}"
-    if any(params[k].grad is None for k in grad):
-        return None
-    dot = sum(float((g.double() * params[k].grad.double()).sum()) for k, g in grad.items())
-    a = sum(float(g.double().square().sum()) for g in grad.values()) ** 0.5
-    b = sum(float(params[k].grad.double().square().sum()) for k in grad) ** 0.5
-    return dot / (a * b) if a > 0 and b > 0 else None
-
-
-def merge_batches(batches: list[dict], pad_id: int) -> dict:
-    """Concatenate right-padded micro-batches along the batch dimension, padding to the longest."""
-    T = max(b["input_ids"].shape[1] for b in batches)
-    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE}
-    out: dict[str, list] = {k: [] for k in batches[0]}
-    for b in batches:
-        for k, v in b.items():
-            if k in fill and v.shape[1] < T:
-                v = torch.nn.functional.pad(v, (0, T - v.shape[1]), value=fill[k])
-            out[k].append(v)
-    return {k: torch.cat(v) for k, v in out.items()}
+from backend.trace.batch import merge_batches
+from backend.trace.core import APPLIED_COSINE_MIN, TraceResult, applied_cosine
 
 
 class TrainTracer:

@@ -19,7 +19,8 @@ bound, so a near-zero dot does not blow up), magnitude |a - b| / b, alignment |a
 loss, prob, entropy, weight |a - b| / (1 + |b|). Per module, b is floored at ``MODULE_ALIGNMENT_MIN_REL`` times
 the token's magnitude: a smaller piece is float32 dust in both methods (where the theory says zero), and its
 alignment, which the tracer stores as null, is not compared. The step passes when every error is <= ``--tol``
-(default 1e-4 for float32 runs; half-precision runs need a looser tolerance). Exit codes: 0 pass,
+(default 1e-4 for float32 runs; runs in half precision or under autocast, whose dtype the step records and
+the reference replays, default to 2e-2). Exit codes: 0 pass,
 1 an error above the tolerance, 2 a run or step that cannot be verified.
 
 The model is rebuilt from the run's ``config.json`` (``model``, ``dtype``, ``attn_implementation``, ``lora_*``)
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +40,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from backend.lm.loss import forward_loss
-from backend.lm.schemes import get_scheme
+from backend.lm.loss import forward_loss, summed
+from backend.lm.schemes import CUSTOM, fixed_weights, get_scheme
 from backend.trace.batch import MODULE_ALIGNMENT_MIN_REL
 
 TOL = 1e-4
+TOL_HALF = 2e-2     # bf16/fp16 weights or autocast: both methods round every activation to 8 or 11 bits
 TOKEN_KEY = ["rank", "sample_idx", "position"]
 MODULE_KEY = ["rank", "sample_idx", "position", "layer", "module", "part"]
 
@@ -67,9 +70,22 @@ def _sites(model: torch.nn.Module, names: list[str]) -> list[dict]:
 def _chunks(t: dict[str, torch.Tensor], sizes: list[int], device: torch.device) -> list[dict]:
     out, i = [], 0
     for s in sizes:
-        out.append({k: t[k][i:i + s].to(device) for k in ("input_ids", "attention_mask", "labels")})
+        out.append({k: t[k][i:i + s].to(device) for k in ("input_ids", "attention_mask", "labels", "weights")})
         i += s
     return out
+
+
+def _loss(model, ch: dict, scheme, params: dict, meta: dict, K: int):
+    """The step's loss of one micro-batch as the trace defined it: its scheme (a ``custom`` one: the stored
+    weights), under the recorded autocast, summed with the recorded ``sum_normaliser`` if any."""
+    if meta["scheme"] == CUSTOM:
+        scheme = fixed_weights(ch["weights"], meta.get("scheme_normaliser", "response"))
+    amp = meta["trace_config"].get("autocast")
+    device = ch["input_ids"].device
+    with torch.autocast(device.type, dtype=getattr(torch, amp)) if amp else nullcontext():
+        out = forward_loss(model, ch, scheme, params)
+    s = meta.get("sum_normaliser")
+    return summed(out, s, K) if s is not None else out
 
 
 def _recorded(t: dict[str, torch.Tensor], meta: dict, mode: str, token_positions: str) -> list[tuple[int, int]]:
@@ -106,7 +122,7 @@ def _gradient(model, ranks: list[dict], sites: list[dict], scheme, params: dict,
         chunks = _chunks(rk["tensors"], rk["meta"]["chunk_sizes"], device)
         _replay(rk["tensors"], device)
         for ch in chunks:
-            out = forward_loss(model, ch, scheme, params)
+            out = _loss(model, ch, scheme, params, rk["meta"], len(chunks))
             grads = torch.autograd.grad(out.total, [s["param"] for s in sites])
             for Gi, g in zip(G, grads):
                 Gi += g.float() / (len(chunks) * W)
@@ -137,8 +153,8 @@ def reference(model: torch.nn.Module, ranks: list[dict], adapter: dict | None = 
     meta0 = ranks[0]["meta"]
     device = next(model.parameters()).device
     mode, cfg = meta0["mode"], meta0["trace_config"]
-    scheme = get_scheme(meta0["scheme"])
-    params = scheme.resolve_params(meta0["scheme_params"])
+    scheme = get_scheme(meta0["scheme"]) if meta0["scheme"] != CUSTOM else None       # custom: per chunk
+    params = scheme.resolve_params(meta0["scheme_params"]) if scheme is not None else {}
     sites = _sites(model, meta0["sites"])
     W = len(ranks)
     flags = [(m, m.training) for m in model.modules()]
@@ -187,7 +203,7 @@ def _naive_position(model, ranks, sites, G, scheme, params, device, W):
             handles = [sites[by_parent[p][0]]["lora_layer"].register_forward_hook(
                 lambda m, i, o, p=p: outputs.__setitem__(p, o)) for p in parents]
             try:
-                out = forward_loss(model, ch, scheme, params)
+                out = _loss(model, ch, scheme, params, meta, len(chunks))
             finally:
                 for h in handles:
                     h.remove()
@@ -254,7 +270,7 @@ def _naive_token(model, ranks, sites, G, scheme, params, device, cfg):
         rec = _recorded(t, meta, "token", cfg["token_positions"])
         row0 = 0
         for ch in chunks:
-            out = forward_loss(model, ch, scheme, params)
+            out = _loss(model, ch, scheme, params, meta, len(chunks))
             losses = token_loss(out.logits[:, :-1], ch["input_ids"][:, 1:])          # (n, T-1), as the tracer
             n_rows = ch["input_ids"].shape[0]
             here = [(b - row0, tt) for (b, tt) in rec if row0 <= b < row0 + n_rows]
@@ -393,7 +409,8 @@ def verify_step(run_path: Path, step: int, device: str = "cpu") -> dict[str, Any
     modules = _read_ours(run_path, step, "token_modules")
     meta = state["ranks"][0]["meta"]
     return {"step": step, "mode": meta["mode"], "rows": len(tokens), "module_rows": len(modules),
-            "dtype": meta["dtype"], "errors": compare(tokens, modules, ref),
+            "dtype": meta["dtype"], "autocast": meta["trace_config"].get("autocast"),
+            "errors": compare(tokens, modules, ref),
             "checks_recorded": meta.get("checks", {}), "checks_reference": ref["checks"]}
 
 
@@ -425,13 +442,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"verify: {e}", file=sys.stderr)
         return 2
-    tol = args.tol if args.tol is not None else (TOL if report["dtype"] == "float32" else 2e-2)
+    full = report["dtype"] == "float32" and not report["autocast"]
+    tol = args.tol if args.tol is not None else (TOL if full else TOL_HALF)
     bad = failures(report, tol)
     report.update(tol=tol, passed=not bad, failures=bad)
     if args.json:
         print(json.dumps(report, default=float))
     else:
-        print(f"step {report['step']}  mode {report['mode']}  dtype {report['dtype']}  rows {report['rows']}  "
+        print(f"step {report['step']}  mode {report['mode']}  dtype {report['dtype']}  autocast "
+              f"{report['autocast'] or 'off'}  rows {report['rows']}  "
               f"module rows {report['module_rows']}")
         for k, v in report["errors"].items():
             print(f"  {k:<28} {v:.3g}")
