@@ -40,9 +40,17 @@ from backend.store import paths
 QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
                  r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-                 "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-                 "{% endif %}")
+# Qwen-style turns, joined by '\n' *between* messages (nothing after the last one), so a prompt rendered with
+# the generation prompt is a prefix of the conversation and the rendered conversation ends on the assistant's
+# <|im_end|>: completion-only loss (TRL's) trains the response and its EOS, never a '\n' after it that
+# generation never emits (tokviz's own encoding, data.encode, labels the same tokens). The {% generation %}
+# markers (rendering nothing) wrap the assistant's content and <|im_end|>, the same tokens, for
+# `return_assistant_tokens_mask=True` and TRL's `assistant_only_loss`.
+CHAT_TEMPLATE = ("{% for message in messages %}{% if not loop.first %}{{ '\n' }}{% endif %}"
+                 "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+                 "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+                 "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' }}"
+                 "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '\n<|im_start|>assistant\n' }}{% endif %}")
 # Prompts of the default eval splits (seeds 0..EXCLUDED_EVAL_SEEDS-1, first EXCLUDED_EVAL_N draws) never appear
 # in the pretraining corpus, so a later fine-tuning run evaluated on them measures generalisation.
 EXCLUDED_EVAL_SEEDS = 10
