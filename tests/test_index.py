@@ -121,6 +121,21 @@ def test_aggregates_leave_null_module_alignments_out(home):
     np.testing.assert_allclose(got["frac_negative"], want["neg"], rtol=1e-12)
 
 
+def test_ingest_refuses_two_modules_under_one_label(home):
+    run = make_run(SynthConfig.tiny(), home / "runs", run_id="run-dup")
+    f = sorted((run / "trace" / "token_modules").glob("*.parquet"))[0]
+    t = pq.read_table(f)
+    mod = t.column("module").to_pylist()
+    other = sorted(set(mod))[1]
+    t = t.set_column(t.schema.get_field_index("module"), t.schema.field("module"),
+                     pa.array([sorted(set(mod))[0] if m == other else m for m in mod], t.schema.field("module").type))
+    pq.write_table(t, f)
+    con = index.connect()
+    with pytest.raises(index.IngestError, match="share one"):
+        index.ingest_run(con, run)
+    assert con.execute("SELECT count(*) FROM token_modules WHERE run_id = 'run-dup'").fetchone()[0] == 0
+
+
 def test_ingest_twice_equals_once(home, run_a, run_b):
     con = index.connect()
     first = index.ingest_all(con)

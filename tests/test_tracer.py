@@ -21,7 +21,8 @@ from backend.store.rundir import RunDir
 from backend.trace import InlineTrace, TraceConfig, discover_lora_modules, trace_batch
 from backend.trace import store as trace_store
 from backend.trace.verify import compare, failures, reference
-from tests._tiny_lora import ALL_TARGETS, tiny_base_model, tiny_batch, tiny_lora_model, tiny_tokenizer
+from tests._tiny_lora import (ALL_TARGETS, randomise_lora, tiny_base_model, tiny_batch, tiny_lora_model,
+                              tiny_tokenizer)
 
 TOL = 1e-4
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,6 +230,25 @@ def test_module_alignment_of_a_piece_that_is_zero_in_theory_is_null(mode):
     assert m.loc[small, "alignment"].isna().all()                      # the stated rule, and nothing more
     assert m.loc[~small & (m["magnitude"] > 0), "alignment"].notna().all()
     assert m["dot"].notna().all()                                     # dots still sum into the token's
+
+
+def test_modules_that_share_a_last_name_keep_their_own_label():
+    # GPT-2 has attn.c_proj and mlp.c_proj in every block: one label "c_proj" merged their rows
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                            fan_in_fan_out=True, task_type="CAUSAL_LM"))
+    randomise_lora(model)
+    sites = discover_lora_modules(model)
+    assert sorted({s.module for s in sites}) == ["attn.c_proj", "c_attn", "c_fc", "mlp.c_proj"]
+    assert {s.module for s in discover_lora_modules(model, ["c_proj"])} == {"attn.c_proj", "mlp.c_proj"}
+    res = trace_batch(model, tiny_batch(), "sft", {}, TraceConfig(mode="position", full_check=True))
+    m = pd.DataFrame(res.modules)
+    assert not m.duplicated(["sample_idx", "position", "layer", "module", "part"]).any()
+    errs, ref = errors_vs_naive(model, res)
+    assert_close(errs, ref, res.checks)
 
 
 # ---- which positions are recorded ---------------------------------------------------------------------------

@@ -230,6 +230,10 @@ def ingest_run(con: duckdb.DuckDBPyConnection, run_path: str | Path, *, force: b
                                               st.st_mtime_ns])
         for d in rf.spec.derived:
             con.execute(d.fill, [run_id] * d.fill.count("?"))
+        for check, message in rf.spec.ingest_checks:
+            bad = con.execute(check, [run_id] * check.count("?")).fetchall()
+            if bad:
+                raise IngestError(f"{run_path}: {message}: {bad[:3]}")
         cfg = rf.config.get("config") if isinstance(rf.config.get("config"), dict) else {}
         steps = rf.spec.steps_table
         run = {

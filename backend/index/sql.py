@@ -172,6 +172,11 @@ _RESPONSE_MODULE_ROWS_ALL_STEPS = """SELECT m.* FROM token_modules m SEMI JOIN (
 # The aggregates of one run (parameter: run_id, as many times as there are ?), after its tokens and
 # token_modules rows are in. Definitions (module shares of the update use every traced position; the
 # module-type and LoRA A/B statistics use response tokens):
+# (step, layer, module, part) labels that more than one module's rows share: a LoRA module has one row per
+# response token and step, so a count above the step's response tokens means two modules got one label
+DUPLICATE_MODULE_LABELS = """SELECT a.step, a.layer, a.module, a.part FROM agg_layer_module_part a
+JOIN (SELECT step, count(*) FILTER (WHERE is_response) AS r FROM tokens WHERE run_id = ? GROUP BY step) t USING (step)
+WHERE a.run_id = ? AND a.n > t.r ORDER BY ALL LIMIT 3"""
 AGG_FILL = {
     # per (step, layer, module), both LoRA parts, every traced position
     "agg_layer_module": """INSERT INTO agg_layer_module

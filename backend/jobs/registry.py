@@ -93,6 +93,9 @@ class JobSpec:
     path_fields: tuple[str, ...] = ("runs_root",)        # config fields holding a path (confined by the app)
     model_fields: tuple[str, ...] = ()                   # a model: a hub id, a bare name, or a path (confined)
     user_errors: tuple[str, ...] = field(default=(), repr=False)   # "module:Class" errors the CLI prints plainly
+    # (SQL with ? for the run id, message): after the run's tables and aggregates are in, a row it returns makes
+    # ingest refuse the run (the message and the first rows name what is wrong)
+    ingest_checks: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         assert _NAME.match(self.name), f"job kind {self.name!r} must be lowercase letters, digits, - and _"

@@ -134,6 +134,8 @@ JOB = JobSpec(
     tables=(TOKENS, TOKEN_MODULES, TRAIN_STEPS, EVAL),
     derived=tuple(DerivedTable(name, sql.AGG_CREATE[name], sql.AGG_FILL[name]) for name in sql.AGG_FILL),
     complete=complete_trace_steps, steps_table="tokens", analyses=("backend.analysis.trace",),
+    ingest_checks=((sql.DUPLICATE_MODULE_LABELS, "token_modules rows of two LoRA modules share one (step, layer, "
+                    "module, part) label (a tracer that named modules by their last name only)"),),
     launch_fields=("name", "model", "task", "task_params", "n_train", "n_eval", "scheme", "scheme_params", "lora_r",
                    "lora_alpha", "lora_dropout", "lora_targets", "steps", "batch_size", "lr", "trace_every",
                    "trace_mode", "trace_sequences"),

@@ -11,6 +11,7 @@ sum_s g_s u_s^T with u_s its input (after the LoRA dropout, for lora_A) and g_s 
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import weakref
 from dataclasses import dataclass, field
@@ -93,18 +94,32 @@ def _discover(model: nn.Module, targets) -> list[LoraSite]:
         if not mod.weight.requires_grad:
             raise ValueError(f"{name}.weight does not require grad: the traced parameters must be trainable")
         layer = _LAYER.search("." + name + ".")
-        site = LoraSite(layer=int(layer.group(1)) if layer else -1, module=m["parent"].rsplit(".", 1)[-1],
-                        part=m["part"], linear=mod, name=name, parent=parent)
-        sites.append(site)
+        sites.append(LoraSite(layer=int(layer.group(1)) if layer else -1, module=m["parent"], part=m["part"],
+                              linear=mod, name=name, parent=parent))
     if not sites:
         raise ValueError("the model has no active LoRA modules (lora_A/lora_B nn.Linear); apply peft LoRA first")
-    if targets is not None:
-        found = sorted({s.module for s in sites})
+    names = module_names([s.module for s in sites])
+    sites = [dataclasses.replace(s, module=names[s.module]) for s in sites]
+    if targets is not None:                      # a label (attn.c_proj) or a last name (c_proj: every such module)
+        found = sorted({s.module for s in sites} | {s.module.rsplit(".", 1)[-1] for s in sites})
         missing = [t for t in targets if t not in found]
         if missing:
             raise ValueError(f"target_modules {missing} have no LoRA adapter; LoRA modules: {', '.join(found)}")
-        sites = [s for s in sites if s.module in targets]
+        sites = [s for s in sites if s.module in targets or s.module.rsplit(".", 1)[-1] in targets]
     return sites
+
+
+def module_names(paths: list[str]) -> dict[str, str]:
+    """The ``module`` label of each LoRA-wrapped module path: its last name (``q_proj``) where that names one
+    module per decoder block, else its path inside the block (GPT-2's ``attn.c_proj`` and ``mlp.c_proj``, which
+    a last name would merge into one label), the same label in every layer."""
+    def in_block(path: str) -> str:
+        m = _LAYER.search("." + path + ".")
+        return ("." + path + ".")[m.end():-1] if m else path
+    by_short: dict[str, set[str]] = {}
+    for p in paths:
+        by_short.setdefault(p.rsplit(".", 1)[-1], set()).add(in_block(p))
+    return {p: p.rsplit(".", 1)[-1] if len(by_short[p.rsplit(".", 1)[-1]]) == 1 else in_block(p) for p in paths}
 
 
 def lora_parameters(model: nn.Module) -> dict[str, torch.Tensor]:

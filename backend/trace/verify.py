@@ -43,6 +43,7 @@ import torch
 from backend.lm.loss import forward_loss, summed
 from backend.lm.schemes import CUSTOM, fixed_weights, get_scheme
 from backend.trace.batch import MODULE_ALIGNMENT_MIN_REL
+from backend.trace.sites import module_names
 
 TOL = 1e-4
 TOL_HALF = 2e-2     # bf16/fp16 weights or autocast: both methods round every activation to 8 or 11 bits
@@ -59,10 +60,11 @@ def _sites(model: torch.nn.Module, names: list[str]) -> list[dict]:
         raise ValueError(f"the rebuilt model lacks the traced modules {missing[:3]}; was it built with the "
                          "run's LoRA targets?")
     out = []
+    labels = module_names([n.rsplit(".", 2)[0] for n in names])
     for n in names:
         parent, part, _ = n.rsplit(".", 2)
         layer = [int(x) for x in parent.split(".") if x.isdigit()]
-        out.append({"name": n, "parent": parent, "part": part, "module": parent.rsplit(".", 1)[-1],
+        out.append({"name": n, "parent": parent, "part": part, "module": labels[parent],
                     "layer": layer[0] if layer else -1, "param": mods[n].weight, "lora_layer": mods[parent]})
     return out
 
