@@ -61,7 +61,8 @@ def run_info_md(run_id: str | None) -> str:
         if isinstance(info[k], str) and info[k]:
             bits.append(f"{k} `{info[k]}`")
     n = int(info["n_traced_steps"]) if pd.notna(info["n_traced_steps"]) else 0
-    bits.append(f"{n} traced step{'s' if n != 1 else ''}, {int(info['n_tokens'] or 0):,} token records")
+    n_tok = int(info["n_tokens"]) if pd.notna(info["n_tokens"]) else 0      # NULL for a kind without tokens
+    bits.append(f"{n} traced step{'s' if n != 1 else ''}, {n_tok:,} token records")
     return f"**{info['name'] or run_id}** (`{run_id}`) · " + " · ".join(bits)
 
 

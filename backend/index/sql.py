@@ -36,7 +36,8 @@ INDEX_VERSION = 4
 MIGRATIONS: dict[int, tuple[str, ...]] = {}
 
 _DUCK_TYPES = {pa.string(): "VARCHAR", pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.int64(): "BIGINT",
-               pa.float32(): "FLOAT", pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN"}
+               pa.float32(): "FLOAT", pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN",
+               pa.list_(pa.float32()): "FLOAT[]"}
 
 
 def _columns(s: pa.Schema) -> list[str]:

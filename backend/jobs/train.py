@@ -80,6 +80,11 @@ class TrainConfig(JobConfig):
     trace_magnitude: str = option("exact", "token mode: exact per-token gradient norms, a k-JVP sketch, or none",
                               choices=("exact", "sketch", "none"))
     trace_sketch_k: int = option(64, "random directions for sketched magnitudes", range=(1, INF, False, True))
+    # embedding token gradients (backend.grads.embgrad)
+    embgrad_every: int = option(0, "record n_v = ||dL/dE_v|| per vocabulary token every N steps, from the gradient "
+                                "at the embedding output (0: off)", range=NONNEG)
+    embgrad_stride: int = option(0, "modadd: also the stride-group metrics of the number tokens for this stride "
+                                 "(0: off)", range=NONNEG)
     # output
     runs_root: str = option("", "where run directories go (default: <data root>/runs)")
     run_id: str = option("", "explicit run id (default: timestamp-kind-name-random)")
@@ -96,6 +101,11 @@ class TrainConfig(JobConfig):
             raise ValueError(f"lora_targets must be a non-empty list of module names, got {self.lora_targets!r}")
         if self.trace_inline and self.grad_accum != 1:
             raise ValueError("trace_inline needs grad_accum = 1 (the real step must be a single backward)")
+        if self.embgrad_stride and not self.embgrad_every:
+            raise ValueError("embgrad_stride needs embgrad_every > 0 (the steps whose embedding gradients are "
+                             "recorded)")
+        if self.embgrad_stride and (self.dataset or self.task != "modadd"):
+            raise ValueError(f"embgrad_stride is for the modadd task's number tokens; task is {self.task!r}")
         if self.eval_k and self.n_eval == 0:
             raise ValueError("eval_k > 0 needs n_eval > 0")
 
@@ -127,11 +137,13 @@ TOKEN_MODULES = TableSpec("token_modules", schema.TOKEN_MODULES, "trace/token_mo
                           order=trace_shard_key)
 TRAIN_STEPS = TableSpec("train_steps", schema.TRAIN_STEPS, "train_steps/*.parquet")
 EVAL = TableSpec("eval", schema.EVAL, "eval/*.parquet")
+EMBGRAD = TableSpec("embgrad", schema.EMBGRAD, "embgrad/*.parquet")
+EMBGRAD_STEPS = TableSpec("embgrad_steps", schema.EMBGRAD_STEPS, "embgrad_steps/*.parquet")
 
 JOB = JobSpec(
     name="train", help="LoRA SFT under a token-weighting scheme, optionally traced",
     config=TrainConfig, entry="backend.lm.trainer:train",
-    tables=(TOKENS, TOKEN_MODULES, TRAIN_STEPS, EVAL),
+    tables=(TOKENS, TOKEN_MODULES, TRAIN_STEPS, EVAL, EMBGRAD, EMBGRAD_STEPS),
     derived=tuple(DerivedTable(name, sql.AGG_CREATE[name], sql.AGG_FILL[name]) for name in sql.AGG_FILL),
     complete=complete_trace_steps, steps_table="tokens", analyses=("backend.analysis.trace",),
     ingest_checks=((sql.DUPLICATE_MODULE_LABELS, "token_modules rows of two LoRA modules share one (step, layer, "

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from backend.grads.embgrad import EmbGradRecorder
 from backend.jobs.train import TrainConfig
 from backend.lm import dist as bdist
 from backend.lm.loss import forward_loss, unwrap
@@ -171,6 +172,7 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     sampler = BatchSampler(len(ds.encoded), cfg.batch_size * cfg.grad_accum, info, cfg.seed + 1)
     tracer = _make_tracer(cfg, rd, info, tok, scheme)
+    embrec = EmbGradRecorder.create(cfg, model, tok, rd, info)      # --embgrad-every; does nothing when 0
 
     rows: dict[str, list] = {f.name: [] for f in schema.TRAIN_STEPS}
     part = 0
@@ -197,6 +199,7 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
         traced = tracer is not None and step % cfg.trace_every == 0
         if traced and not cfg.trace_inline:
             tracer.rerun(ddp_model, batches, step)
+        embrec.begin(step)      # after any trace re-run: only the real micro-batches reach the embedding hook
         loss_sum = ce_sum = 0.0
         n_tok = torch.zeros((), dtype=torch.long)
         for i, b in enumerate(batches):
@@ -267,6 +270,7 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
             rd.event("eval", when="after", accuracy=res["accuracy"], n=res["n"])
         else:
             manifest["eval"] = {"skipped": "user dataset: no answer checker" if cfg.dataset else "n_eval = 0"}
+    embrec.finish(manifest)
     rd.finish(manifest)
     bdist.barrier()           # no rank returns before rank 0 has written the manifest
     return rd.path

@@ -89,6 +89,32 @@ EVAL = table_schema("eval", [
     pa.field("correct", pa.bool_()),
 ])
 
+# embedding token gradients of a train run (--embgrad-every N): backend.grads.embgrad, DESIGN.md's definitions
+EMBGRAD = table_schema("embgrad", [
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("step", pa.int32(), nullable=False),          # optimizer step recorded
+    pa.field("token_id", pa.int32(), nullable=False),      # vocabulary token v (only those with n_v > 0)
+    pa.field("token", pa.string(), nullable=False),        # its decoded text
+    pa.field("count", pa.int32()),                         # occurrences in the step's (rank 0) batch
+    pa.field("norm", f32),                                 # n_v = ||dL/dE_v||
+])
+
+EMBGRAD_STEPS = table_schema("embgrad_steps", [
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("step", pa.int32(), nullable=False),
+    pa.field("n_vocab", pa.int32()),                       # rows of the embedding matrix
+    pa.field("n_with_grad", pa.int32()),                   # tokens with n_v > 0
+    pa.field("max_norm", f32),
+    pa.field("gradient_sparsity", f32),                    # fraction of the vocabulary with n_v < 1% of max
+    pa.field("gradient_gini", f32),                        # Gini of n over the vocabulary
+    pa.field("tokens_for_50pct", pa.int32()),              # tokens, largest n_v^2 first, for 50% of sum n_v^2
+    pa.field("tokens_for_90pct", pa.int32()),
+    pa.field("concentration_ratio", f32),                  # tokens_for_50pct / n_with_grad
+    pa.field("stride", pa.int16()),                        # 0: no stride metrics
+    pa.field("stride_group_variance", f32),
+    pa.field("stride_group_max_ratio", f32),
+])
+
 
 
 def schema_version_of(schema: pa.Schema) -> int | None:

@@ -23,7 +23,8 @@ import gradio as gr
 from tokviz.common import At
 from tokviz.context import AppContext
 from tokviz.header import Page
-from tokviz.tabs import compare, concentration, inspect_tab, launch, layers, sql_console, tokens, training
+from tokviz.tabs import (activations, compare, concentration, inspect_tab, launch, layers, sql_console, tokens,
+                         training)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ TABS: tuple[TabSpec, ...] = (      # in the order the tab strip shows them
     TabSpec("layers", "Layers & positions", layers.build, layers.wire, layers.render_tab),
     TabSpec("tokens", "Tokens", tokens.build, tokens.wire, tokens.render_tab),
     TabSpec("training", "Training", training.build, training.wire, training.render_tab),
+    TabSpec("activations", "Activations", activations.build, activations.wire, activations.render_tab),
     TabSpec("compare", "Compare runs", compare.build, compare.wire, compare.render_tab),
     TabSpec("launch", "Launch", launch.build, wire_launch),
     TabSpec("sql", "SQL", sql_console.build, sql_console.wire),

@@ -64,7 +64,9 @@ def _component(f: Field, job_kind: str) -> gr.components.Component:
     if f.name == "scheme":
         return gr.Dropdown(list(SCHEMES), value=default, label=label, info=SCHEMES[str(default)].doc, elem_id=eid)
     if f.name == "task":
-        return gr.Dropdown(list(TASKS), value=default, label=label, info=info, elem_id=eid)
+        # a kind whose default is not a task ("" = the run's task, actgrad) keeps it as a choice
+        choices = list(TASKS) if default in TASKS else [default, *TASKS]
+        return gr.Dropdown(choices, value=default, label=label, info=info, elem_id=eid)
     if f.name == "model":
         return gr.Dropdown(list(MODELS), value=default, label=label, info=info + " (inside the data root)",
                            allow_custom_value=True, elem_id=eid)

@@ -15,6 +15,7 @@ from tokviz import concurrency
 from tokviz.common import At, ExportRow, empty_figure, export_zip, for_display, user_errors
 from tokviz.context import AppContext
 from tokviz.header import Page
+from tokviz.tabs import embgrad_panel
 
 
 @dataclass
@@ -25,14 +26,15 @@ class TrainingTab:
     magnitude: gr.Plot
     config: gr.JSON
     export: ExportRow
+    embgrad: embgrad_panel.EmbgradPanel
 
     @property
     def inputs(self) -> list:
-        return []
+        return self.embgrad.inputs
 
     @property
     def outputs(self) -> list:
-        return [self.summary, self.loss, self.evolution, self.magnitude, self.config]
+        return [self.summary, self.loss, self.evolution, self.magnitude, self.config] + self.embgrad.outputs
 
 
 def build(ctx: AppContext) -> TrainingTab:
@@ -41,9 +43,10 @@ def build(ctx: AppContext) -> TrainingTab:
     with gr.Row():
         evolution = gr.Plot(label="Alignment over training", elem_id="tv-evolution")
         magnitude = gr.Plot(label="Gradient magnitude", elem_id="tv-magnitude")
+    emb = embgrad_panel.build()
     with gr.Accordion("Run config and manifest", open=False):
         config = gr.JSON(label="config.json and manifest.json", elem_id="tv-config")
-    return TrainingTab(summary, loss, evolution, magnitude, config, ExportRow())
+    return TrainingTab(summary, loss, evolution, magnitude, config, ExportRow(), emb)
 
 
 def make_figures(run_id: str) -> dict[str, go.Figure]:
@@ -69,7 +72,7 @@ def summary_md(run_id: str) -> tuple[str, dict]:
     return md, {"config": config, "manifest": manifest}
 
 
-def render(run_id: str | None, step: int | None) -> tuple[list, dict]:
+def render(run_id: str | None, step: int | None, embgrad_step: object = None) -> tuple[list, dict]:
     if not run_id:
         raise ValueError("choose a run first (no run is selected)")
     figs = make_figures(run_id)
@@ -77,14 +80,17 @@ def render(run_id: str | None, step: int | None) -> tuple[list, dict]:
     none = empty_figure("this run has no traced steps")
     return [md, for_display(figs["loss_curve"]),
             for_display(figs["alignment_evolution"]) if "alignment_evolution" in figs else none,
-            for_display(figs["gradient_magnitude"]) if "gradient_magnitude" in figs else none, cfg], {}
+            for_display(figs["gradient_magnitude"]) if "gradient_magnitude" in figs else none, cfg] + \
+        embgrad_panel.render(run_id, embgrad_step), {}
 
 
 def render_tab(t: TrainingTab, at: At, got: Mapping[Any, Any]) -> tuple[list, dict]:
-    return render(at.run, at.step)
+    return render(at.run, at.step, got[t.embgrad.step])
 
 
 def wire(t: TrainingTab, page: Page) -> None:
+    embgrad_panel.wire(t.embgrad, page)
+
     @user_errors
     def export(run_id):
         if not run_id:
