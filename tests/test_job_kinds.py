@@ -64,8 +64,8 @@ def test_the_command_line_lists_and_runs_a_registered_kind(toy_kind, tmp_path):
 
 
 def test_unknown_kinds_and_bad_registry_lines_are_named(monkeypatch):
-    with pytest.raises(ValueError, match="unknown job kind 'probe'; kinds: train"):
-        registry.get("probe")
+    with pytest.raises(ValueError, match="unknown job kind 'no-such-kind'; kinds: train"):
+        registry.get("no-such-kind")
     monkeypatch.setenv(registry.ENV_KINDS, "tests.no_such_kind_module")
     with pytest.raises(ValueError, match="job kind module 'tests.no_such_kind_module'"):
         registry.kinds()

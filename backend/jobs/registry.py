@@ -26,7 +26,7 @@ from typing import Callable
 import pyarrow as pa
 
 # the modules that declare a kind (each exposes JOB: JobSpec); order = order in the CLI and the Launch form
-KIND_MODULES: tuple[str, ...] = ("backend.jobs.train", "backend.jobs.actgrad")
+KIND_MODULES: tuple[str, ...] = ("backend.jobs.train", "backend.jobs.actgrad", "backend.jobs.probe")
 ENV_KINDS = "TOKVIZ_JOB_KINDS"
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 _TABLE = re.compile(r"^[a-z][a-z0-9_]*$")

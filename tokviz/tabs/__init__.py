@@ -23,8 +23,8 @@ import gradio as gr
 from tokviz.common import At
 from tokviz.context import AppContext
 from tokviz.header import Page
-from tokviz.tabs import (activations, compare, concentration, inspect_tab, launch, layers, sql_console, tokens,
-                         training)
+from tokviz.tabs import (activations, compare, concentration, inspect_tab, launch, layers, probes, sql_console,
+                         tokens, training)
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,10 @@ TABS: tuple[TabSpec, ...] = (      # in the order the tab strip shows them
     TabSpec("layers", "Layers & positions", layers.build, layers.wire, layers.render_tab),
     TabSpec("tokens", "Tokens", tokens.build, tokens.wire, tokens.render_tab),
     TabSpec("training", "Training", training.build, training.wire, training.render_tab),
-    TabSpec("activations", "Activations", activations.build, activations.wire, activations.render_tab),
     TabSpec("compare", "Compare runs", compare.build, compare.wire, compare.render_tab),
+    TabSpec("activations", "Activations", activations.build, activations.wire, activations.render_tab),
+    TabSpec("probes", "Probes", probes.build, probes.wire, probes.render_tab),
     TabSpec("launch", "Launch", launch.build, wire_launch),
     TabSpec("sql", "SQL", sql_console.build, sql_console.wire),
-    # room for the probe, activation-gradient and scheme-comparison tabs of later issues
 )
 assert len({t.name for t in TABS}) == len(TABS), "tab names must be unique: deep links name tabs by them"
