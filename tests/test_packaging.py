@@ -97,7 +97,7 @@ def test_console_script_app_serves_like_app_py(project, monkeypatch, capsys):
     main = _entry(project)
     assert main(["app", "--host", "127.0.0.1", "--port", "7861"]) == 0
     assert main(["app"]) == 0
-    import app                                    # python app.py calls the same function
+    import app  # python app.py calls the same function
     app.main()
     assert served == [("127.0.0.1", 7861), (None, None), (None, None)]
     for bad in ("0", "65536", "http"):

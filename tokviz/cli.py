@@ -23,7 +23,7 @@ def serve_app(host: str | None = None, port: int | None = None) -> None:
     else 0.0.0.0:7860. Blocks until the server stops."""
     host = host or os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0")
     port = port if port is not None else _port(os.environ.get("GRADIO_SERVER_PORT", "7860"))
-    from tokviz.ui import build_app, serve          # Gradio loads only once the arguments are known to be good
+    from tokviz.ui import build_app, serve  # Gradio loads only once the arguments are known to be good
     # SIGTERM (docker stop, a Space restart) exits like Ctrl-C, so the exit handlers stop the jobs this app
     # launched instead of leaving them running on their own
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))

@@ -24,6 +24,7 @@ from backend import index
 from backend.index import queries
 from backend.jobs.queue import Job, JobQueue, max_jobs_from_env
 from backend.store import paths
+from backend.store.rundir import child_runs
 
 TRUE = ("1", "true", "yes", "on")
 
@@ -100,6 +101,8 @@ class AppContext:
         and the app goes on: the run can be ingested later (Refresh runs, or the next start)."""
         if (job.run_dir / "config.json").exists():
             try:
+                for child in child_runs(job.run_dir):      # the train runs of a scheme comparison
+                    self.ingest(child)
                 self.ingest(job.run_dir)
             except (index.TokvizIndexError, duckdb.Error, OSError) as e:
                 why = f"{type(e).__name__}: {str(e).strip()}"

@@ -214,9 +214,9 @@ def compare_indexed(run_ids: Sequence[str], step: int | None = None, params: ana
         with ThreadPoolExecutor(max_workers=min(len(run_ids), os.cpu_count() or 1)) as pool:
             done = list(pool.map(one, run_ids))
         per_run, summaries = {}, {}
-        for rid, label, (s, frames) in zip(run_ids, labels, done):
+        for rid, label, info, (s, frames) in zip(run_ids, labels, infos, done):
             per_run[label] = frames
-            summaries[label] = summarize(rid, s, frames)
+            summaries[label] = {**summarize(rid, s, frames), **eval_accuracy(info)}
     figs = {}
     for name in overlaid:
         keys = per_run[labels[0]][name].keys()
@@ -229,6 +229,30 @@ def compare_indexed(run_ids: Sequence[str], step: int | None = None, params: ana
     table.index.name = "metric"
     figs["summary_table"] = figures.summary_table(table)
     return figs, table, summaries
+
+
+def eval_accuracy(info: pd.Series) -> dict:
+    """A run's final held-out accuracy from its manifest (greedy, and sampled when it drew samples), so a
+    summary names it next to the run's mode and step; {} for a run without evaluation."""
+    m = json.loads(info["manifest_json"]) if isinstance(info.get("manifest_json"), str) else {}
+    ev = m.get("eval") if isinstance(m.get("eval"), dict) else {}
+    return {k: ev[key] for k, key in (("eval_accuracy", "accuracy"), ("eval_sampled_accuracy", "sampled_accuracy"))
+            if key in ev}
+
+
+def comparability(summaries: dict[str, dict]) -> list[str]:
+    """What makes runs' numbers not comparable side by side: traced in different modes (a position's piece of
+    the update vs a token's own gradient), or summarised at different steps. One line per problem; [] if none."""
+    out = []
+    modes = {lab: s.get("mode") for lab, s in summaries.items()}
+    if len(set(modes.values())) > 1:
+        out.append("runs traced in different modes: " + ", ".join(f"{lab}: {m}" for lab, m in modes.items())
+                   + " (alignment, dot and opposing tokens mean different things in each mode)")
+    steps = {lab: s.get("step") for lab, s in summaries.items()}
+    if len(set(steps.values())) > 1:
+        out.append("runs compared at different steps: " + ", ".join(f"{lab}: step {st}" for lab, st in steps.items())
+                   + " (pick a step all runs traced for a like-for-like comparison)")
+    return out
 
 
 def compare(runs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, step: int | None = None, *,

@@ -23,6 +23,7 @@ def main(spec: JobSpec, argv: list[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, spec.config)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the finished run's manifest as one JSON object")
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args, spec.config)
@@ -37,6 +38,11 @@ def main(spec: JobSpec, argv: list[str]) -> int:
     if int(os.environ.get("RANK", "0")) != 0:       # under torchrun, rank 0 reports
         return 0
     manifest = json.loads((run / "manifest.json").read_text())
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    if isinstance(manifest.get("report"), str):      # a kind's results as text (compare-schemes: its table)
+        print(manifest["report"])
     ev = manifest.get("eval", {})
     acc = f", eval accuracy {ev['accuracy']:.3f} (n={ev['n']})" if isinstance(ev, dict) and "accuracy" in ev else ""
     print(f"run finished: {run}{acc}")

@@ -26,7 +26,8 @@ from typing import Callable
 import pyarrow as pa
 
 # the modules that declare a kind (each exposes JOB: JobSpec); order = order in the CLI and the Launch form
-KIND_MODULES: tuple[str, ...] = ("backend.jobs.train", "backend.jobs.actgrad", "backend.jobs.probe")
+KIND_MODULES: tuple[str, ...] = ("backend.jobs.train", "backend.jobs.actgrad", "backend.jobs.probe",
+                                  "backend.jobs.compare_schemes")
 ENV_KINDS = "TOKVIZ_JOB_KINDS"
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 _TABLE = re.compile(r"^[a-z][a-z0-9_]*$")

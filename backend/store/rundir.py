@@ -317,6 +317,21 @@ def process_alive(ident: dict) -> bool | None:
     return True
 
 
+CHILDREN = "children.json"      # a run that runs other runs (a scheme comparison) lists their directories here
+
+
+def child_runs(run_path: Path) -> list[Path]:
+    """The run directories a run owns (its ``children.json``: a JSON list of paths, relative to the run's
+    directory or absolute), [] if it has none."""
+    f = Path(run_path) / CHILDREN
+    if not f.exists():
+        return []
+    listed = json.loads(f.read_text())
+    if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
+        raise ValueError(f"{f}: expected a JSON list of run directory paths")
+    return [(Path(run_path) / p).resolve() for p in listed]
+
+
 def read_events(run_path: Path) -> list[dict]:
     """All events of a run; a partially written last line (a crash mid-write) is left out."""
     f = Path(run_path) / EVENTS

@@ -23,8 +23,19 @@ import gradio as gr
 from tokviz.common import At
 from tokviz.context import AppContext
 from tokviz.header import Page
-from tokviz.tabs import (activations, compare, concentration, inspect_tab, launch, layers, probes, sql_console,
-                         tokens, training)
+from tokviz.tabs import (
+    activations,
+    compare,
+    concentration,
+    inspect_tab,
+    launch,
+    layers,
+    probes,
+    schemes,
+    sql_console,
+    tokens,
+    training,
+)
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,7 @@ TABS: tuple[TabSpec, ...] = (      # in the order the tab strip shows them
     TabSpec("compare", "Compare runs", compare.build, compare.wire, compare.render_tab),
     TabSpec("activations", "Activations", activations.build, activations.wire, activations.render_tab),
     TabSpec("probes", "Probes", probes.build, probes.wire, probes.render_tab),
+    TabSpec("schemes", "Schemes", schemes.build, schemes.wire),
     TabSpec("launch", "Launch", launch.build, wire_launch),
     TabSpec("sql", "SQL", sql_console.build, sql_console.wire),
 )

@@ -60,8 +60,8 @@ def default_runs(run_id: str | None, choices: list[tuple[str, str]]) -> list[str
 def compare(run_ids: list[str]) -> tuple[dict, pd.DataFrame]:
     if not run_ids or len(run_ids) < 2:
         raise ValueError("choose at least two runs to compare")
-    figs, tbl, _ = report.compare_indexed(list(run_ids))
-    return figs, tbl.map(_fmt).reset_index()
+    figs, tbl, summaries = report.compare_indexed(list(run_ids))
+    return figs, tbl.map(_fmt).reset_index(), report.comparability(summaries)
 
 
 def grid_figure(figs: dict[str, Figure]) -> PlotData:
@@ -74,6 +74,7 @@ def grid_figure(figs: dict[str, Figure]) -> PlotData:
 
 SUMMARY_CSS = """
 .tv-sum-cap { font-weight: 600; margin: .6em 0 .4em; }
+.tv-cmp-flag { background: #fff4d6; border-left: 4px solid #e0a800; padding: 4px 8px; margin: .3em 0; }
 .tv-sum-box { max-height: 560px; overflow: auto; }
 .tv-sum { border-collapse: collapse; font-size: 13px; table-layout: fixed; }
 .tv-sum th, .tv-sum td { border-bottom: 1px solid #eee; padding: 3px 10px; text-align: left; vertical-align: top;
@@ -95,13 +96,15 @@ def _cell(v: str) -> str:
     return html.escape(v, quote=True)
 
 
-def summary_html(tbl: pd.DataFrame) -> str:
+def summary_html(tbl: pd.DataFrame, flags: list[str] = ()) -> str:
     """The side-by-side summary (a ``metric`` column, then one column per run) as an HTML table, every text
-    escaped (run names are user text). HTML rather than gr.Dataframe: it draws in a fraction of the time."""
+    escaped (run names are user text), after a warning per reason the runs are not comparable (``flags``).
+    HTML rather than gr.Dataframe: it draws in a fraction of the time."""
+    warn = "".join(f'<div class="tv-cmp-flag">⚠️ {html.escape(f)}</div>' for f in flags)
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in tbl.columns)
     body = "".join("<tr>" + "".join(f"<td>{_cell(str(v))}</td>" for v in row) + "</tr>"
                    for row in tbl.itertuples(index=False))
-    return ('<div class="tv-sum-cap">Summary by run</div><div class="tv-sum-box"><table class="tv-sum"><thead>'
+    return (warn + '<div class="tv-sum-cap">Summary by run</div><div class="tv-sum-box"><table class="tv-sum"><thead>'
             f"<tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
 
 
@@ -118,8 +121,8 @@ def render(run_id: str | None, step: int | None, runs: list[str] | None, choices
     if len(runs) < 2:
         return [gr.update(choices=choices, value=runs), gr.skip(), ""], \
             {"notice": "⚠️ Compare runs needs at least two runs with traced steps"}
-    figs, tbl = compare(runs)
-    return [gr.update(choices=choices, value=runs), grid_figure(figs), summary_html(tbl)], {}
+    figs, tbl, flags = compare(runs)
+    return [gr.update(choices=choices, value=runs), grid_figure(figs), summary_html(tbl, flags)], {}
 
 
 def render_tab(t: CompareTab, at: At, got: Mapping[Any, Any]) -> tuple[list, dict]:
@@ -131,14 +134,14 @@ def wire(t: CompareTab, page: Page) -> None:
 
     @user_errors
     def go(runs):
-        figs, tbl = compare(runs)
-        return grid_figure(figs), summary_html(tbl)
+        figs, tbl, flags = compare(runs)
+        return grid_figure(figs), summary_html(tbl, flags)
 
     t.button.click(go, [t.runs], [t.grid, t.summary], api_name="compare_runs", **concurrency.RENDER)
 
     @user_errors
     def export(runs):
-        figs, _ = compare(runs)
+        figs, _, _ = compare(runs)
         return export_zip(figs, "compare-" + "-vs-".join(r[:24] for r in runs))
 
     t.export.button.click(export, [t.runs], t.export.file, api_visibility="private", **concurrency.EXPORT)

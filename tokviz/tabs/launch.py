@@ -54,13 +54,13 @@ def form_text(v: object, kind: str) -> str:
     return str(v)
 
 
-def _component(f: Field, job_kind: str) -> gr.components.Component:
+def _component(f: Field, job_kind: str, prefix: str = "tv-f") -> gr.components.Component:
     meta, kind, default = f.metadata, f.type, default_of(f)
     label, info = f.name, meta.get("help", "")
     if "range" in meta:
         lo, hi, lo_open, hi_open = meta["range"]
         info += f" · allowed {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-    eid = f"tv-f-{f.name}" if job_kind == DEFAULT_KIND else f"tv-f-{job_kind}-{f.name}"
+    eid = f"{prefix}-{f.name}" if job_kind == DEFAULT_KIND else f"{prefix}-{job_kind}-{f.name}"
     if f.name == "scheme":
         return gr.Dropdown(list(SCHEMES), value=default, label=label, info=SCHEMES[str(default)].doc, elem_id=eid)
     if f.name == "task":
@@ -134,7 +134,9 @@ def build(ctx: AppContext) -> LaunchTab:
     return LaunchTab(notice, token, kind, forms, launch, message, jobs, job, cancel, log)
 
 
-def _kind_form(spec: registry.JobSpec, visible: bool) -> KindForm:
+def _kind_form(spec: registry.JobSpec, visible: bool, prefix: str = "tv-f") -> KindForm:
+    """The form of one kind; ``prefix`` starts its inputs' elem_ids (another tab showing a kind's form uses
+    its own, so no id is on the page twice)."""
     comps: dict[str, gr.components.Component] = {}
     fs = form_fields(spec.name)
     main = [f for f in fs if f.name in spec.launch_fields]
@@ -144,7 +146,7 @@ def _kind_form(spec: registry.JobSpec, visible: bool) -> KindForm:
         for i in range(0, len(main), 3):
             with gr.Row():
                 for f in main[i:i + 3]:
-                    comps[f.name] = _component(f, spec.name)
+                    comps[f.name] = _component(f, spec.name, prefix)
         if "dataset" in {f.name for f in fields(spec.config)}:
             upload = gr.File(label=f"Dataset upload (instead of a task): {', '.join(UPLOAD_TYPES)} with "
                              "prompt/response or messages fields", file_types=list(UPLOAD_TYPES), height=90,
@@ -153,7 +155,7 @@ def _kind_form(spec: registry.JobSpec, visible: bool) -> KindForm:
             for i in range(0, len(rest), 3):
                 with gr.Row():
                     for f in rest[i:i + 3]:
-                        comps[f.name] = _component(f, spec.name)
+                        comps[f.name] = _component(f, spec.name, prefix)
     return KindForm(spec.name, group, comps, upload)
 
 
