@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from backend.grads import hooks
+
 
 @dataclass(frozen=True)
 class Site:
@@ -37,13 +39,10 @@ class Site:
 
 
 def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
-    """(path, layers) of a causal LM's decoder layers (``model.layers`` of its base model)."""
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: cannot find its decoder layers (expected "
-                         f"{getattr(model, 'base_model_prefix', 'model')}.layers); this model cannot be probed")
-    return f"{model.base_model_prefix}.layers", layers
+    """(path, layers) of a causal LM's decoder layers: ``backend.grads.hooks.decoder_layers`` (the one lookup
+    of them, through wrappers; ValueError naming the module lists otherwise) and their module path."""
+    layers = hooks.decoder_layers(model)
+    return next(n for n, m in model.named_modules() if m is layers), layers
 
 
 def linear_weights(layer: torch.nn.Module) -> list[str]:
