@@ -21,8 +21,7 @@ from backend.store.rundir import RunDir
 from backend.trace import InlineTrace, TraceConfig, discover_lora_modules, trace_batch
 from backend.trace import store as trace_store
 from backend.trace.verify import compare, failures, reference
-from tests._tiny_lora import (ALL_TARGETS, randomise_lora, tiny_base_model, tiny_batch, tiny_lora_model,
-                              tiny_tokenizer)
+from tests._tiny_lora import ALL_TARGETS, randomise_lora, tiny_base_model, tiny_batch, tiny_lora_model, tiny_tokenizer
 
 TOL = 1e-4
 ROOT = Path(__file__).resolve().parent.parent
