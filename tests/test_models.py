@@ -4,7 +4,13 @@ import time
 import pytest
 
 from backend.lm import models
-from backend.lm.models import HubUnreachableError, apply_lora, load_model_and_tokenizer, resolve_model_source
+from backend.lm.models import (
+    HubUnreachableError,
+    apply_lora,
+    load_model_and_tokenizer,
+    resolve_model_source,
+    resolved_lora_targets,
+)
 
 
 def test_default_model_is_a_qwen2_with_lora_targets():
@@ -43,6 +49,29 @@ def test_unknown_lora_target_lists_the_linear_modules():
     model, _ = load_model_and_tokenizer("default", device="cpu")
     with pytest.raises(ValueError, match=r"LoRA target modules \['qproj'\] not found.*q_proj"):
         apply_lora(model, targets=["qproj"])
+
+
+@pytest.mark.parametrize("targets, want", [
+    (["all-linear"], ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    ([r"re:.*\.(q_proj|down_proj)"], ["down_proj", "q_proj"]),
+    (["v_proj", "q_proj"], ["q_proj", "v_proj"])])
+def test_lora_targets_as_peft_takes_them(targets, want):
+    model, _ = load_model_and_tokenizer("default", device="cpu")
+    assert resolved_lora_targets(apply_lora(model, targets=targets)) == want
+
+
+def test_bad_lora_targets_list_what_lora_can_wrap_with_its_type():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match=r"\['q_proj'\] not found.*c_attn \(Conv1D\).*c_fc \(Conv1D\).*c_proj"):
+        apply_lora(gpt2, targets=["q_proj"])                  # GPT-2's Conv1D layers are not nn.Linear
+    assert resolved_lora_targets(apply_lora(gpt2, targets=["c_attn", "c_proj"])) == ["c_attn", "c_proj"]
+    model, _ = load_model_and_tokenizer("default", device="cpu")
+    with pytest.raises(ValueError, match=r"match no module.*q_proj \(Linear\)"):
+        apply_lora(model, targets=["re:.*zzz"])
+    for bad, msg in ((["all-linear", "q_proj"], "only entry"), (["re:("], "not a regular expression")):
+        with pytest.raises(ValueError, match=msg):
+            apply_lora(model, targets=bad)
 
 
 def test_bad_dtype_and_attention():

@@ -118,6 +118,26 @@ def test_a_trace_of_another_loss_warns_that_it_is_not_the_applied_update(tmp_pat
     assert w["step"] == 2 and "plain cross-entropy" in w["message"]
 
 
+def test_resolved_targets_and_a_switched_attention_are_said(tmp_path):
+    """all-linear resolves to the model's seven projections (manifest, 'loaded' event, run header); token mode's
+    switch from the model's sdpa to eager attention is said once, as a note, and in the run header."""
+    import pandas as pd
+
+    from tokviz.header import _lora_and_attention
+    run = train(cfg(tmp_path, steps=2, n_eval=0, batch_size=2, lora_targets=["all-linear"], trace_every=1,
+                    trace_sequences=1, trace_mode="token", trace_magnitude="none"), progress=False)
+    manifest = json.loads((run / "manifest.json").read_text())
+    seven = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert manifest["lora_targets"] == seven
+    events = read_events(run)
+    assert [e for e in events if e["type"] == "loaded"][0]["lora_targets"] == seven
+    (note,) = [e for e in events if e["type"] == "note"]
+    assert "eager" in note["message"] and "sdpa" in note["message"]
+    info = pd.Series({"manifest_json": json.dumps(manifest), "config_json": (run / "config.json").read_text()})
+    bits = _lora_and_attention(info)
+    assert bits == [f"LoRA `{', '.join(seven)}`", "traced with `eager` attention (the model's: `sdpa`)"]
+
+
 def test_inline_trace_matches_rerun(tmp_path):
     """The real step traced inline and a re-run of the same step give the same numbers (no dropout)."""
     rerun = train(cfg(tmp_path, steps=2, n_eval=0, trace_every=2, trace_sequences=8), progress=False)

@@ -5,6 +5,7 @@ kept on the server).
 """
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -60,10 +61,25 @@ def run_info_md(run_id: str | None) -> str:
     for k in ("model", "dataset", "scheme"):
         if isinstance(info[k], str) and info[k]:
             bits.append(f"{k} `{info[k]}`")
+    bits += _lora_and_attention(info)
     n = int(info["n_traced_steps"]) if pd.notna(info["n_traced_steps"]) else 0
     n_tok = int(info["n_tokens"]) if pd.notna(info["n_tokens"]) else 0      # NULL for a kind without tokens
     bits.append(f"{n} traced step{'s' if n != 1 else ''}, {n_tok:,} token records")
     return f"**{info['name'] or run_id}** (`{run_id}`) · " + " · ".join(bits)
+
+
+def _lora_and_attention(info: pd.Series) -> list[str]:
+    """The LoRA targets the run adapted (its manifest; while running, its config) and, when a traced step ran
+    another attention kernel than the model's (token mode's forward-mode passes need eager), which."""
+    manifest = json.loads(info["manifest_json"]) if isinstance(info.get("manifest_json"), str) else {}
+    config = json.loads(info["config_json"]).get("config", {}) if isinstance(info.get("config_json"), str) else {}
+    targets = manifest.get("lora_targets") or config.get("lora_targets")
+    out = [f"LoRA `{', '.join(map(str, targets))}`"] if isinstance(targets, list) and targets else []
+    checks = (manifest.get("trace") or {}).get("checks") if isinstance(manifest.get("trace"), dict) else None
+    switched = {(c.get("attn_implementation_used"), c.get("attn_implementation_model")) for c in checks or []
+                if isinstance(c, dict) and c.get("attn_implementation_used") != c.get("attn_implementation_model")}
+    out += [f"traced with `{u}` attention (the model's: `{m}`)" for u, m in sorted(switched, key=str)]
+    return out
 
 
 class Shown:

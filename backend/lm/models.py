@@ -11,6 +11,7 @@ the caller asks for it.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -116,15 +117,65 @@ def load_model_and_tokenizer(name: str = "default", dtype: str = "auto", device:
     return model, tok
 
 
+def wrappable_modules(model: torch.nn.Module) -> dict[str, str]:
+    """Last name -> layer type of every module peft's LoRA can wrap (Linear, transformers' Conv1D as in GPT-2,
+    Embedding, Conv1d/2d/3d), the lm_head aside: what a target may name."""
+    from transformers.pytorch_utils import Conv1D
+    kinds = (torch.nn.Linear, Conv1D, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    out: dict[str, str] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, kinds) and n and n.rsplit(".", 1)[-1] != "lm_head":
+            out.setdefault(n.rsplit(".", 1)[-1], type(m).__name__)
+    return out
+
+
+def lora_target_spec(targets: tuple[str, ...] | list[str]) -> str | list[str]:
+    """What peft's ``target_modules`` gets: ``["all-linear"]`` -> "all-linear" (peft's shorthand: every linear
+    layer but the output head), ``["re:PATTERN"]`` -> the regex PATTERN (peft matches it against full module
+    names), else the list of module names."""
+    targets = list(targets)
+    if targets == ["all-linear"]:
+        return "all-linear"
+    if len(targets) == 1 and targets[0].startswith("re:"):
+        pattern = targets[0][3:]
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"lora_targets {targets[0]!r}: not a regular expression ({e})") from None
+        return pattern
+    bad = [t for t in targets if t == "all-linear" or t.startswith("re:")]
+    if bad:
+        raise ValueError(f"lora_targets {bad} must be the only entry (all-linear, or one re:PATTERN)")
+    return targets
+
+
 def apply_lora(model, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS):
-    """Wrap ``model`` in a peft LoRA model; every target name must match at least one module."""
+    """Wrap ``model`` in a peft LoRA model. ``targets``: module names, ``["all-linear"]`` or ``["re:PATTERN"]``
+    (``lora_target_spec``); a name that matches no module, or a pattern that matches none, raises ValueError
+    listing every module peft can wrap with its layer type. ``resolved_lora_targets(model)`` says what got
+    adapters."""
     from peft import LoraConfig, get_peft_model
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in targets if t not in names]
-    if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ValueError(f"LoRA target modules {missing} not found in the model; linear modules: {', '.join(linear)}")
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
-                     task_type="CAUSAL_LM", bias="none")
-    return get_peft_model(model, cfg)
+    spec = lora_target_spec(targets)
+    wrappable = wrappable_modules(model)
+    listing = ", ".join(f"{n} ({k})" for n, k in sorted(wrappable.items()))
+    if isinstance(spec, list):
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [t for t in spec if t not in names]
+        if missing:
+            raise ValueError(f"LoRA target modules {missing} not found in the model; modules LoRA can wrap: "
+                             f"{listing}")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=spec, task_type="CAUSAL_LM",
+                     bias="none", fan_in_fan_out=any(k == "Conv1D" for k in wrappable.values()))
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        if "not found in the base model" not in str(e) and "did not match" not in str(e):
+            raise
+        raise ValueError(f"LoRA targets {list(targets)} match no module of the model; modules LoRA can wrap: "
+                         f"{listing}") from None
+
+
+def resolved_lora_targets(model: torch.nn.Module) -> list[str]:
+    """The last names of the modules a peft LoRA model adapted (what all-linear or a pattern resolved to)."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")})

@@ -35,7 +35,7 @@ from backend.grads.embgrad import EmbGradRecorder
 from backend.jobs.train import TrainConfig
 from backend.lm import dist as bdist
 from backend.lm.loss import forward_loss, unwrap
-from backend.lm.models import apply_lora, load_model_and_tokenizer, resolve_device
+from backend.lm.models import apply_lora, load_model_and_tokenizer, resolve_device, resolved_lora_targets
 from backend.lm.schemes import get_scheme
 from backend.store import schema
 from backend.store.rundir import CONFIG, RunDir, atomic_write_bytes, new_run_id, rows_to_table
@@ -155,8 +155,10 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
     ds = build_dataset(cfg, tok)
     scheme = get_scheme(cfg.scheme)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora_targets = resolved_lora_targets(model)
     rd.event("loaded", seconds=round(time.time() - t_load, 3), trainable_params=n_trainable,
-             train_examples=len(ds.encoded), eval_examples=len(ds.eval_examples), world_size=info.world_size)
+             lora_targets=lora_targets, train_examples=len(ds.encoded), eval_examples=len(ds.eval_examples),
+             world_size=info.world_size)
 
     eval_before = None
     if cfg.eval_before and ds.eval_examples and info.is_main and resume_from is None:
@@ -252,7 +254,7 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
     train_s = time.time() - t0
 
     manifest: dict = {"steps": cfg.steps, "train_seconds": round(train_s, 3), "world_size": info.world_size,
-                      "final_loss": loss_avg, "trainable_params": n_trainable}
+                      "final_loss": loss_avg, "trainable_params": n_trainable, "lora_targets": lora_targets}
     digests = bdist.all_gather_object(param_digest(model))
     manifest["rank_param_digests"] = digests
     if len(set(digests)) != 1:      # DDP must keep every replica identical; anything else is a bug

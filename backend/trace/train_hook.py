@@ -18,6 +18,7 @@ state (adapter + batch, for ``python -m backend verify``) before the optimizer m
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from typing import Any
 
@@ -41,6 +42,7 @@ class TrainTracer:
         self.steps: list[int] = []
         self.checks: list[dict] = []
         self._pending: tuple[int, TraceResult] | None = None
+        self._said_attention = False
 
     def _store(self, model: torch.nn.Module, step: int, res: TraceResult) -> None:
         if res.grad is not None:
@@ -52,6 +54,14 @@ class TrainTracer:
                               f"{APPLIED_COSINE_MIN}: the traced update is not the one the optimizer applied"
                               + self._why_not_applied())
             res.grad = None
+        used, own = res.checks.get("attn_implementation_used"), res.checks.get("attn_implementation_model")
+        if used != own and not self._said_attention:
+            msg = (f"token mode traces with {used} attention (forward-mode derivatives need it); the model and its "
+                   f"training use {own}")
+            self.rd.event("note", step=step, message=msg)
+            if self.info.is_main:
+                print(f"tokviz: {msg}", file=sys.stderr)
+            self._said_attention = True
         trace_store.store_step(self.rd, step, model, res, rank=self.info.rank)
         self.steps.append(step)
         self.checks.append({"step": step, **{k: v for k, v in res.checks.items()
