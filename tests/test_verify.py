@@ -90,3 +90,24 @@ def test_verify_cli_through_the_dispatcher(run):
     import json
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["passed"] and report["errors"]["dot"] < 1e-4 and report["mode"] == "position"
+
+
+def test_verify_names_the_model_dtype_and_the_tolerance_it_chose(tmp_path, capsys):
+    """A bf16 model whose LoRA factors are float32: verify says both dtypes and takes the half-precision
+    tolerance (it used to print the LoRA dtype as the run's and hold bf16 rounding to 1e-4)."""
+    torch.set_num_threads(1)
+    model_dir = save_tiny_model(tmp_path / "model", "qwen2")
+    config = {"model": model_dir, "lora_r": 4, "lora_alpha": 8.0, "lora_dropout": 0.0, "lora_targets": ALL_TARGETS,
+              "dtype": "bf16", "attn_implementation": "sdpa", "scheme": "sft", "scheme_params": {}}
+    rd = RunDir.create(kind="train", name="bf16", config=config, root=tmp_path / "runs")
+    model, tok = load_model_and_tokenizer(model_dir, dtype="bf16", device="cpu", attn_implementation="sdpa")
+    model = apply_lora(model, r=4, alpha=8.0, targets=ALL_TARGETS)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()                                     # LoRA factors in float32, as peft may keep them
+    randomise_lora(model, seed=3)
+    res = trace_batch(model, tiny_batch(), "sft", {}, TraceConfig(mode="position"), tok, step=3)
+    trace_store.store_step(rd, 3, model, res)
+    assert main([str(rd.path), "--step", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "model dtype bfloat16" in out and "LoRA dtype float32" in out and "tolerance 0.02" in out

@@ -244,6 +244,13 @@ def position_shares(dot: torch.Tensor, record: torch.Tensor, carry: torch.Tensor
             "unrecorded_abs_share": float(d.abs()[~carry].sum()) / G2}
 
 
+def _model_dtype(sites: list[LoraSite]) -> str:
+    """The dtype of the adapted base weights (a bf16 model's LoRA factors may well be float32)."""
+    base = getattr(sites[0].parent, "base_layer", None)
+    w = getattr(base, "weight", None)
+    return str((w if w is not None else sites[0].param).dtype).replace("torch.", "")
+
+
 def _state(tb: TracedBatch, weights: torch.Tensor, rng: dict, cfg: TraceConfig, scheme: Scheme, params: dict,
            sites: list[LoraSite], step: int, W: int, rank: int, network: str, attn: str | None,
            sketch_seed: int, inline: bool, checks: dict) -> dict:
@@ -257,6 +264,7 @@ def _state(tb: TracedBatch, weights: torch.Tensor, rng: dict, cfg: TraceConfig, 
             "chunk_sizes": tb.chunk_sizes, "traced_sequences": tb.n_traced, "sketch_seed": sketch_seed,
             "inline": inline,
             "sites": [s.name for s in sites], "dtype": str(sites[0].param.dtype).replace("torch.", ""),
+            "model_dtype": _model_dtype(sites),
             "device_type": sites[0].param.device.type, "checks": checks}
     return {"tensors": tensors, "meta": meta}
 

@@ -411,7 +411,8 @@ def verify_step(run_path: Path, step: int, device: str = "cpu") -> dict[str, Any
     modules = _read_ours(run_path, step, "token_modules")
     meta = state["ranks"][0]["meta"]
     return {"step": step, "mode": meta["mode"], "rows": len(tokens), "module_rows": len(modules),
-            "dtype": meta["dtype"], "autocast": meta["trace_config"].get("autocast"),
+            "dtype": meta["dtype"], "model_dtype": meta.get("model_dtype", meta["dtype"]),
+            "autocast": meta["trace_config"].get("autocast"),
             "errors": compare(tokens, modules, ref),
             "checks_recorded": meta.get("checks", {}), "checks_reference": ref["checks"]}
 
@@ -444,14 +445,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"verify: {e}", file=sys.stderr)
         return 2
-    full = report["dtype"] == "float32" and not report["autocast"]
+    full = report["dtype"] == report["model_dtype"] == "float32" and not report["autocast"]
     tol = args.tol if args.tol is not None else (TOL if full else TOL_HALF)
     bad = failures(report, tol)
     report.update(tol=tol, passed=not bad, failures=bad)
     if args.json:
         print(json.dumps(report, default=float))
     else:
-        print(f"step {report['step']}  mode {report['mode']}  dtype {report['dtype']}  autocast "
+        print(f"step {report['step']}  mode {report['mode']}  model dtype {report['model_dtype']}  LoRA dtype "
+              f"{report['dtype']}  tolerance {tol:g}  autocast "
               f"{report['autocast'] or 'off'}  rows {report['rows']}  "
               f"module rows {report['module_rows']}")
         for k, v in report["errors"].items():
