@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -94,9 +95,40 @@ def test_overlay_colour_scale_is_diverging_around_the_centre():
     html = overlay.render(df, m, key=("r", 5, 3))
     assert 'class="t r c0"' in html and 'class="t r c10"' in html and 'class="t r c20"' in html
     assert 'data-run="r" data-step="5" data-idx="3" data-metric="alignment"' in html
-    loss = overlay.METRICS["loss"]                              # high loss is the red end
-    s2 = overlay.scale_for(loss, pd.Series([1.0, 2.0, 3.0]), pd.Series([True] * 3))
-    assert s2.centre == 2.0 and s2.position(np.array([3.0]))[0] < 0
+
+
+def test_one_sided_metrics_get_a_sequential_scale_over_their_real_range():
+    # loss, probability, entropy, magnitude have no centre to diverge from: white at the sample's low end, dark at
+    # its high end, the legend showing that range (it used to run from -3.03 to +3.03 around a median)
+    loss = overlay.METRICS["loss"]
+    vals = pd.Series(np.linspace(0.0, 10.0, 101))
+    s = overlay.scale_for(loss, vals, pd.Series([True] * 101))
+    assert s.sequential and s.value_at(-1) == pytest.approx(0.2) and s.value_at(1) == pytest.approx(9.8)
+    assert s.position(np.array([0.2, 9.8])) == pytest.approx([-1, 1])
+    seq = overlay.colours(np.array([-1.0, 1.0]), sequential=True)
+    assert seq[0] == "#fcfbfd" and sum(int(seq[1][i:i + 2], 16) for i in (1, 3, 5)) < 300     # white .. dark
+    mag = overlay.scale_for(overlay.METRICS["magnitude"], pd.Series([1e-6, 1e-4, 1e-2]), pd.Series([True] * 3))
+    assert mag.sequential and mag.log and 1e-6 <= mag.value_at(-1) < mag.value_at(1) <= 1e-2
+    for name in ("alignment", "dot", "share", "weight"):
+        assert overlay.METRICS[name].centre is not None                  # signed, or a ratio around 1: diverging
+    df = tokens_frame(["a", "b", "c", "d"], [-0.5, 0.0, 0.5, 0.25], n_prompt=0).assign(loss=[0.1, 1.0, 2.0, 3.0])
+    html = overlay.render(df, loss)
+    assert 'class="t r s0"' in html and 'class="t r s20"' in html and not re.search(r'class="t [rp] c\d', html)
+    assert "centre" not in html.split('class="tv-text"', 1)[0]            # a sequential legend has no centre
+
+
+def test_prompt_tokens_are_uncoloured_for_metrics_of_trained_tokens():
+    df = tokens_frame(["p1", "p2", "r1", "r2"], [0.3, -0.3, 0.2, -0.1], n_prompt=2).assign(loss=[9.0, 8.0, 0.1,
+                                                                                                 0.2])
+    html = overlay.render(df, overlay.METRICS["loss"])
+    text = html.split('class="tv-text"', 1)[1]
+    assert text.count('class="t p"') == 2 and text.count('class="t r s') == 2      # prompt: no colour class
+    assert "prompt (not trained on: uncoloured)" in html
+    # the prompt's huge losses do not stretch the scale either: it spans the response tokens
+    assert overlay.scale_for(overlay.METRICS["loss"], df["loss"], df["is_response"]).value_at(1) < 1
+    # alignment of a prompt position (its piece in position mode) keeps its colour
+    html = overlay.render(df, overlay.METRICS["alignment"])
+    assert html.split('class="tv-text"', 1)[1].count('class="t p c') == 2
 
 
 def test_tooltip_numbers_are_compact_json_with_nulls():

@@ -18,24 +18,29 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-# RdBu, from negative/low (red) through white to positive/high (blue)
+# RdBu, from negative/low (red) through white to positive/high (blue): signed metrics and ratios around 1
 _STOPS = np.array([[178, 24, 43], [214, 96, 77], [244, 165, 130], [253, 219, 199], [247, 247, 247],
                    [209, 229, 240], [146, 197, 222], [67, 147, 195], [33, 102, 172]], dtype=np.float64)
+# Purples, from white (the sample's low end) to dark (its high end): one-sided metrics (loss, probability,
+# entropy, magnitude), whose values have no natural centre to diverge from
+_SEQ_STOPS = np.array([[252, 251, 253], [239, 237, 245], [218, 218, 235], [188, 189, 220], [158, 154, 200],
+                       [128, 125, 186], [106, 81, 163], [84, 39, 143], [63, 0, 125]], dtype=np.float64)
 
 
 @dataclass(frozen=True)
 class Metric:
-    """How one token column becomes a colour: ``centre`` is white; ``signed`` metrics centre on 0,
-    ``median`` ones on the sample's median (``log`` first for heavy-tailed ones); ``reverse`` puts high
-    values on the red side (high loss or entropy is the notable end)."""
+    """How one token column becomes a colour. Diverging (``centre`` given: white there, red below, blue above;
+    signed metrics centre on 0, weights on 1) or sequential (``centre`` None: white at the sample's low end, dark
+    at its high end, ``log`` first for heavy-tailed ones). ``trained_only``: the metric says something about
+    tokens the loss trains on, so prompt tokens are left uncoloured."""
     name: str
     label: str
     column: str
-    centre: str = "zero"          # "zero", "median", "half" (0.5), "one" (1.0)
+    centre: float | None = 0.0
     log: bool = False
-    reverse: bool = False
     fmt: str = ".4g"
     help: str = ""
+    trained_only: bool = False
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in [
@@ -43,37 +48,40 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
            "update the way the batch goes; red: opposes it"),
     Metric("dot", "dot <P, G>", "dot", fmt=".3g"),
     Metric("share", "share of ||G||²", "share", fmt=".3%"),
-    Metric("magnitude", "gradient magnitude (log scale)", "magnitude", centre="median", log=True, fmt=".3g"),
-    Metric("loss", "loss -log p", "loss", centre="median", reverse=True, fmt=".3f"),
-    Metric("prob", "probability of the token", "prob", centre="half", fmt=".3f"),
-    Metric("entropy", "entropy of the prediction", "entropy", centre="median", reverse=True, fmt=".3f"),
-    Metric("weight", "scheme weight (as trained)", "weight", centre="one", fmt=".3f"),
+    Metric("magnitude", "gradient magnitude (log scale)", "magnitude", centre=None, log=True, fmt=".3g"),
+    Metric("loss", "loss -log p", "loss", centre=None, fmt=".3f", trained_only=True),
+    Metric("prob", "probability of the token", "prob", centre=None, fmt=".3f", trained_only=True),
+    Metric("entropy", "entropy of the prediction", "entropy", centre=None, fmt=".3f", trained_only=True),
+    Metric("weight", "scheme weight (as trained)", "weight", centre=1.0, fmt=".3f", trained_only=True),
 ]}
 WHAT_IF_PREFIX = "what-if:"
 
 
 def what_if_metric(scheme: str) -> Metric:
     """The metric "what scheme X would weigh this token" (its values are computed, not a stored column)."""
-    return Metric(f"{WHAT_IF_PREFIX}{scheme}", f"weight scheme {scheme} would give", "what_if", centre="one",
-                  fmt=".3f", help="batch statistics over the traced sequences of this step")
+    return Metric(f"{WHAT_IF_PREFIX}{scheme}", f"weight scheme {scheme} would give", "what_if", centre=1.0,
+                  fmt=".3f", help="batch statistics over the traced sequences of this step", trained_only=True)
 
 
-def colours(t: np.ndarray) -> list[str]:
-    """t in [-1, 1] (NaN: no colour) -> hex colours on the diverging scale."""
-    pos = (np.clip(np.nan_to_num(t, nan=0.0), -1, 1) + 1) / 2 * (len(_STOPS) - 1)
-    lo = np.floor(pos).astype(int).clip(0, len(_STOPS) - 2)
+def colours(t: np.ndarray, sequential: bool = False) -> list[str]:
+    """t in [-1, 1] (NaN: no colour) -> hex colours on the diverging scale, or on the sequential one
+    (-1 = white, the low end)."""
+    stops = _SEQ_STOPS if sequential else _STOPS
+    pos = (np.clip(np.nan_to_num(t, nan=0.0), -1, 1) + 1) / 2 * (len(stops) - 1)
+    lo = np.floor(pos).astype(int).clip(0, len(stops) - 2)
     frac = (pos - lo)[:, None]
-    rgb = (_STOPS[lo] * (1 - frac) + _STOPS[lo + 1] * frac).round().astype(int)
+    rgb = (stops[lo] * (1 - frac) + stops[lo + 1] * frac).round().astype(int)
     out = [f"#{r:02x}{g:02x}{b:02x}" for r, g, b in rgb]
     return [c if not math.isnan(x) else "" for c, x in zip(out, t)]
 
 
 @dataclass(frozen=True)
 class Scale:
+    """Values -> [-1, 1]: diverging, (v - centre) / half_range; sequential, lo -> -1 and hi -> +1."""
     centre: float
     half_range: float
     log: bool
-    reverse: bool
+    sequential: bool = False
 
     def position(self, v: np.ndarray) -> np.ndarray:
         """Values -> [-1, 1] (NaN stays NaN)."""
@@ -81,32 +89,35 @@ class Scale:
         if self.log:
             with np.errstate(divide="ignore", invalid="ignore"):
                 x = np.log10(np.where(x > 0, x, np.nan))
-        t = (x - self.centre) / self.half_range
-        return -t if self.reverse else t
+        return (x - self.centre) / self.half_range
 
     def value_at(self, t: float) -> float:
-        x = self.centre + (-t if self.reverse else t) * self.half_range
+        x = self.centre + t * self.half_range
         return 10 ** x if self.log else x
 
 
 def scale_for(metric: Metric, values: pd.Series, is_response: pd.Series) -> Scale:
-    """The colour scale of one sample: centred per the metric, half-range from the 98th percentile of the
-    distance to the centre over response tokens (all tokens if there are none), so one outlier does not
-    wash out the rest."""
+    """The colour scale of one sample, from its response tokens' values (all tokens if there are none), so
+    the colours spend their range where the loss trains. Diverging: centred per the metric, half-range the 98th
+    percentile of the distance to the centre, so one outlier does not wash out the rest. Sequential: from the
+    2nd to the 98th percentile (of log10 for a log metric)."""
     v = np.asarray(values, dtype=np.float64)
     ref = v[np.asarray(is_response, dtype=bool)] if np.asarray(is_response, dtype=bool).any() else v
     if metric.log:
         with np.errstate(divide="ignore", invalid="ignore"):
             ref = np.log10(np.where(ref > 0, ref, np.nan))
     ref = ref[np.isfinite(ref)]
-    centre = {"zero": 0.0, "half": 0.5, "one": 1.0}.get(metric.centre)
-    if centre is None:
-        centre = float(np.median(ref)) if ref.size else 0.0
+    if metric.centre is None:
+        lo, hi = (float(np.quantile(ref, 0.02)), float(np.quantile(ref, 0.98))) if ref.size else (0.0, 1.0)
+        if not hi > lo:
+            lo, hi = (lo - 0.5, lo + 0.5) if not metric.log else (lo - 1.0, lo + 1.0)
+        return Scale((lo + hi) / 2, (hi - lo) / 2, metric.log, sequential=True)
+    centre = float(metric.centre)
     dev = np.abs(ref - centre)
     half = float(np.quantile(dev, 0.98)) if dev.size else 0.0
     if not half > 0:
         half = float(dev.max()) if dev.size and dev.max() > 0 else 1.0
-    return Scale(centre, half, metric.log, metric.reverse)
+    return Scale(centre, half, metric.log)
 
 
 def _fmt(v: object, spec: str) -> str:
@@ -145,16 +156,17 @@ def mode_note(metric: Metric, modes: pd.Series | None) -> str:
 
 
 def legend(metric: Metric, scale: Scale, mode: str = "") -> str:
-    """A colour bar with the values at its ends and centre; ``mode``: what the metric is a gradient of
-    (``mode_note``), shown after the metric's name."""
-    stops = ", ".join(colours(np.linspace(-1, 1, 9)))
+    """A colour bar with the values at its ends (and centre, when it diverges); ``mode``: what the metric is a
+    gradient of (``mode_note``), shown after the metric's name; and what the prompt tokens' look means."""
+    stops = ", ".join(colours(np.linspace(-1, 1, 9), scale.sequential))
     lo, mid, hi = (scale.value_at(t) for t in (-1.0, 0.0, 1.0))
     mode_html = f'<span class="tv-mode">({html.escape(mode)})</span>' if mode else ""
+    mid_html = ("" if scale.sequential else f'<span class="tv-mid">centre {_fmt(mid, metric.fmt)}</span>')
+    prompt = ("prompt (not trained on: uncoloured)" if metric.trained_only else "prompt")
     return (f'<div class="tv-legend"><span class="tv-metric">{html.escape(metric.label)}</span>{mode_html}'
             f'<span>{_fmt(lo, metric.fmt)}</span><span class="tv-bar" style="background: linear-gradient(90deg, '
-            f'{stops})"></span><span>{_fmt(hi, metric.fmt)}</span><span class="tv-mid">centre '
-            f'{_fmt(mid, metric.fmt)}</span>'
-            f'<span class="tv-key"><span class="t p">prompt</span> <span class="t r">response</span></span></div>')
+            f'{stops})"></span><span>{_fmt(hi, metric.fmt)}</span>{mid_html}'
+            f'<span class="tv-key"><span class="t p">{prompt}</span> <span class="t r">response</span></span></div>')
 
 
 FLOAT_TIPS = ("alignment", "share", "dot", "magnitude", "loss", "prob", "entropy", "weight")
@@ -212,6 +224,9 @@ def render(tokens: pd.DataFrame, metric: Metric, selected: int | None = None, wh
     v = np.asarray(values, dtype=np.float64)
     scale = scale_for(metric, pd.Series(v), tokens["is_response"])
     lev = levels(scale.position(v))
+    if metric.trained_only:                       # the loss never trains on prompt tokens: no colour for them
+        lev = np.where(tokens["is_response"].to_numpy(dtype=bool), lev, -1)
+    prefix = "s" if scale.sequential else "c"
     parts = [legend(metric, scale, mode_note(metric, tokens["mode"] if "mode" in tokens else None))]
     if note:
         parts.append(f'<div class="tv-note">{html.escape(note)}</div>')
@@ -228,7 +243,7 @@ def render(tokens: pd.DataFrame, metric: Metric, selected: int | None = None, wh
         if resp[i] != prev_resp:
             parts.append(f'<span class="tv-seg">{"response" if resp[i] else "prompt"}</span>')
             prev_resp = resp[i]
-        cls = ("t r" if resp[i] else "t p") + (f" c{lev[i]}" if lev[i] >= 0 else "")
+        cls = ("t r" if resp[i] else "t p") + (f" {prefix}{lev[i]}" if lev[i] >= 0 else "")
         if selected is not None and positions[i] == selected:
             cls += " sel"
         parts.append(f'<span class="{cls}" data-i="{positions[i]}">{token_html(texts[i])}</span>')
@@ -237,10 +252,13 @@ def render(tokens: pd.DataFrame, metric: Metric, selected: int | None = None, wh
 
 
 def _level_css() -> str:
-    cols = colours(np.linspace(-1, 1, LEVELS))
-    rules = [f".tv-text .c{k} {{ background: {c}; }}" for k, c in enumerate(cols)]
-    strong = [f".tv-text .c{k}" for k in list(range(STRONG)) + list(range(LEVELS - STRONG, LEVELS))]
-    return "\n".join(rules) + "\n" + ", ".join(strong) + " { color: #fff; }\n"
+    rules = []
+    for prefix, sequential, strong_ks in (("c", False, list(range(STRONG)) + list(range(LEVELS - STRONG, LEVELS))),
+                                          ("s", True, list(range(LEVELS - 2 * STRONG, LEVELS)))):
+        cols = colours(np.linspace(-1, 1, LEVELS), sequential)
+        rules += [f".tv-text .{prefix}{k} {{ background: {c}; }}" for k, c in enumerate(cols)]
+        rules.append(", ".join(f".tv-text .{prefix}{k}" for k in strong_ks) + " { color: #fff; }")
+    return "\n".join(rules) + "\n"
 
 
 # The overlay's CSS (scoped to its gr.HTML component by Gradio's css_template).
