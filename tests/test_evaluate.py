@@ -21,7 +21,10 @@ def test_accuracy_equals_a_recount_of_the_records(arith):
     model, tok = arith
     task = get_task("arith")
     _, examples = task.generate(0, 0, 8)
-    res = evaluate(model, tok, task, examples, max_new_tokens=64, batch_size=5, k_samples=1, temperature=0.7)
+    calls = []
+    res = evaluate(model, tok, task, examples, max_new_tokens=64, batch_size=5, k_samples=1, temperature=0.7,
+                   on_progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(5, 16), (8, 16), (13, 16), (16, 16)]          # after every batch: greedy 5 + 3, then sampled
     greedy = [r for r in res["records"] if r["sample_k"] == -1]
     sampled = [r for r in res["records"] if r["sample_k"] >= 0]
     assert res["n"] == len(greedy) == 8 and len(sampled) == 8

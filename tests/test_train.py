@@ -138,6 +138,33 @@ def test_resolved_targets_and_a_switched_attention_are_said(tmp_path):
     assert bits == [f"LoRA `{', '.join(seven)}`", "traced with `eager` attention (the model's: `sdpa`)"]
 
 
+def test_progress_moves_through_loading_every_step_and_evaluation(tmp_path, monkeypatch):
+    """A job says it loads the model, reports every step once PROGRESS_EVERY_S went by (0 here), and evaluation
+    reports done/total generations with an ETA; the jobs table reads the phase from those events."""
+    from backend.jobs.queue import JobView, progress_of
+    from backend.lm import trainer
+    from tokviz.tabs.launch import jobs_html
+    monkeypatch.setattr(trainer, "PROGRESS_EVERY_S", 0.0)
+    run = train(cfg(tmp_path, steps=3, n_eval=4, eval_batch_size=2, eval_before=True, log_every=10,
+                    eval_max_new_tokens=8), progress=False)
+    events = read_events(run)
+    types = [e["type"] for e in events]
+    assert types.index("loading") < types.index("loaded")
+    assert [e["step"] for e in events if e["type"] == "progress"] == [1, 2, 3]
+    ev = [e for e in events if e["type"] == "evaluating"]
+    assert [(e["when"], e["done"], e["total"]) for e in ev] == [("before", 2, 4), ("before", 4, 4),
+                                                                ("after", 2, 4), ("after", 4, 4)]
+    assert ev[0]["eta_s"] >= 0 and ev[-1]["eta_s"] == 0
+    # what a jobs table shows while evaluation runs: the phase and its own count
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events[:types.index("evaluating") + 1]))
+    p = progress_of(run)
+    assert (p["phase"], p["step"], p["total"]) == ("evaluating (before training)", 2, 4)
+    view = JobView(job_id="j", kind="train", title="t", status="running", run_id="r", run_dir=str(run),
+                   step=p["step"], total=p["total"], eta_s=p["eta_s"], elapsed_s=1.0, last_event="", message="",
+                   command="", phase=p["phase"])
+    assert "evaluating (before training) 2/4" in jobs_html([view])
+
+
 def test_inline_trace_matches_rerun(tmp_path):
     """The real step traced inline and a re-run of the same step give the same numbers (no dropout)."""
     rerun = train(cfg(tmp_path, steps=2, n_eval=0, trace_every=2, trace_sequences=8), progress=False)

@@ -297,6 +297,19 @@ def test_form_values_build_the_same_config_and_name_bad_fields(tmp_path):
         config_from_form({"scheme": "antiop", "scheme_params": "clip_mult=-1"})
 
 
+def test_the_launch_form_left_as_it_is_launches_a_traced_run():
+    # a new user launching with the defaults got an untraced run, which most tabs cannot show
+    import gradio as gr
+
+    from backend.jobs import registry
+    from tokviz.tabs.launch import _kind_form, config_from_form
+    with gr.Blocks():
+        form = _kind_form(registry.get("train"), visible=True)
+    values = {name: comp.value for name, comp in form.fields.items()}
+    assert values["trace_every"] == 20
+    assert config_from_form(values).trace_every == 20
+
+
 def test_confine_paths_keeps_user_paths_inside_the_data_root(tmp_path):
     root = tmp_path / "home"
     (root / "models" / "m").mkdir(parents=True)

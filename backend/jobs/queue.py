@@ -107,6 +107,7 @@ class JobView:
     last_event: str
     message: str
     command: str
+    phase: str = ""                 # loading the model, training, evaluating (before/after training)
 
     @property
     def fraction(self) -> float | None:
@@ -118,7 +119,8 @@ class JobView:
 
 
 def progress_of(run_dir: Path) -> dict:
-    """Step, total, ETA and the last event's type from a run's events.jsonl (empty if it has none yet).
+    """Phase (loading the model, training, evaluating), its step and total, ETA and the last event's type from
+    a run's events.jsonl (empty if it has none yet).
     A torn last line (the job is writing it) is left out by ``read_events``."""
     try:
         events = read_events(run_dir)
@@ -126,8 +128,14 @@ def progress_of(run_dir: Path) -> dict:
         return {"last_event": f"unreadable events: {e}"}
     out: dict = {}
     for e in events:
-        if e.get("type") == "progress":
-            out.update(step=e.get("step"), total=e.get("total"), eta_s=e.get("eta_s"))
+        t = e.get("type")
+        if t == "progress":
+            out.update(phase="training", step=e.get("step"), total=e.get("total"), eta_s=e.get("eta_s"))
+        elif t == "evaluating":
+            out.update(phase=f"evaluating ({e.get('when', 'after')} training)", step=e.get("done"),
+                       total=e.get("total"), eta_s=e.get("eta_s"))
+        elif t == "loading":
+            out.update(phase="loading the model", step=None, total=None, eta_s=None)
         if e.get("type") == "error":
             out["error"] = e.get("error")
     shown = [e for e in events if e.get("type") != "heartbeat"]      # "still alive" is not news in a jobs table
@@ -200,7 +208,8 @@ class JobQueue:
                 run_dir=str(j.run_dir), step=p.get("step"), total=p.get("total"),
                 eta_s=p.get("eta_s") if j.status == "running" else None,
                 elapsed_s=(end - j.started) if j.started else None, last_event=p.get("last_event", ""),
-                message=j.message or (p.get("error") or ""), command=" ".join(j.argv[1:])))
+                message=j.message or (p.get("error") or ""), command=" ".join(j.argv[1:]),
+                phase=p.get("phase", "") if j.status == "running" else ""))
         return views
 
     def get(self, job_id: str) -> Job:

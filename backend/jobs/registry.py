@@ -94,6 +94,9 @@ class JobSpec:
     path_fields: tuple[str, ...] = ("runs_root",)        # config fields holding a path (confined by the app)
     model_fields: tuple[str, ...] = ()                   # a model: a hub id, a bare name, or a path (confined)
     user_errors: tuple[str, ...] = field(default=(), repr=False)   # "module:Class" errors the CLI prints plainly
+    # field -> the value the Launch form starts from when it differs from the config's default (a form that, left
+    # as it is, launches what most users want: the train kind's traces)
+    form_defaults: dict = field(default_factory=dict, repr=False)
     # (SQL with ? for the run id, message): after the run's tables and aggregates are in, a row it returns makes
     # ingest refuse the run (the message and the first rows name what is wrong)
     ingest_checks: tuple[tuple[str, str], ...] = field(default=(), repr=False)

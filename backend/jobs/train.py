@@ -146,6 +146,7 @@ JOB = JobSpec(
     tables=(TOKENS, TOKEN_MODULES, TRAIN_STEPS, EVAL, EMBGRAD, EMBGRAD_STEPS),
     derived=tuple(DerivedTable(name, sql.AGG_CREATE[name], sql.AGG_FILL[name]) for name in sql.AGG_FILL),
     complete=complete_trace_steps, steps_table="tokens", analyses=("backend.analysis.trace",),
+    form_defaults={"trace_every": 20},
     ingest_checks=((sql.DUPLICATE_MODULE_LABELS, "token_modules rows of two LoRA modules share one (step, layer, "
                     "module, part) label (a tracer that named modules by their last name only)"),),
     launch_fields=("name", "model", "task", "task_params", "n_train", "n_eval", "scheme", "scheme_params", "lora_r",

@@ -13,7 +13,7 @@ a given seed and batch size (a private RNG stream, the global torch RNG is left 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -80,8 +80,10 @@ def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[Prompt], max_ne
 
 def evaluate(model: Any, tokenizer: Any, task: Task | str, examples: Sequence[Example | dict],
              max_new_tokens: int, batch_size: int, k_samples: int = 0, temperature: float = 0.7,
-             seed: int = 0, chat: bool = True) -> dict[str, Any]:
+             seed: int = 0, chat: bool = True,
+             on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Exact-match accuracy of greedy generations, plus ``k_samples`` sampled generations per example.
+    ``on_progress(done, total)`` is called after every generated batch (generations so far, of all).
 
     Returns ``{"accuracy", "n", "records"}`` and, when ``k_samples > 0``, ``"sampled_accuracy"`` (mean over all
     sampled generations) and ``"pass_at_k"`` (fraction of examples with at least one correct sample). Each
@@ -101,6 +103,7 @@ def evaluate(model: Any, tokenizer: Any, task: Task | str, examples: Sequence[Ex
     answers = [ex.answer if isinstance(ex, Example) else ex.get("answer", "") for ex in examples]
     records: list[dict] = []
     passes = [False] * len(examples)
+    total = len(prompts) * (k_samples + 1)
     for k in range(-1, k_samples):
         temp = 0.0 if k < 0 else temperature
         for start in range(0, len(prompts), batch_size):
@@ -113,6 +116,8 @@ def evaluate(model: Any, tokenizer: Any, task: Task | str, examples: Sequence[Ex
                                 "extracted": extracted, "correct": correct})
                 if k >= 0:
                     passes[i] = passes[i] or correct
+            if on_progress is not None:
+                on_progress(len(records), total)
     greedy = [r["correct"] for r in records if r["sample_k"] == -1]
     assert len(greedy) == len(examples), "one greedy record per example"
     result: dict[str, Any] = {"accuracy": sum(greedy) / len(greedy), "n": len(greedy), "records": records}

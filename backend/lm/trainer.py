@@ -41,6 +41,7 @@ from backend.store import schema
 from backend.store.rundir import CONFIG, RunDir, atomic_write_bytes, new_run_id, rows_to_table
 
 TRAIN_STEPS_FLUSH = 50      # steps per train_steps Parquet part: a crash loses at most this many rows
+PROGRESS_EVERY_S = 2.0      # a progress event at least this often (besides every log_every steps)
 CHECKPOINT_DIR = "checkpoint"
 
 
@@ -103,14 +104,22 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def run_eval(model, tokenizer, cfg: TrainConfig, ds: Dataset, device) -> dict:
+def run_eval(model, tokenizer, cfg: TrainConfig, ds: Dataset, device, rd: RunDir | None = None,
+             when: str = "after") -> dict:
+    """Evaluate on the held-out examples; with ``rd``, ``evaluating`` events (done/total generations, ETA)."""
     from backend.lm.evaluate import evaluate
     was_training = model.training
     model.eval()
+    t0 = time.time()
+
+    def progress(done: int, total: int) -> None:
+        spent = time.time() - t0
+        rd.event("evaluating", when=when, done=done, total=total,
+                 eta_s=round(spent / done * (total - done), 1) if done else None)
     try:
         return evaluate(unwrap(model), tokenizer, ds.task, ds.eval_examples, max_new_tokens=cfg.eval_max_new_tokens,
                         batch_size=cfg.eval_batch_size, k_samples=cfg.eval_k, temperature=cfg.eval_temperature,
-                        seed=cfg.seed, chat=cfg.chat_template)
+                        seed=cfg.seed, chat=cfg.chat_template, on_progress=progress if rd is not None else None)
     finally:
         model.train(was_training)
 
@@ -147,6 +156,7 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
     from backend.lm.data import collate
 
     t_load = time.time()
+    rd.event("loading", model=str(cfg.model))
     model, tok = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=str(device),
                                           attn_implementation=cfg.attn_implementation,
                                           trust_remote_code=cfg.trust_remote_code)
@@ -162,7 +172,7 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
 
     eval_before = None
     if cfg.eval_before and ds.eval_examples and info.is_main and resume_from is None:
-        eval_before = run_eval(model, tok, cfg, ds, device)
+        eval_before = run_eval(model, tok, cfg, ds, device, rd, when="before")
         rd.event("eval", when="before", accuracy=eval_before["accuracy"], n=eval_before["n"])
 
     ddp_model = model
@@ -192,6 +202,7 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
             if int(f.name.split(".")[0].split("_")[1]) >= part:
                 f.unlink()
         rd.event("resumed", step=st["step"], total=cfg.steps)
+    last_progress = time.time()
     bar = tqdm(total=cfg.steps, initial=first - 1, desc=f"train {cfg.scheme}",
                disable=not (progress and info.is_main), unit="step")
     for step in range(first, cfg.steps + 1):
@@ -235,7 +246,9 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
                          grad_norm=float(grad_norm), tokens=int(n_tok), tokens_per_s=tps, elapsed_s=elapsed).items():
             rows[k].append(v)
         eta = elapsed / step * (cfg.steps - step)
-        if step % cfg.log_every == 0 or step == 1 or step == cfg.steps:
+        # every log_every steps, and at any step once PROGRESS_EVERY_S went by without one: slow steps still move
+        if step % cfg.log_every == 0 or step in (1, cfg.steps) or time.time() - last_progress >= PROGRESS_EVERY_S:
+            last_progress = time.time()
             rd.event("progress", step=step, total=cfg.steps, loss=round(loss_avg, 5), ce_loss=round(ce_avg, 5),
                      lr=lr_now, tokens_per_s=round(tps, 1), eta_s=round(eta, 1), elapsed_s=round(elapsed, 2))
         bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tps:.0f}")
@@ -264,7 +277,7 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
     if info.is_main:
         model.save_pretrained(rd.path / "adapter")
         if ds.eval_examples:
-            res = run_eval(model, tok, cfg, ds, device)
+            res = run_eval(model, tok, cfg, ds, device, rd, when="after")
             _write_eval(rd, res)
             manifest["eval"] = {k: v for k, v in res.items() if k != "records"}
             if eval_before is not None:

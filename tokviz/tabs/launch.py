@@ -1,7 +1,8 @@
 """Launch: a form per job kind of the registry (``backend.jobs.registry``), each built from the kind's config
 dataclass (the one the CLI parses), so the form, the CLI and a YAML file cannot drift apart. Jobs run through
-the app's job queue as ``python -m backend KIND --config ...`` processes; the jobs table shows status, a live progress bar and ETA from
-the run's ``events.jsonl``, the log tail, and a cancel button. A finished job is ingested and appears in
+the app's job queue as ``python -m backend KIND --config ...`` processes; the jobs table shows status, the phase
+(loading the model, training, evaluating), a live progress bar and ETA from the run's ``events.jsonl``, the log
+tail, and a cancel button. A finished job is ingested and appears in
 every run list.
 
 Read-only mode (a Space, or TOKVIZ_READONLY=1): launching is refused unless the owner set
@@ -55,7 +56,8 @@ def form_text(v: object, kind: str) -> str:
 
 
 def _component(f: Field, job_kind: str, prefix: str = "tv-f") -> gr.components.Component:
-    meta, kind, default = f.metadata, f.type, default_of(f)
+    meta, kind = f.metadata, f.type
+    default = registry.get(job_kind).form_defaults.get(f.name, default_of(f))
     label, info = f.name, meta.get("help", "")
     if "range" in meta:
         lo, hi, lo_open, hi_open = meta["range"]
@@ -270,9 +272,10 @@ def jobs_html(views: list[JobView]) -> str:
     rows = []
     for v in views:
         frac = v.fraction
+        phase = f"{html.escape(v.phase)} " if v.phase else ""
         bar = (f'<div class="tv-pbar" title="{frac:.0%}"><div style="width:{frac * 100:.1f}%"></div></div>'
-               f'<span class="tv-pnum">{v.step or 0}/{v.total}</span>' if frac is not None else
-               '<span class="tv-pnum">starting…</span>' if v.status == "running" else "")
+               f'<span class="tv-pnum">{phase}{v.step or 0}/{v.total}</span>' if frac is not None else
+               f'<span class="tv-pnum">{phase or "starting"}…</span>' if v.status == "running" else "")
         eta = _dur(v.eta_s) if v.status == "running" and v.eta_s is not None else ""
         rows.append(
             f'<tr class="tv-job tv-{v.status}" data-job="{html.escape(v.job_id, quote=True)}">'
