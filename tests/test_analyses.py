@@ -159,6 +159,17 @@ def test_step_position_heatmap(env):
     np.testing.assert_allclose(got.sort_index().to_numpy(), want.sort_index().to_numpy(), rtol=1e-9)
 
 
+def test_heatmap_cells_without_data_are_grey_not_the_white_of_zero():
+    from backend.analysis import figures
+    cells = pd.DataFrame({"step": [10, 10, 20], "bin_start": [0, 8, 0], "mean_alignment": [0.2, -0.1, 0.05],
+                          "n": [5, 3, 4], "bin_width": [8, 8, 8]})
+    fig = figures.step_position_heatmap(cells)
+    z = np.asarray(fig.data[0].z, dtype=float)
+    assert np.isnan(z).sum() == 1                               # step 20 has no tokens in the second bin
+    assert fig.layout.plot_bgcolor == figures.NO_DATA != "white"  # a NaN cell shows the plot background
+    assert any("grey" in a.text for a in fig.layout.annotations)
+
+
 def test_lora_ab(env):
     f = analyses.run("lora_ab", RUN, con=env["con"])
     m = response_modules(env, env["last"])

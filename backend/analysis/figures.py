@@ -48,6 +48,20 @@ def _layout(fig: go.Figure, title: str, x: str, y: str, **kw: object) -> go.Figu
     return fig
 
 
+NO_DATA = "#bdbdbd"        # heatmap cells without data: grey, never the white of 0 on a diverging scale
+
+
+def _grey_gaps(fig: go.Figure, what: str = "no tokens") -> go.Figure:
+    """Show a heatmap's empty (NaN) cells grey, not white (plotly leaves them transparent over the plot
+    background), and say so under the title."""
+    fig.update_layout(plot_bgcolor=NO_DATA)
+    fig.update_xaxes(showgrid=False, zeroline=False)
+    fig.update_yaxes(showgrid=False, zeroline=False)
+    fig.add_annotation(text=f"grey: {what}", xref="paper", yref="paper", x=1.0, y=1.0, yanchor="bottom",
+                       xanchor="right", showarrow=False, font=dict(size=11, color="#555"))
+    return fig
+
+
 def _runs(df: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
     """(run label, rows) per run when ``df`` has a ``run`` column, else one unnamed group."""
     if "run" in df.columns:
@@ -159,7 +173,7 @@ def layer_module_contribution(modules: pd.DataFrame) -> go.Figure:
     _layout(fig, title, "module", "layer")
     for j in range(2, len(stages) + 1):
         fig.update_yaxes(title_text=None, row=1, col=j)
-    return fig
+    return _grey_gaps(fig, "module not traced in that layer")
 
 
 # ------------------------------------------------------------------------------------------------ 4
@@ -233,7 +247,7 @@ def _position_heatmap(cells: pd.DataFrame, row: str, title: str, y_title: str) -
                                               "%{z:.4f}<br>n %{customdata}<extra></extra>")))
     _layout(fig, title, f"{RESP_POS}, bin start (bins of {width})", y_title)
     fig.update_yaxes(type="category")
-    return fig
+    return _grey_gaps(fig, "no response tokens in that bin")
 
 
 def step_position_heatmap(cells: pd.DataFrame) -> go.Figure:
@@ -399,7 +413,7 @@ def token_breakdown(rows: pd.DataFrame, value: str = "dot", kind: str = "heatmap
                                hovertemplate=f"layer %{{y}} %{{x}}<br>{value} %{{z:.4g}}<extra></extra>"))
     _layout(fig, title, "module and LoRA part", "layer", height=max(320, 18 * len(z) + 160))
     fig.update_yaxes(type="category")
-    return fig
+    return _grey_gaps(fig, "module not traced in that layer")
 
 
 def concentration_over_training(stats: pd.DataFrame) -> go.Figure:
