@@ -630,3 +630,12 @@ def test_overlay_legend_says_which_mode_the_gradient_metrics_are_in():
     for metric in ("loss", "prob"):
         assert "tv-mode" not in legend_of(pos, metric)
     assert "tv-mode" not in legend_of(pos.drop(columns="mode"), "alignment")
+
+
+def test_training_summary_puts_accuracy_before_and_after_side_by_side():
+    from tokviz.tabs.training import eval_md
+    greedy = pd.DataFrame({"correct": [True, False, True, True]})
+    assert eval_md(greedy, {"accuracy": 0.25, "n": 4}) == ("eval accuracy (greedy, 4 items): before training 25.0% "
+                                                           "→ after 75.0%")
+    assert eval_md(greedy, None) == "eval accuracy 75.0% of 4 (greedy)"
+    assert eval_md(greedy.iloc[:0], None) == "no evaluation"

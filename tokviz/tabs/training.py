@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import gradio as gr
+import pandas as pd
 import plotly.graph_objects as go
 
 from backend.analysis import analyses, figures
@@ -58,17 +59,30 @@ def make_figures(run_id: str) -> dict[str, go.Figure]:
     return figs
 
 
+def eval_md(greedy: pd.DataFrame, before: dict | None) -> str:
+    """Greedy eval accuracy after training, beside the accuracy before it when the run measured that."""
+    if not len(greedy):
+        return "no evaluation"
+    after = f"{greedy['correct'].mean():.1%}"
+    if isinstance(before, dict) and before.get("accuracy") is not None:
+        return (f"eval accuracy (greedy, {len(greedy)} items): before training {before['accuracy']:.1%} → "
+                f"after {after}")
+    return f"eval accuracy {after} of {len(greedy)} (greedy)"
+
+
 def summary_md(run_id: str) -> tuple[str, dict]:
     info = queries.run_info(run_id).iloc[0]
     manifest = json.loads(info["manifest_json"]) if isinstance(info["manifest_json"], str) else {}
     config = json.loads(info["config_json"]) if isinstance(info["config_json"], str) else {}
     ev = queries.eval_rows(run_id)
     greedy = ev[ev["sample_k"] == -1] if len(ev) else ev
-    acc = f"{greedy['correct'].mean():.1%} of {len(greedy)} (greedy)" if len(greedy) else "no evaluation"
+    acc = eval_md(greedy, manifest.get("eval_before"))
     steps = queries.train_steps(run_id)
     last = f"{steps['loss'].iloc[-1]:.4f} at step {int(steps['step'].iloc[-1])}" if len(steps) else "no steps"
+    cfg = config.get("config", {}) if isinstance(config.get("config"), dict) else {}
+    data = info["dataset"] or cfg.get("dataset") or cfg.get("task") or "?"
     md = (f"**{info['name'] or run_id}** · status **{info['status']}** · model `{info['model']}` · data "
-          f"`{info['dataset']}` · scheme `{info['scheme']}` · final loss {last} · eval accuracy {acc}")
+          f"`{data}` · scheme `{info['scheme']}` · final loss {last} · {acc}")
     return md, {"config": config, "manifest": manifest}
 
 
