@@ -26,6 +26,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "build-demo-model": ("backend.dev.demo_model", "rebuild the embedded tiny models under data/models/"),
     "resume": ("backend.jobs.resume", "continue an interrupted train run from its latest checkpoint"),
     "clean": ("backend.jobs.clean", "remove failed and interrupted runs (after asking; --yes to skip)"),
+    "publish": ("backend.publish", "write selected runs and the app as a folder ready to push as a Docker Space"),
     "probe-merge": ("backend.probe.merge", "merge the shards of a probe (--shard i/n runs), re-bucketing globally"),
 }
 

@@ -13,6 +13,7 @@ their inputs are sets: the function gets one dict, component -> value, and retur
 from __future__ import annotations
 
 import atexit
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 from urllib.parse import parse_qsl
@@ -225,7 +226,10 @@ def wire_deep_link(demo: gr.Blocks, page: Page, views: Views, ins: Built) -> Non
         choices = ctx.run_choices()
         traced = ctx.run_choices(traced_only=True)
         ids, traced_ids = [v for _, v in choices], [v for _, v in traced]
-        run_id = focus.run if focus.run in ids else (traced_ids[0] if traced_ids else (ids[0] if ids else None))
+        # a link's run, else the run a published Space opens on (TOKVIZ_OPEN_RUN), else the first traced run
+        opening = os.environ.get("TOKVIZ_OPEN_RUN")
+        run_id = (focus.run if focus.run in ids else opening if opening in ids else
+                  (traced_ids[0] if traced_ids else (ids[0] if ids else None)))
         step = pick_step(run_id, focus.step)
         gen = ctx.generation
         shown = got[page.shown]
