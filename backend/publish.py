@@ -13,8 +13,9 @@ Dockerfile makes the Space open on the first published run.
 
 It prints the size per run and in total and refuses, before writing anything, a folder larger than
 ``--max-size`` (default 1G), naming what would shrink it. Unless ``--no-check``, it then starts the published
-app from the folder (``python app.py`` on a free port, its own data root) and checks through the app's API that
-it lists exactly the published runs and that each traced run's first sample renders. Exit codes: 0 published
+app from a copy of the folder (``python app.py`` on a free port, its own data root) and checks through the app's
+API that it lists exactly the published runs and that each traced run's first sample and its concentration
+figures render. Exit codes: 0 published
 (and checked), 1 the check failed, 2 bad input (a missing run, an existing non-empty ``--out``, too large).
 """
 from __future__ import annotations
@@ -202,6 +203,7 @@ def _check(out: Path, run_ids: list[str], timeout: float) -> list[str]:
                 html = client.predict(run_id, step, 0, "alignment", None, api_name="/next_sample")
                 if 'class="tv-text"' not in str(html):
                     problems.append(f"{run_id}: Inspect rendered no sample at step {step}")
+                client.predict(run_id, step, [step], [], api_name="/concentration")     # raises if it cannot
     finally:
         proc.terminate()
         try:
