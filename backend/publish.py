@@ -14,8 +14,8 @@ Dockerfile makes the Space open on the first published run.
 It prints the size per run and in total and refuses, before writing anything, a folder larger than
 ``--max-size`` (default 1G), naming what would shrink it. Unless ``--no-check``, it then starts the published
 app from a copy of the folder (``python app.py`` on a free port, its own data root) and checks through the app's
-API that it lists exactly the published runs and that each traced run's first sample and its concentration
-figures render. Exit codes: 0 published
+API that it lists exactly the published runs and that each traced run renders in Inspect (its first sample),
+Concentration and Layers, and the traced runs together in Compare. Exit codes: 0 published
 (and checked), 1 the check failed, 2 bad input (a missing run, an existing non-empty ``--out``, too large).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from backend.store import paths
-from backend.store.rundir import CONFIG, check_run_id, child_runs, read_config
+from backend.store.rundir import CONFIG, check_run_id, child_runs
 
 CODE = ("app.py", "requirements.txt", "Dockerfile", "tokviz", "backend")
 NEVER = ("checkpoint", "logs")                       # resume state and job logs: never published
@@ -87,15 +87,23 @@ def run_files(run: Path, with_adapters: bool, with_state: bool) -> tuple[list[Pa
     return keep, left
 
 
+def _record(run: Path) -> dict:
+    """A run directory's config.json record (run_id, kind, name, config)."""
+    d = json.loads((run / CONFIG).read_text())
+    if not isinstance(d, dict) or "run_id" not in d:
+        raise ValueError(f"{run / CONFIG}: not a run's config record (no run_id)")
+    return d
+
+
 def _mb(n: int) -> str:
     return f"{n / (1 << 20):.1f} MB"
 
 
 def readme(title: str, runs: list[Path]) -> str:
-    ids = [read_config(r / CONFIG)["run_id"] for r in runs]
+    ids = [_record(r)["run_id"] for r in runs]
     short = f"tokviz: {', '.join(ids)}"
     short = short if len(short) <= 60 else short[:57] + "..."
-    listing = "\n".join(f"- `{i}` ({read_config(r / CONFIG).get('kind', '?')})" for i, r in zip(ids, runs))
+    listing = "\n".join(f"- `{i}` ({_record(r).get('kind', '?')})" for i, r in zip(ids, runs))
     front = {"title": title, "emoji": "🔬", "colorFrom": "blue", "colorTo": "red", "sdk": "docker",
              "app_port": 7860, "pinned": False, "short_description": short}
     head = "\n".join(f"{k}: {json.dumps(v, ensure_ascii=False) if isinstance(v, str) else str(v).lower()}"
@@ -116,7 +124,7 @@ def publish(runs: list[Path], out: Path, title: str, with_adapters: bool = False
     plan, sizes, left = {}, {}, {}
     for r in runs:
         files, skipped = run_files(r, with_adapters, with_state)
-        rid = read_config(r / CONFIG)["run_id"]
+        rid = _record(r)["run_id"]
         plan[rid] = (r, files)
         sizes[rid] = sum((r / f).stat().st_size for f in files)
         for k, v in skipped.items():
@@ -137,7 +145,7 @@ def publish(runs: list[Path], out: Path, title: str, with_adapters: bool = False
         dst = out / f.relative_to(root)
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, dst)
-    first = read_config(runs[0] / CONFIG)["run_id"]
+    first = _record(runs[0])["run_id"]
     docker = (out / "Dockerfile").read_text()
     (out / "Dockerfile").write_text(docker.replace("TOKVIZ_READONLY=1 \\", f"TOKVIZ_READONLY=1 \\\n    "
                                                    f"TOKVIZ_OPEN_RUN={first} \\"))
@@ -195,6 +203,7 @@ def _check(out: Path, run_ids: list[str], timeout: float) -> list[str]:
         listed = sorted(r[0] for r in rows)
         if listed != sorted(run_ids):
             problems.append(f"the app lists {listed}, published {sorted(run_ids)}")
+        traced: list[str] = []
         for run_id, kind, n_steps in rows:
             if kind == "train" and int(n_steps or 0) > 0:
                 _, steps, _ = client.predict(f"SELECT min(step) FROM tokens WHERE run_id = '{run_id}'", 1,
@@ -204,6 +213,14 @@ def _check(out: Path, run_ids: list[str], timeout: float) -> list[str]:
                 if 'class="tv-text"' not in str(html):
                     problems.append(f"{run_id}: Inspect rendered no sample at step {step}")
                 client.predict(run_id, step, [step], [], api_name="/concentration")     # raises if it cannot
+                _, mods, _ = client.predict(f"SELECT min(module) FROM token_modules WHERE run_id = '{run_id}' "
+                                            f"AND step = {step}", 1, api_name="/sql")
+                module = (mods["data"] if isinstance(mods, dict) else mods)[0][0]
+                if module:
+                    client.predict(run_id, step, module, api_name="/layer_position_heatmap")
+                traced.append(run_id)
+        if len(traced) >= 2:
+            client.predict(traced, api_name="/compare_runs")
     finally:
         proc.terminate()
         try:

@@ -52,3 +52,26 @@ def test_launch_button_is_disabled_without_an_admin_token(server, monkeypatch):
     assert props["tv-launch"]["interactive"] is False
     assert props["tv-admin-token"]["visible"] is False
     assert "read-only" in props["tv-readonly"]["value"]
+
+
+def test_publishing_from_the_app_needs_the_admin_token_and_stays_in_the_data_root(server, data_home):
+    _, ctx, client = server
+    for token in ("", "wrong-token"):
+        out = client.predict(["synth-sft"], "t", "space1", False, False, False, token, api_name="/publish")
+        assert "read-only: publishing is disabled" in out
+    assert not (data_home / "spaces").exists()
+    for bad in ("../outside", "a/b", ""):
+        out = client.predict(["synth-sft"], "t", bad, False, False, False, TOKEN, api_name="/publish")
+        assert "a name, not a path" in out
+    out = client.predict([], "t", "space1", False, False, False, TOKEN, api_name="/publish")
+    assert "choose at least one run" in out
+
+
+@pytest.mark.slow          # the check starts the published app
+def test_the_owner_publishes_two_runs_and_the_published_app_checks_out(server, data_home):
+    _, _, client = server
+    out = client.predict(["synth-sft", "synth-antiop"], "Two synthetic runs", "two", False, False, True, TOKEN,
+                         api_name="/publish")
+    assert "Check passed: the published app lists exactly these 2 runs" in out, out
+    assert sorted(p.name for p in (data_home / "spaces" / "two" / "data" / "runs").iterdir()) == \
+        ["synth-antiop", "synth-sft"]

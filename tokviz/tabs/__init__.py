@@ -31,6 +31,7 @@ from tokviz.tabs import (
     launch,
     layers,
     probes,
+    publish_panel,
     schemes,
     sql_console,
     tokens,
@@ -53,6 +54,7 @@ def wire_launch(t: launch.LaunchTab, page: Page) -> None:
     """The Launch tab's own events (``launch.wire``), and its jobs table, job list and log tail kept live by
     the app's poll while the tab is on screen or a job is running."""
     launch.wire(t, page.ctx)
+    publish_panel.wire(t.publish, page)
     jobs = page.ctx.jobs
 
     def live(got: Mapping[Any, Any], on_screen: str) -> dict:

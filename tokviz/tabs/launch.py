@@ -31,6 +31,8 @@ from backend.lm.scheme_specs import SCHEMES
 from backend.lm.tasks import TASKS
 from tokviz import concurrency
 from tokviz.context import AppContext
+from tokviz.tabs import publish_panel
+from tokviz.tabs.publish_panel import PublishPanel
 
 MODELS = ("default", "tiny-arith", "tiny-modadd")
 UPLOAD_TYPES = (".jsonl", ".json", ".parquet")
@@ -106,6 +108,7 @@ class LaunchTab:
     job: gr.Dropdown
     cancel: gr.Button
     log: gr.Textbox
+    publish: PublishPanel | None = None
 
 
 def build(ctx: AppContext) -> LaunchTab:
@@ -133,7 +136,7 @@ def build(ctx: AppContext) -> LaunchTab:
         job = gr.Dropdown(label="Job", choices=[], elem_id="tv-job", scale=4, allow_custom_value=True)
         cancel = gr.Button("Cancel job", variant="stop", elem_id="tv-cancel", scale=0, min_width=140)
     log = gr.Textbox(label="Log tail", lines=10, max_lines=14, interactive=False, autoscroll=True, elem_id="tv-log")
-    return LaunchTab(notice, token, kind, forms, launch, message, jobs, job, cancel, log)
+    return LaunchTab(notice, token, kind, forms, launch, message, jobs, job, cancel, log, publish_panel.build(ctx))
 
 
 def _kind_form(spec: registry.JobSpec, visible: bool, prefix: str = "tv-f") -> KindForm:
