@@ -109,7 +109,7 @@ def run_position(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSite],
         hooks = PositionHooks(sites, G=G, piece_scale=1.0 / (K * world_size), world_size=world_size,
                               check=set(check))
         todo = tb.traced_chunks()                  # a prefix: the traced sequences come first
-        assert todo == list(range(len(todo)))
+        assert todo == list(range(len(todo))), f"traced micro-batches {todo} are not a prefix"
         params = [s.param for s in sites]
         G_proc = [torch.zeros_like(g) for g in G]
         replay()
