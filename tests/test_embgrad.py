@@ -140,3 +140,21 @@ def test_train_records_embgrad(tmp_path):
             embgrad.top_tokens("eg", 3, con=con)
     finally:
         con.close()
+
+
+def test_token_texts_decode_each_id_once():
+    from backend.grads.embgrad import EmbGradRecorder
+
+    class CountingTok:
+        def __init__(self) -> None:
+            self.calls: list[list[int]] = []
+
+        def decode(self, ids: list[int]) -> str:
+            self.calls.append(ids)
+            return f"<{ids[0]}>"
+
+    tok = CountingTok()
+    rec = EmbGradRecorder(0, 0, torch.nn.Linear(1, 1), tok, None, True, None)   # every=0: no hook, no writes
+    assert rec.token_texts(np.array([5, 3, 5])) == ["<5>", "<3>", "<5>"]
+    assert rec.token_texts(np.array([3, 9])) == ["<3>", "<9>"]
+    assert tok.calls == [[5], [3], [9]]          # one decode per distinct id over the run

@@ -2,6 +2,9 @@
 planted directions, global buckets over shards, shard + merge == unsharded, errors, the analyses."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -33,34 +36,80 @@ def tiny():
     return model, tok
 
 
+@pytest.fixture(scope="module")
+def tiny64(tiny):
+    """The tiny model in float64, for comparisons with the naive loop at 1e-5: in float32 a vector whose norm is
+    1e-4 of its neighbours' (cancellation in the attention's softmax backward) already differs by ~1e-2 between
+    two summation orders (e.g. chunk sizes), whichever method computes it. The probe returns float32."""
+    import copy
+    return copy.deepcopy(tiny[0]).double()
+
+
 def naive_row_grad(model, ids: torch.Tensor, t: int, weight: torch.nn.Parameter, row: int, temp: float) -> torch.Tensor:
     """d log p(ids[t+1] | ids[:t+1]) / d W[row]: a full forward and backward of the whole model for one position."""
     weight.requires_grad_(True)
     try:
         logits = model(input_ids=ids[None]).logits[0, t]                       # (V,)
-        lp = torch.log_softmax(logits.float() / temp, -1)[ids[t + 1]]
+        lp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temp, -1)[ids[t + 1]]
         (g,) = torch.autograd.grad(lp, weight)
     finally:
         weight.requires_grad_(False)
-    return g[row].float()
+    return g[row]
 
 
-@pytest.mark.parametrize("layer,param,row,temp", [(-1, "mlp.down_proj.weight", 5, 1.0),
-                                                  (0, "self_attn.q_proj.weight", 17, 0.7)])
-def test_batched_row_gradients_match_naive_loop(tiny, layer, param, row, temp):
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
+
+
+# the last layer's per-position weights take the one-backward "diagonal" path; k/v (their output reaches later
+# positions through the attention) and every earlier layer the batched "vmap" path
+@pytest.mark.parametrize("layer,param,row,temp,path", [
+    (-1, "mlp.down_proj.weight", 5, 1.0, "diagonal"), (3, "mlp.gate_proj.weight", 40, 0.8, "diagonal"),
+    (-1, "mlp.up_proj.weight", 3, 1.0, "diagonal"), (-1, "self_attn.q_proj.weight", 9, 1.0, "diagonal"),
+    (-1, "self_attn.o_proj.weight", 2, 1.3, "diagonal"), (-1, "self_attn.k_proj.weight", 7, 1.0, "vmap"),
+    (-1, "self_attn.v_proj.weight", 1, 1.0, "vmap"), (0, "self_attn.q_proj.weight", 17, 0.7, "vmap"),
+    (2, "mlp.down_proj.weight", 5, 1.0, "vmap")])
+def test_batched_row_gradients_match_naive_loop(tiny64, layer, param, row, temp, path):
     from backend.probe.grads import resolve_site, row_gradients, row_gradients_loop
-    model, _ = tiny
+    model = tiny64
     site = resolve_site(model, layer, param, row)
+    assert site.path == path
     ids = torch.randint(3, 400, (40,), generator=torch.Generator().manual_seed(1))
     positions = torch.tensor([3, 7, 8, 20, 21, 22, 30, 38])
-    vecs, _ = row_gradients(model, site, ids, positions, temperature=temp, chunk=3)      # 3 chunks
-    assert vecs.shape == (8, site.row_dim) and vecs.dtype == torch.float32
     ref = torch.stack([naive_row_grad(model, ids, int(t), site.module.weight, row, temp) for t in positions])
-    rel = ((vecs - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
-    assert rel < 1e-4, rel
+    ref = ref.float()
     assert ref.norm(dim=1).min() > 0                      # not a vacuous comparison of zeros
+    for p in ("auto", "vmap") if path == "diagonal" else ("auto",):
+        vecs, _ = row_gradients(model, site, ids, positions, temperature=temp, chunk=3, path=p)   # 3 chunks
+        assert vecs.shape == (8, site.row_dim) and vecs.dtype == torch.float32
+        assert _rel(vecs, ref) < 1e-5, (p, _rel(vecs, ref))
     loop, _ = row_gradients_loop(model, site, ids, positions, temperature=temp)
-    assert ((loop - ref).norm(dim=1) / ref.norm(dim=1)).max().item() < 1e-4
+    assert _rel(loop, ref) < 1e-5
+
+
+def test_diagonal_path_is_refused_where_it_would_be_wrong(tiny64):
+    """At k_proj of the last layer and at an earlier layer's MLP, the one-backward shortcut drops the
+    cross-position terms (it differs from the reference), so it is never taken there and is refused if asked."""
+    from backend.probe.grads import resolve_site, row_gradients
+    model = tiny64
+    ids = torch.randint(3, 400, (40,), generator=torch.Generator().manual_seed(2))
+    positions = torch.tensor([5, 12, 30, 31])
+    for layer, param in ((-1, "self_attn.k_proj.weight"), (1, "mlp.down_proj.weight")):
+        site = resolve_site(model, layer, param, 4)
+        assert site.path == "vmap" and not site.diagonal
+        with pytest.raises(ValueError, match="path 'diagonal' is wrong .* use 'vmap'"):
+            row_gradients(model, site, ids, positions, path="diagonal")
+        ref = torch.stack([naive_row_grad(model, ids, int(t), site.module.weight, 4, 1.0) for t in positions]).float()
+        forced, _ = row_gradients(model, dataclasses.replace(site, diagonal=True), ids, positions)
+        assert _rel(forced, ref) > 1e-2                   # the shortcut would be wrong here
+    site = resolve_site(model, -1, "mlp.down_proj.weight", 0)
+    with pytest.raises(ValueError, match="path 'fast' is not allowed"):
+        row_gradients(model, site, ids, positions, path="fast")
+    # a position listed twice gets the same vector twice (the one backward sums over distinct positions)
+    twice = torch.tensor([12, 5, 12, 30])
+    got, lp = row_gradients(model, site, ids, twice)
+    ref = torch.stack([naive_row_grad(model, ids, int(t), site.module.weight, 0, 1.0) for t in twice]).float()
+    assert _rel(got, ref) < 1e-5 and lp[0] == lp[2]
 
 
 def test_bad_layer_param_row_and_shard_name_the_choices(tiny):
@@ -214,6 +263,9 @@ def test_shard_and_merge_equal_one_unsharded_run(probe_runs):
         pd.testing.assert_frame_equal(a.drop(columns=floats), b.drop(columns=floats))
         for c in floats:
             np.testing.assert_allclose(a[c], b[c], rtol=1e-5, atol=1e-6, err_msg=f"{table}.{c}")
+    keys = ("site", "row", "layer", "grad_path")
+    ma, mb = (json.loads((r / "manifest.json").read_text()) for r in (whole, merged))
+    assert [ma[k] for k in keys] == [mb[k] for k in keys]
     va, vb = np.load(whole / VECTORS_FILE), np.load(merged / VECTORS_FILE)
     assert va.dtype == np.float32 and va.shape == vb.shape and va.shape[1] == 512
     np.testing.assert_allclose(va, vb, rtol=1e-5, atol=1e-6 * np.abs(va).max())
@@ -239,6 +291,9 @@ def test_probe_run_contents(probe_runs):
     assert all(task.is_correct(r.text, r.answer) == r.correct for r in rollouts.itertuples())
     V = np.load(whole / VECTORS_FILE)
     np.testing.assert_allclose(np.linalg.norm(V, axis=1), vecs["norm"], rtol=1e-5)
+    man = json.loads((whole / "manifest.json").read_text())
+    # the default weight (last layer's mlp.down_proj) takes the one-backward path, and the manifest says so
+    assert man["site"] == "model.layers.3.mlp.down_proj.weight" and man["grad_path"] == "diagonal"
 
 
 def test_merge_refuses_incomplete_or_mismatched_shards(probe_runs, tmp_path):
@@ -292,3 +347,15 @@ def test_rollout_view_escapes_token_text():
         assert "<b>p</b>" not in out and "<i>" not in out
         assert 'onmouseover="y' not in out and out.count("<span class='t") == 3
         assert out.count("class='t p'") == 2
+    marked = rollout_html(head, toks, "entropy", highlight=1)        # the clicked PCA point's token
+    assert marked.count(" h'") == 1 and "class='t h'" in marked and "class='t p'" in marked
+
+
+def test_pca_click_key_from_event_data():
+    from tokviz.tabs.probes import point_key
+    key = point_key({"model": "trained", "prompt_idx": 4, "sample_idx": 5.0, "position": "24"})
+    assert key == ["trained", 4, 5, 24]
+    assert point_key({"model": "base", "prompt_idx": 1, "sample_idx": 2}) is None        # not on a point
+    assert point_key(None) is None and point_key("x") is None
+    with pytest.raises(ValueError, match="position must be a whole number"):
+        point_key({"model": "base", "prompt_idx": 1, "sample_idx": 2, "position": 2.5})

@@ -66,3 +66,63 @@ def test_probes_tab_by_deep_link(home):
         page.screenshot(path=str(shots / "probes.png"), full_page=True)
         assert "tab=probes" in page.url and not errors, errors
         browser.close()
+
+
+# the most isolated PCA point on screen (so the click cannot land on a neighbour): its page coordinates and key
+ISOLATED_POINT_JS = """() => {
+  const gd = document.querySelector('#tv-probe-pca .js-plotly-plot');
+  const fl = gd._fullLayout, box = gd.getBoundingClientRect(), pts = [];
+  gd._fullData.forEach((tr) => {
+    for (let i = 0; i < tr.x.length; i++) {
+      pts.push({x: box.left + fl._size.l + fl.xaxis.l2p(tr.x[i]), y: box.top + fl._size.t + fl.yaxis.l2p(tr.y[i]),
+                key: Array.from(tr.customdata[i]).slice(0, 4)});
+    }
+  });
+  let best = null, gap = -1;
+  for (const p of pts) {
+    let d = Infinity;
+    for (const q of pts) if (q !== p) d = Math.min(d, Math.hypot(p.x - q.x, p.y - q.y));
+    if (d > gap) { gap = d; best = p; }
+  }
+  return {...best, gap: gap, n: pts.length};
+}"""
+
+
+def test_pca_point_click_opens_its_rollout(home):
+    tokens = pq.read_table(home / "runs/demo-probe/probe/tokens.parquet").to_pandas()
+    rollouts = pq.read_table(home / "runs/demo-probe/probe/rollouts.parquet").to_pandas()
+    with app_server(home) as (url, _ctx), pw.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(120_000)
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{url}?tab=probes&run=demo-probe")
+        page.wait_for_selector("#tv-probe-pca .js-plotly-plot .scatterlayer, #tv-probe-pca .js-plotly-plot canvas")
+        page.wait_for_selector("#tv-probe-pca-click :text('Click a point')")
+        page.locator("#tv-probe-pca").scroll_into_view_if_needed()
+        page.wait_for_function("document.querySelector('#tv-probe-pca .js-plotly-plot')._fullLayout !== undefined")
+        pt = page.evaluate(ISOLATED_POINT_JS)
+        assert pt["n"] > 10 and pt["gap"] > 3, pt        # a point a click can single out
+        model, prompt_idx, sample_idx, position = pt["key"]
+        page.mouse.move(pt["x"], pt["y"])
+        page.mouse.click(pt["x"], pt["y"])
+        page.wait_for_selector("#tv-probe-point .tv-probe-roll span.t.h")
+        shown = page.inner_text("#tv-probe-point")
+        assert f"{model} · prompt {prompt_idx} · sample {sample_idx}" in shown and f"position {position}" in shown
+        roll = rollouts[(rollouts["model"] == model) & (rollouts["prompt_idx"] == prompt_idx)
+                        & (rollouts["sample_idx"] == sample_idx)].iloc[0]
+        assert roll["prompt"].split("\n")[0].strip() in shown                   # the prompt ...
+        assert ("✅ correct" if roll["correct"] else "❌ incorrect") in shown   # ... its correctness
+        mine = tokens[(tokens["model"] == model) & (tokens["prompt_idx"] == prompt_idx)
+                      & (tokens["sample_idx"] == sample_idx)].sort_values("position")
+        spans = page.locator("#tv-probe-point span.t")
+        assert spans.count() == len(mine)                                       # ... the whole response
+        marked = page.inner_text("#tv-probe-point span.t.h").replace("\n", "")
+        assert marked == mine.loc[mine["position"] == position, "token"].iloc[0].replace("\n", "⏎")
+        assert page.locator("#tv-probe-point span.t.h").count() == 1
+        (ARTIFACTS / "ui").mkdir(parents=True, exist_ok=True)
+        page.locator("#tv-probe-pca").screenshot(path=str(ARTIFACTS / "ui" / "probes_pca_click_plot.png"))
+        page.locator("#tv-probe-point").screenshot(path=str(ARTIFACTS / "ui" / "probes_pca_click.png"))
+        assert page.evaluate("window.__xss") is None and not errors, errors
+        browser.close()

@@ -91,7 +91,9 @@ def merge(shards: list[Path], run_id: str = "", name: str = "", runs_root: Path 
     try:
         summary = write_probe(rd, merged, pd.concat(rollouts, ignore_index=True), kept, logp,
                               bounds, cfg.n_buckets, keep="picked")
-        rd.finish({**summary, "shard": "", "buckets": "global", "merged_shards": n,
+        site = {k: v for k, v in json.loads((infos[0][3] / MANIFEST).read_text()).items()
+                if k in ("site", "row", "layer", "grad_path")}          # the same in every shard (same settings)
+        rd.finish({**summary, **site, "shard": "", "buckets": "global", "merged_shards": n,
                    "merged_from": [str(p) for *_, p in infos]})
     except BaseException as e:
         rd.fail(e)

@@ -170,7 +170,8 @@ def probe(cfg: ProbeConfig, progress: bool = True) -> Path:
         seconds = time.perf_counter() - t0
         summary = write_probe(rd, tokens, rollouts, np.concatenate(vec_parts), np.concatenate(logp_parts),
                               bounds, cfg.n_buckets, keep="picked" if n_shards == 1 else "all")
-        rd.finish({**summary, "site": site.name, "row": site.row, "layer": site.layer, "shard": cfg.shard,
+        rd.finish({**summary, "site": site.name, "row": site.row, "layer": site.layer, "grad_path": site.path,
+                   "shard": cfg.shard,
                    "buckets": "global" if n_shards == 1 else f"local to shard {cfg.shard} (probe-merge re-buckets)",
                    "seconds": round(seconds, 3)})
     except BaseException as e:

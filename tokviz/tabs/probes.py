@@ -3,14 +3,16 @@
 
 Exp 1: participation ratio and rank95 per entropy bucket (base vs trained), cumulative-energy curves, the
 cross-bucket |cos| of top singular vectors. Exp 2: cos(mean correct, mean incorrect) per prompt at top-entropy
-tokens against the half-split noise floor. The 2-D PCA of the vectors. A table of rollouts: selecting a row
-shows the rollout with its tokens coloured by entropy or bucket.
+tokens against the half-split noise floor. The 2-D PCA of the vectors: clicking a point shows its rollout
+under the plot, the point's token marked. A table of rollouts: selecting a row shows the rollout with its tokens
+coloured by entropy or bucket.
 
 It shows the header's run when that is a probe run (``?tab=probes&run=<probe run>`` links to it), otherwise
 the run picked in the tab's own list (the newest probe run at first).
 """
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,12 +37,45 @@ from tokviz.common import (
 from tokviz.context import AppContext
 from tokviz.header import Page
 from tokviz.links import Focus
+from tokviz.overlay import show_token
 from tokviz.probe_view import rollout_html
 
 NAME = "probes"
 LAUNCH_HINT = ("no probe run in the index: launch one on the Launch tab (kind probe) or "
                "`python -m backend probe --adapter <train run> --num-prompts 16`")
 ROLLOUT_COLS = ["model", "prompt_idx", "sample_idx", "correct", "n_tokens", "mean_entropy", "answer", "extracted"]
+# gr.Plot has no click event in Gradio 6: this caption's js listens to the plotly figure's own ``plotly_click``
+# and sends the point's key (its customdata: model, prompt, sample, position; backend.analysis.probe_figures)
+# as the caption's click event, as the Tokens tab's HTML table sends a row. The figure is redrawn on every
+# update (its listeners may go with it), so the listener is (re)attached, once, whenever the plot's DOM changes.
+PCA_CLICK_HINT = "<div class='tv-probe-pca-hint'>Click a point to read its rollout here.</div>"
+PCA_CLICK_JS = """
+(() => {   // own scope: Gradio's js_on_load scope already defines names such as watch
+  const send = (ev) => {
+    const p = ev && ev.points && ev.points[0];
+    if (!p || !p.customdata) return;
+    const c = p.customdata;
+    trigger('click', {model: String(c[0]), prompt_idx: c[1], sample_idx: c[2], position: c[3]});
+  };
+  const attach = () => {
+    const gd = document.querySelector('#tv-probe-pca .js-plotly-plot');
+    if (!gd || typeof gd.on !== 'function') return;
+    gd.removeListener('plotly_click', send);
+    gd.on('plotly_click', send);
+  };
+  const observePlot = () => {
+    const root = document.getElementById('tv-probe-pca');
+    if (!root) return false;
+    new MutationObserver(attach).observe(root, {childList: true, subtree: true});
+    attach();
+    return true;
+  };
+  if (!observePlot()) {
+    const waiting = new MutationObserver(() => { if (observePlot()) waiting.disconnect(); });
+    waiting.observe(document.body, {childList: true, subtree: true});
+  }
+})();
+"""
 
 
 @dataclass
@@ -52,6 +87,8 @@ class ProbesTab:
     cosine: gr.Plot
     color: gr.Radio
     pca: gr.Plot
+    pca_click: gr.HTML          # the caption whose js sends a clicked point's key (PCA_CLICK_JS)
+    point: gr.HTML              # the rollout of the clicked point
     hist: gr.Plot
     bars: gr.Plot
     skipped: gr.Dataframe
@@ -59,6 +96,7 @@ class ProbesTab:
     token_color: gr.Radio
     rollout: gr.HTML
     selected: gr.State          # the rollouts row on screen (model, prompt_idx, sample_idx, ...)
+    clicked: gr.State           # the PCA point on screen: [model, prompt_idx, sample_idx, position]
     export: ExportRow
 
     @property
@@ -67,8 +105,8 @@ class ProbesTab:
 
     @property
     def outputs(self) -> list:
-        return [self.run, self.info, self.pr, self.energy, self.cosine, self.pca, self.hist, self.bars,
-                self.skipped, self.rollouts]
+        return [self.run, self.info, self.pr, self.energy, self.cosine, self.pca, self.point, self.clicked,
+                self.hist, self.bars, self.skipped, self.rollouts]
 
 
 def build(ctx: AppContext) -> ProbesTab:
@@ -81,6 +119,8 @@ def build(ctx: AppContext) -> ProbesTab:
     color = gr.Radio(label="PCA: colour by", choices=list(probe_figures.COLOR_BY), value="bucket",
                      elem_id="tv-probe-color")
     pca = gr.Plot(label="PCA of the gradient vectors", elem_id="tv-probe-pca")
+    pca_click = gr.HTML(PCA_CLICK_HINT, js_on_load=PCA_CLICK_JS, elem_id="tv-probe-pca-click")
+    point = gr.HTML("", elem_id="tv-probe-point")
     with gr.Row():
         hist = gr.Plot(label="Exp 2: correct vs incorrect direction", elem_id="tv-probe-hist")
         bars = gr.Plot(label="Exp 2 per prompt", elem_id="tv-probe-bars")
@@ -92,8 +132,8 @@ def build(ctx: AppContext) -> ProbesTab:
     token_color = gr.Radio(label="Colour tokens by", choices=["entropy", "bucket"], value="entropy",
                            elem_id="tv-probe-token-color")
     rollout = gr.HTML("", elem_id="tv-probe-rollout")
-    return ProbesTab(run, info, pr, energy, cosine, color, pca, hist, bars, skipped, rollouts, token_color,
-                     rollout, gr.State(None), ExportRow())
+    return ProbesTab(run, info, pr, energy, cosine, color, pca, pca_click, point, hist, bars, skipped, rollouts,
+                     token_color, rollout, gr.State(None), gr.State(None), ExportRow())
 
 
 # ------------------------------------------------------------------------------------------------ which run
@@ -132,10 +172,12 @@ def info_md(run_id: str, frames: dict[str, pd.DataFrame]) -> str:
     acc = " · ".join(f"{m} accuracy {a:.1%}" for m, a in (man.get("accuracy") or {}).items())
     sp = frames["spectra"]
     prs = " · ".join(f"{m}: PR {', '.join(f'{v:.2f}' for v in g['pr'])}" for m, g in sp.groupby("model", sort=False))
+    path = f" ({man['grad_path']} path)" if man.get("grad_path") else ""      # backend.probe.grads
     return (f"**{info['name'] or run_id}** (`{run_id}`) · model `{cfg.get('model')}` · adapter "
-            f"`{cfg.get('adapter') or 'none'}` · weight `{man.get('site', cfg.get('param'))}` row {cfg.get('row')} · "
-            f"{cfg.get('num_prompts')} prompts × {cfg.get('num_samples')} rollouts · T = {cfg.get('temperature')} · "
-            f"{man.get('n_vectors', '?')} vectors · {acc}<br>PR per bucket (0 = lowest entropy) · {prs}"
+            f"`{cfg.get('adapter') or 'none'}` · weight `{man.get('site', cfg.get('param'))}` row {cfg.get('row')}"
+            f"{path} · {cfg.get('num_prompts')} prompts × {cfg.get('num_samples')} rollouts · "
+            f"T = {cfg.get('temperature')} · {man.get('n_vectors', '?')} vectors · {acc}"
+            f"<br>PR per bucket (0 = lowest entropy) · {prs}"
             + (f"<br>⚠️ a shard: buckets {man['buckets']}" if man.get("buckets", "global") != "global" else ""))
 
 
@@ -145,8 +187,8 @@ def render(header_run: str | None, got: Mapping[str, Any]) -> tuple[list, dict]:
     figs, frames = make_figures(run_id, color)
     rolls = probe.rollouts(run_id)[ROLLOUT_COLS]
     values = [gr.update(choices=_choices(), value=run_id), info_md(run_id, frames),
-              *(for_display(figs[n]) for n in ("pr_rank95", "energy", "cosine", "pca", "direction",
-                                               "direction_prompts")),
+              *(for_display(figs[n]) for n in ("pr_rank95", "energy", "cosine", "pca")), "", None,
+              *(for_display(figs[n]) for n in ("direction", "direction_prompts")),
               table(frames["skipped"]), table(rolls)]
     return values, {"run": run_id}
 
@@ -162,6 +204,28 @@ def show_rollout(run_id: str, row: list | None, by: str) -> str:
     model, p, s = str(row[0]), as_int(row[1], "prompt_idx"), as_int(row[2], "sample_idx")
     head, tokens = probe.rollout(choose_run(None, run_id), model, p, s)
     return rollout_html(head, tokens, by if by in ("entropy", "bucket") else "entropy")
+
+
+def point_key(data: object) -> list | None:
+    """[model, prompt_idx, sample_idx, position] from a PCA click's event data (None: a click on no point)."""
+    if not isinstance(data, dict) or any(data.get(k) is None for k in ("model", "prompt_idx", "sample_idx",
+                                                                       "position")):
+        return None
+    return [str(data["model"]), as_int(data["prompt_idx"], "prompt_idx"), as_int(data["sample_idx"], "sample_idx"),
+            as_int(data["position"], "position")]
+
+
+def show_point(run_id: str, key: list | None, by: str) -> str:
+    """The HTML of a clicked PCA point's rollout: which one it is, then the rollout with the token marked."""
+    if not key:
+        return ""
+    model, p, s, pos = key
+    head, tokens = probe.rollout(choose_run(None, run_id), model, p, s)
+    tok = tokens.loc[tokens["position"] == pos, "token"]
+    text = show_token(str(tok.iloc[0])) if len(tok) else "?"
+    which = f"{model} · prompt {p} · sample {s} · token {text} at position {pos}"
+    return (f"<p class='tv-probe-which'><b>PCA point</b>: {html.escape(which)}</p>"
+            + rollout_html(head, tokens, by if by in ("entropy", "bucket") else "entropy", highlight=pos))
 
 
 def wire(t: ProbesTab, page: Page) -> None:
@@ -184,11 +248,21 @@ def wire(t: ProbesTab, page: Page) -> None:
                       **concurrency.RENDER)
 
     @user_errors
-    def recolor(run_id, row, by):
-        return show_rollout(run_id, row, by)
+    def open_point(run_id, by, evt: gr.EventData):
+        key = point_key(evt._data)
+        if key is None:                   # a click beside the points
+            return gr.skip(), gr.skip()
+        return show_point(run_id, key, by), key
 
-    t.token_color.input(recolor, [t.run, t.selected, t.token_color], t.rollout, api_visibility="private",
-                        **concurrency.RENDER)
+    t.pca_click.click(open_point, [t.run, t.token_color], [t.point, t.clicked], api_visibility="private",
+                      **concurrency.RENDER)
+
+    @user_errors
+    def recolor(run_id, row, key, by):
+        return show_rollout(run_id, row, by), show_point(run_id, key, by)
+
+    t.token_color.input(recolor, [t.run, t.selected, t.clicked, t.token_color], [t.rollout, t.point],
+                        api_visibility="private", **concurrency.RENDER)
 
     @user_errors
     def export(run_id, color):
