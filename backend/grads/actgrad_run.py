@@ -101,7 +101,7 @@ class Source:
     model: torch.nn.Module
     tok: object
     examples: list                  # Example objects or records with prompt/response
-    chat: bool
+    chat: bool | str                # data.Format: how the run joined prompts and responses
     run_cfg: dict                   # the train run's config ({} without a run)
 
 
@@ -172,7 +172,7 @@ def load_source(cfg: ActgradConfig) -> Source:
     for p in model.parameters():
         p.requires_grad_(False)    # the backward goes to activations only (LayerGradHooks)
 
-    chat = bool(run_cfg.get("chat_template", True))
+    chat = data.text_format(run_cfg.get("chat_template", True), run_cfg.get("prompt_template", ""))
     if not cfg.task and run_cfg.get("dataset"):
         examples = data.load_examples(run_cfg["dataset"])[:cfg.samples]
     else:

@@ -13,6 +13,13 @@ Encoding rules (what every job trains and traces on):
   when the tokenizer has one and ``chat=True``; otherwise the plain prompt text is used, preceded by the
   tokenizer's BOS token if it has one. A ``messages`` record renders all but its last message with the chat
   template (it needs one).
+- ``chat`` may instead be a prompt template (a job's ``--prompt-template``, ``check_prompt_template``), e.g.
+  ``"Question: {prompt}\nAnswer: {response}"``: the prompt is then the template's text up to ``{response}``
+  with ``{prompt}`` filled in (after BOS, as a plain prompt), used instead of any chat template. It must end
+  with ``{response}``, so the labelled tokens are still exactly the response's (and EOS).
+- A ``prompt``/``response`` dataset asked to use the chat template (``chat=True``) on a tokenizer that has none
+  is encoded as plain prompt text directly followed by the response, no separator; ``encode_examples`` says so
+  once per dataset with a ``PromptFormatWarning`` (``prompt_format_note`` gives the text, for a job's events).
 - Prompt and response are tokenized **separately** and their ids concatenated, so the prompt/response
   boundary is exact: no token straddles it, and the prompt ids are the ones generation starts from. (This can
   differ from tokenizing the joined text when a merge would cross the boundary; it is what the model sees at
@@ -54,6 +61,10 @@ SHOW_TRUNCATED = 5                 # how many truncated examples a TruncationWar
 
 class TruncationWarning(UserWarning):
     """Some examples' responses were cut to fit ``max_len`` (see the module docstring)."""
+
+
+class PromptFormatWarning(UserWarning):
+    """Prompt/response records on a tokenizer without a chat template: joined with no separator."""
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -184,8 +195,46 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render_prompt(tokenizer: Any, prompt: Prompt, chat: bool = True) -> str:
-    """The prompt text the model sees: chat-templated (generation prompt added) or plain; see module doc."""
+# How prompt and response are joined: True (the chat template when the tokenizer has one, else plain), False
+# (plain), or a prompt template "...{prompt}...{response}" (check_prompt_template).
+Format = bool | str
+PROMPT, RESPONSE = "{prompt}", "{response}"
+
+
+def check_prompt_template(template: str) -> str:
+    """``template`` if it is a valid prompt template, else ValueError saying what is wrong.
+
+    Valid: holds ``{prompt}`` once and ``{response}`` once, in that order, and ends with ``{response}`` (the
+    labelled tokens are exactly the response's; text after it would be trained on as if it were response).
+    Other text, braces included, is kept literally.
+    """
+    if not isinstance(template, str):
+        raise ValueError(f"prompt_template must be a string, got {type(template).__name__}")
+    example = "e.g. '{prompt}\\n{response}' or 'Question: {prompt}\\nAnswer: {response}'"
+    for ph in (PROMPT, RESPONSE):
+        if template.count(ph) != 1:
+            raise ValueError(f"prompt_template {template!r} must contain {ph} exactly once (it has "
+                             f"{template.count(ph)}); {example}")
+    if template.index(PROMPT) > template.index(RESPONSE):
+        raise ValueError(f"prompt_template {template!r}: {PROMPT} must come before {RESPONSE}; {example}")
+    if not template.endswith(RESPONSE):
+        raise ValueError(f"prompt_template {template!r} must end with {RESPONSE} (text after the response would "
+                         f"be trained on as response; the EOS token is appended anyway); {example}")
+    return template
+
+
+def text_format(chat_template: bool, prompt_template: str = "") -> Format:
+    """The ``chat`` argument of the encoders for a job's ``chat_template`` and ``prompt_template`` settings.
+    In a prompt template the two-character sequences ``\\n`` and ``\\t`` mean newline and tab (what a shell
+    flag can carry)."""
+    if not prompt_template:
+        return bool(chat_template)
+    return check_prompt_template(prompt_template.replace("\\n", "\n").replace("\\t", "\t"))
+
+
+def render_prompt(tokenizer: Any, prompt: Prompt, chat: Format = True) -> str:
+    """The prompt text the model sees: chat-templated (generation prompt added), from a prompt template, or
+    plain; see module doc."""
     if isinstance(prompt, list):
         if not has_chat_template(tokenizer):
             raise ValueError("a 'messages' record needs a tokenizer with a chat template; this tokenizer has "
@@ -193,15 +242,34 @@ def render_prompt(tokenizer: Any, prompt: Prompt, chat: bool = True) -> str:
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a string or a list of messages, got {type(prompt).__name__}")
+    if isinstance(chat, str):
+        head = check_prompt_template(chat)[:-len(RESPONSE)]
+        return head.replace(PROMPT, prompt)             # replace, not format: braces in the prompt stay as they are
     if chat and has_chat_template(tokenizer):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
     return prompt
 
 
-def prompt_ids(tokenizer: Any, prompt: Prompt, chat: bool = True) -> list[int]:
+def prompt_format_note(tokenizer: Any, chat: Format, examples: Sequence[Example | dict]) -> str | None:
+    """What a job should say once about how prompts were joined to responses, or None when nothing is silent:
+    prompt/response records asked to use the chat template (``chat=True``) on a tokenizer that has none."""
+    if chat is not True or has_chat_template(tokenizer):
+        return None
+    first = next((ex for ex in examples if isinstance(record_prompt(ex), str)), None)
+    if first is None:
+        return None
+    bos = getattr(tokenizer, "bos_token", None)
+    shown = (f"{bos or ''}{record_prompt(first)}{_record_response(first)}")[:120]
+    return (f"the tokenizer has no chat template: each prompt is used as plain text"
+            f"{' after its BOS token ' + repr(bos) if bos else ''}, directly followed by the response with no "
+            f"separator (e.g. {shown!r}); pass --prompt-template '{{prompt}}\\n{{response}}' (or your own) to "
+            "choose how they are joined, or --no-chat-template to use plain text without this note")
+
+
+def prompt_ids(tokenizer: Any, prompt: Prompt, chat: Format = True) -> list[int]:
     """Token ids of the rendered prompt, exactly as training sees them and as generation starts from."""
-    templated = isinstance(prompt, list) or (chat and has_chat_template(tokenizer))
+    templated = isinstance(prompt, list) or (chat is True and has_chat_template(tokenizer))
     ids = list(tokenizer(render_prompt(tokenizer, prompt, chat), add_special_tokens=False)["input_ids"])
     bos = getattr(tokenizer, "bos_token_id", None)
     if not templated and bos is not None and (not ids or ids[0] != bos):
@@ -217,7 +285,7 @@ def response_ids(tokenizer: Any, response: str) -> list[int]:
     return list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [eos]
 
 
-def encode(tokenizer: Any, prompt: Prompt, response: str, max_len: int, chat: bool = True) -> dict[str, list[int]]:
+def encode(tokenizer: Any, prompt: Prompt, response: str, max_len: int, chat: Format = True) -> dict[str, list[int]]:
     """``{"input_ids", "labels"}`` for one example: prompt labels -100, response (with EOS) labelled.
 
     ``prompt`` is a text or a list of chat messages (the prompt turns). A response that does not fit in
@@ -230,7 +298,7 @@ def encode(tokenizer: Any, prompt: Prompt, response: str, max_len: int, chat: bo
     return item
 
 
-def _encode(tokenizer: Any, prompt: Prompt, response: str, max_len: int, chat: bool) -> tuple[dict, int]:
+def _encode(tokenizer: Any, prompt: Prompt, response: str, max_len: int, chat: Format) -> tuple[dict, int]:
     """``encode`` without the warning: (the item, the length prompt + response + EOS had before cutting)."""
     if not isinstance(max_len, int) or max_len < 2:
         raise ValueError(f"max_len must be an integer >= 2, got {max_len!r}")
@@ -263,16 +331,20 @@ def _record_response(record: Example | dict) -> str:
     return record.response if isinstance(record, Example) else record["response"]
 
 
-def encode_record(tokenizer: Any, record: Example | dict, max_len: int, chat: bool = True) -> dict[str, list[int]]:
+def encode_record(tokenizer: Any, record: Example | dict, max_len: int, chat: Format = True) -> dict[str, list[int]]:
     """``encode`` for an Example or a record from ``load_examples``."""
     return encode(tokenizer, record_prompt(record), _record_response(record), max_len, chat)
 
 
 def encode_examples(tokenizer: Any, examples: Sequence[Example | dict], max_len: int,
-                    chat: bool = True) -> list[dict]:
+                    chat: Format = True) -> list[dict]:
     """Encode every example, keeping its position in ``examples`` as ``sample_idx``. Responses cut to fit
     ``max_len`` give one ``TruncationWarning`` for the whole list, counting them; a prompt with no room left
-    is a ValueError naming the example."""
+    is a ValueError naming the example. Prompt/response records on a tokenizer without the chat template they
+    asked for give one ``PromptFormatWarning`` (``prompt_format_note``)."""
+    note = prompt_format_note(tokenizer, chat, examples)
+    if note:
+        warnings.warn(note, PromptFormatWarning, stacklevel=2)
     out = []
     cut_idx, cut_lens = [], []
     for i, ex in enumerate(examples):
@@ -336,12 +408,12 @@ class TaskDataset:
 
     @classmethod
     def from_examples(cls, tokenizer: Any, examples: Sequence[Example | dict], max_len: int,
-                      chat: bool = True) -> "TaskDataset":
+                      chat: Format = True) -> "TaskDataset":
         return cls(list(examples), encode_examples(tokenizer, examples, max_len, chat))
 
     @classmethod
     def from_task(cls, tokenizer: Any, task: str, seed: int, n_train: int, n_eval: int, max_len: int,
-                  split: str = "train", chat: bool = True, **params: Any) -> "TaskDataset":
+                  split: str = "train", chat: Format = True, **params: Any) -> "TaskDataset":
         """The ``split`` ("train" or "eval") of ``get_task(task).generate(seed, n_train, n_eval, **params)``."""
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
@@ -349,5 +421,5 @@ class TaskDataset:
         return cls.from_examples(tokenizer, train if split == "train" else eval_, max_len, chat)
 
     @classmethod
-    def from_file(cls, tokenizer: Any, path: str | Path, max_len: int, chat: bool = True) -> "TaskDataset":
+    def from_file(cls, tokenizer: Any, path: str | Path, max_len: int, chat: Format = True) -> "TaskDataset":
         return cls.from_examples(tokenizer, load_examples(path), max_len, chat)

@@ -5,7 +5,8 @@
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 MODES = ("position", "token")
@@ -51,6 +52,9 @@ class TraceConfig:
     distributed: bool = _f(True, "under torch.distributed, make G the global gradient (all-reduced mean)")
     autocast: str | None = _f(None, "run the traced passes under torch.autocast of this dtype (bfloat16, float16), "
                                     "as a mixed-precision training step runs; position mode only")
+    sketch_dim: int = _f(0, "position mode: keep a k-dimensional random projection of each position's piece "
+                            "(backend.trace.sketch; inner products estimate the pieces' within ~sqrt(8/k) of "
+                            "||P|| ||P'||); 0: off")
 
     def __post_init__(self) -> None:
         for name, allowed in (("mode", MODES), ("trace_loss", TRACE_LOSSES), ("magnitude", MAGNITUDES),
@@ -86,6 +90,12 @@ class TraceConfig:
         if self.autocast is not None and self.mode != "position":
             raise ValueError("autocast is only supported in position mode (token mode's forward-mode passes are "
                              "not replayed under autocast): trace in position mode, or train in float32")
+        sd = self.sketch_dim
+        if isinstance(sd, bool) or not isinstance(sd, int) or not 0 <= sd <= 65536:
+            raise ValueError(f"sketch_dim={self.sketch_dim!r} must be an integer in [0, 65536] (0: no sketches)")
+        if self.sketch_dim and self.mode != "position":
+            raise ValueError("sketch_dim > 0 is only supported in position mode (sketches are projected from the "
+                             "pieces' factors); trace in position mode or set sketch_dim=0")
         if self.inline and self.mode != "position":
             raise ValueError("inline=True needs mode='position' (token mode needs passes of its own)")
         if self.inline and self.micro_batch_size is not None:
@@ -108,9 +118,124 @@ class TraceConfig:
 
     @classmethod
     def from_train_config(cls, tc: Any, **overrides: Any) -> "TraceConfig":
-        """The trace config a TrainConfig asks for (its ``trace_*`` fields), with ``overrides`` on top."""
-        d = dict(mode=tc.trace_mode, trace_loss=tc.trace_loss, magnitude=tc.trace_magnitude,
+        """The trace config a TrainConfig asks for (its ``trace_*`` fields), with ``overrides`` on top.
+        ``trace_magnitude="auto"`` gives "exact" here: ``plan_cost`` chooses once the model and a batch are known."""
+        magnitude = "exact" if tc.trace_magnitude == AUTO else tc.trace_magnitude
+        d = dict(mode=tc.trace_mode, trace_loss=tc.trace_loss, magnitude=magnitude,
                  sketch_k=tc.trace_sketch_k, max_sequences=tc.trace_sequences, inline=tc.trace_inline,
-                 seed=tc.seed)
+                 seed=tc.seed, sketch_dim=tc.trace_sketch_dim)
         d.update(overrides)
         return cls(**d)
+
+
+# ---- what a traced step costs, said before the first one ------------------------------------------------------
+
+AUTO = "auto"              # TrainConfig.trace_magnitude: plan_cost picks exact or sketch (and k) within COST_BUDGET
+COST_BUDGET = 10.0         # a traced step should cost at most this many plain training steps
+MIN_SKETCH_K = 16          # auto never sketches with fewer directions (norm error ~ sqrt(1/32) = 18%)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What a traced step's cost depends on besides the trace config."""
+    n_sites: int              # LoRA matrices traced (2 per adapted module)
+    batch_sequences: int      # B: sequences of the step on this rank (every micro-batch)
+    traced_sequences: int     # S: the first ones get rows (min(max_sequences, B))
+    positions: float          # n: recorded positions per traced sequence (mean)
+    seq_len: int              # T: padded length
+    n_params: int = 0         # the model's parameters, for the FLOP figure only
+
+
+def sketch_error(k: int) -> float:
+    """Relative error of a sketched norm from k Gaussian directions: sqrt(1/(2k)) (chi-square with k degrees)."""
+    return math.sqrt(1.0 / (2 * k))
+
+
+def trace_cost(cfg: TraceConfig, shape: StepShape) -> float:
+    """Expected cost of a traced step as a multiple of a plain training step (the traced step includes it).
+
+    Unit U: one forward pass over one sequence of the step (about 2 * n_params * T FLOPs). A backward costs two
+    forwards; so does each vmapped forward-mode tangent (JVP) beside the shared primal (measured with
+    bench/trace_cost.py: 1.8-1.9 U per tangent on CPU, the tangent's own products plus vmap's). With B sequences in the
+    step, S of them traced, n recorded positions per traced sequence, M LoRA matrices, k sketch directions,
+    j = jvp_chunk tangents per vmapped pass and c = grad_chunk cotangents per batched backward:
+
+        plain step                  P = 3B
+        position mode (re-run)      3B            (x2 with micro-batches: two passes); inline: 0.1 P (pieces)
+        token mode                  3B            G, a full forward + backward of the step
+                                  + 2S            dot: one JVP along G
+                                  + S (2k + ceil(k/j))                    magnitude="sketch"
+                                  + S (2M + ceil(M/j))                    module rows, magnitude != "exact"
+                                  + S (ceil(n/c) + 2n)                    magnitude="exact": a backward per
+                                                                          position over (at most) the sequence
+        ratio = (P + trace) / P
+
+    Exact magnitudes grow with the sequence length (n backward passes per traced sequence), module rows without
+    them with the model's depth (M passes): those are the terms ``plan_cost`` keeps within ``COST_BUDGET``. Token
+    mode also runs eager attention (slower than a fused kernel on long sequences), which this leaves out.
+    """
+    B, S = max(1, shape.batch_sequences), max(1, min(shape.traced_sequences, shape.batch_sequences))
+    plain = 3.0 * B
+    if cfg.mode == "position":
+        trace = 0.1 * plain if cfg.inline else 3.0 * B * (2 if cfg.micro_batch_size else 1)
+        return (plain + trace) / plain
+    j, M, n = cfg.jvp_chunk, shape.n_sites, shape.positions
+    trace = 3.0 * B + 2.0 * S
+    if cfg.magnitude == "sketch":
+        trace += S * (2.0 * cfg.sketch_k + math.ceil(cfg.sketch_k / j))
+    if cfg.module_rows and cfg.magnitude != "exact":
+        trace += S * (2.0 * M + math.ceil(M / j))
+    if cfg.magnitude == "exact":
+        trace += S * (math.ceil(n / cfg.grad_chunk) + 2.0 * n)
+    return (plain + trace) / plain
+
+
+def plan_cost(cfg: TraceConfig, shape: StepShape, auto: bool,
+              budget: float = COST_BUDGET) -> tuple[TraceConfig, float, str]:
+    """(the config to trace with, its ``trace_cost``, a sentence saying what it costs and why it was chosen).
+
+    ``auto`` (token mode's ``trace_magnitude="auto"``): exact magnitudes if they fit ``budget``; else sketched
+    ones with ``cfg.sketch_k`` directions, halved down to ``MIN_SKETCH_K`` until they fit; else, as a last
+    resort, without per-module rows (a pass per LoRA matrix). Without ``auto`` the config is kept as asked.
+    With the train defaults (4 of 16 sequences traced) the cheapest of these costs ~5x whatever the model; when most
+    of a step's sequences are traced even it can exceed the budget, and the sentence says so.
+    """
+    if auto and cfg.mode == "token":
+        ks = [cfg.sketch_k]
+        while ks[-1] // 2 >= MIN_SKETCH_K:
+            ks.append(ks[-1] // 2)
+        tries = [replace(cfg, magnitude="exact", module_rows=True)]
+        tries += [replace(cfg, magnitude="sketch", sketch_k=k, module_rows=True) for k in ks]
+        tries += [replace(cfg, magnitude="sketch", sketch_k=k, module_rows=False) for k in ks]
+        cfg = next((c for c in tries if trace_cost(c, shape) <= budget), tries[-1])
+    ratio = trace_cost(cfg, shape)
+    return cfg, ratio, describe_cost(cfg, shape, ratio, auto, budget)
+
+
+def describe_cost(cfg: TraceConfig, shape: StepShape, ratio: float, auto: bool, budget: float) -> str:
+    """One sentence: the trace settings, their error bound where sketched, and the expected cost."""
+    S = min(shape.traced_sequences, shape.batch_sequences)
+    what = f"{cfg.mode} mode, {S} of {shape.batch_sequences} sequences traced"
+    if cfg.mode == "token":
+        if cfg.magnitude == "sketch":
+            what += (f", magnitudes sketched from k={cfg.sketch_k} directions (relative error of ||g_t|| about "
+                     f"sqrt(1/(2k)) = {sketch_error(cfg.sketch_k):.0%}; dots stay exact)")
+        else:
+            what += f", magnitudes {cfg.magnitude}"
+        if cfg.magnitude != "exact":
+            what += (f", per-module rows from {shape.n_sites} forward-mode passes" if cfg.module_rows
+                     else ", no per-module rows")
+        if auto:
+            what += (f" (chosen by --trace-magnitude auto to stay within ~{budget:g}x; --trace-magnitude exact "
+                     "asks for exact ones)" if cfg.magnitude != "exact" else " (--trace-magnitude auto)")
+    flops = ""
+    if shape.n_params:
+        per_u = 2.0 * shape.n_params * shape.seq_len
+        flops = f", about {ratio * 3 * shape.batch_sequences * per_u / 1e12:.3g} TFLOP"
+    over = ""
+    if ratio > budget:
+        over = (f"; above the ~{budget:g}x target: tracing fewer of the step's sequences (--trace-sequences) "
+                "or, in token mode, --trace-magnitude none lowers it")
+    return (f"expected cost of a traced step: ~{ratio:.1f}x a plain training step{flops} ({what}; "
+            f"{shape.positions:.0f} recorded positions per traced sequence, {shape.n_sites} LoRA matrices; "
+            f"estimate of backend.trace.config.trace_cost){over}")
