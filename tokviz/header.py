@@ -68,6 +68,14 @@ def run_info_md(run_id: str | None) -> str:
     return f"**{info['name'] or run_id}** (`{run_id}`) · " + " · ".join(bits)
 
 
+def step_note(run_id: str | None, asked: object, step: int | None) -> str:
+    """The notice line's note when a run change could not keep the traced step (``asked``) the header showed
+    (the new run did not trace it) and moved to ``step`` instead; "" when it kept it or there was none."""
+    if asked in (None, "") or step is None or str(asked) == str(step):
+        return ""
+    return f"ℹ️ step {asked} was not traced in {run_id}; showing step {step}."
+
+
 def _lora_and_attention(info: pd.Series) -> list[str]:
     """The LoRA targets the run adapted (its manifest; while running, its config) and, when a traced step ran
     another attention kernel than the model's (token mode's forward-mode passes need eager), which."""

@@ -4,7 +4,7 @@
     schemes.comparisons()                      # every compare-schemes run, newest first
     res = schemes.results(cmp_id)              # per scheme and metric: mean, interval, delta, verdict
     schemes.loss_figure(schemes.loss_curves(cmp_id))          # seeds thin, the mean over seeds bold
-    schemes.accuracy_figure(schemes.accuracy_points(cmp_id))  # before (if evaluated) and after training
+    schemes.accuracy_figure(schemes.accuracy_points(cmp_id))  # before (if evaluated), --eval-every steps, after
     schemes.weights_figure(schemes.weights_by_category(cmp_id))
 
 A comparison's children are its ``compare_runs`` rows (backend.jobs.compare_schemes), joined here with the
@@ -44,6 +44,11 @@ SELECT c.scheme, k.category, count(*) AS n, avg(k.weight) AS mean,
 FROM tokens k JOIN last l ON l.run_id = k.run_id AND l.step = k.step
 JOIN compare_runs c ON c.child_run_id = k.run_id AND c.run_id = ?
 WHERE k.is_response GROUP BY c.scheme, k.category ORDER BY k.category, c.scheme"""
+# every traced (step, sample) of every child, with the start of its response: what Inspect can open per scheme
+TRACED_SAMPLES = """SELECT c.scheme, c.seed, c.child_run_id, k.step, k.sample_idx,
+  left(string_agg(k.token, '' ORDER BY k.position) FILTER (WHERE k.is_response), ?) AS preview
+FROM compare_runs c JOIN tokens k ON k.run_id = c.child_run_id WHERE c.run_id = ?
+GROUP BY c.scheme, c.seed, c.child_run_id, k.step, k.sample_idx ORDER BY c.seed, k.step, k.sample_idx"""
 
 
 def comparisons(con: duckdb.DuckDBPyConnection | None = None) -> pd.DataFrame:
@@ -79,16 +84,28 @@ def loss_curves(cmp_id: str, con: duckdb.DuckDBPyConnection | None = None) -> pd
 
 def accuracy_points(cmp_id: str, con: duckdb.DuckDBPyConnection | None = None) -> pd.DataFrame:
     """(scheme, seed, step, greedy, sampled): each finished child's accuracy before training (step 0, when it
-    was evaluated: eval_before) and after its last step, from its manifest."""
+    was evaluated: eval_before), at the intermediate steps it was evaluated at (``--eval-every``) and after its
+    last step, from its manifest."""
     require_run(cmp_id, con)
     rows = []
     for r in _df(con, CHILD_MANIFESTS, [cmp_id]).itertuples():
         m = json.loads(r.manifest_json)
-        for step, ev in ((0, m.get("eval_before")), (m.get("steps"), m.get("eval"))):
+        during = [(ev.get("step"), ev) for ev in m.get("eval_steps") or [] if isinstance(ev, dict)]
+        for step, ev in ((0, m.get("eval_before")), *during, (m.get("steps"), m.get("eval"))):
             if isinstance(ev, dict) and "accuracy" in ev:
                 rows.append({"scheme": r.scheme, "seed": int(r.seed), "step": int(step), "greedy": ev["accuracy"],
                              "sampled": ev.get("sampled_accuracy")})
     df = pd.DataFrame(rows, columns=["scheme", "seed", "step", "greedy", "sampled"])
+    return _order(df, cmp_id, con) if len(df) else df
+
+
+def traced_samples(cmp_id: str, con: duckdb.DuckDBPyConnection | None = None, preview_chars: int = 60
+                   ) -> pd.DataFrame:
+    """(scheme, seed, child_run_id, step, sample_idx, preview) of every sample a child traced: the runs of one
+    seed (same data order and trace steps) trace the same samples at the same steps, so Inspect can show one
+    sample under every scheme. Empty when the runs were not traced."""
+    require_run(cmp_id, con)
+    df = _df(con, TRACED_SAMPLES, [preview_chars, cmp_id])
     return _order(df, cmp_id, con) if len(df) else df
 
 
@@ -132,7 +149,8 @@ def loss_figure(curves: pd.DataFrame) -> go.Figure:
 
 
 def accuracy_figure(points: pd.DataFrame, metric: str = "greedy") -> go.Figure:
-    """Accuracy before (step 0, if evaluated) and after training for every child run: seeds thin, mean bold."""
+    """Accuracy over training for every child run (before it if evaluated, at the ``--eval-every`` steps, after
+    it): seeds thin, the mean over seeds bold."""
     if points.empty or points[metric].isna().all():
         return _empty("Accuracy", "no finished runs with eval results yet")
     fig = go.Figure()

@@ -4,6 +4,7 @@ one protocol, and a results table with paired-bootstrap intervals against a base
     python -m backend compare-schemes --task arith --schemes sft,topk,antiop,lr --seeds 3 --steps 300 \\
         --trace-every 50 --eval-k 4
     python -m backend compare-schemes ... --json          # the manifest: per scheme mean, ci_low, ci_high, delta
+    python -m backend compare-schemes ... --eval-every 50   # also accuracy at steps 50, 100, ... (every child)
     TOKVIZ_MAX_JOBS=2 python -m backend compare-schemes ...          # two child runs at a time
     python -m backend compare-schemes ... --devices 0,1              # child runs placed on GPUs 0 and 1
 
@@ -44,6 +45,16 @@ PER_RUN = ("name", "scheme", "scheme_params", "seed", "runs_root", "run_id")
 NOT_OFFERED = ("dataset",)
 # train fields whose value does not change what a run computes: left out of a child's settings hash
 NOT_HASHED = ("name", "run_id", "runs_root", "log_every")
+# TrainConfig's fields when child ids were introduced: always hashed. A train field added since is hashed only
+# when it differs from its default, so adding one leaves the ids of runs made before it (the shipped demo's, a
+# user's finished runs) as they were: running their comparison again still reuses them
+HASHED_ALWAYS = frozenset((
+    "attn_implementation", "batch_size", "chat_template", "checkpoint_every", "data_seed", "dataset", "device",
+    "dtype", "embgrad_every", "embgrad_stride", "eval_batch_size", "eval_before", "eval_k", "eval_max_new_tokens",
+    "eval_temperature", "grad_accum", "lora_alpha", "lora_dropout", "lora_r", "lora_targets", "lr", "lr_schedule",
+    "max_grad_norm", "max_len", "model", "n_eval", "n_train", "scheme", "scheme_params", "seed", "steps", "task",
+    "task_params", "trace_every", "trace_inline", "trace_loss", "trace_magnitude", "trace_mode", "trace_sequences",
+    "trace_sketch_k", "trust_remote_code", "warmup_steps", "weight_decay"))
 # defaults that differ from train's: a comparison evaluates both greedily and by sampling
 DEFAULTS = {"eval_k": 4}
 
@@ -131,8 +142,11 @@ def child_config(cfg, scheme: str, seed: int) -> TrainConfig:
 
 
 def settings_hash(child: TrainConfig) -> str:
-    """sha256 (12 hex digits) of what a train run computes from: its config without NOT_HASHED fields."""
-    d = {k: v for k, v in child.to_dict().items() if k not in NOT_HASHED}
+    """sha256 (12 hex digits) of what a train run computes from: its config without NOT_HASHED fields, and
+    without fields added since HASHED_ALWAYS that are at their default."""
+    defaults = TrainConfig().to_dict()
+    d = {k: v for k, v in child.to_dict().items()
+         if k not in NOT_HASHED and (k in HASHED_ALWAYS or v != defaults.get(k))}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -183,7 +197,8 @@ JOB = JobSpec(
     config=CompareSchemesConfig, entry="backend.jobs.compare_schemes_run:run",
     tables=(RUNS_TABLE, RESULTS_TABLE),
     launch_fields=("name", "schemes", "baseline", "seeds", "model", "task", "task_params", "n_train", "n_eval",
-                   "steps", "batch_size", "lr", "eval_k", "eval_temperature", "trace_every", "trace_mode"),
+                   "steps", "batch_size", "lr", "eval_k", "eval_temperature", "eval_every", "trace_every",
+                   "trace_mode"),
     hidden_fields=("runs_root", "run_id"), path_fields=("runs_root",), model_fields=("model",),
     user_errors=TRAIN_JOB.user_errors + ("backend.jobs.compare_schemes_run:ChildRunsFailed",),
 )

@@ -191,7 +191,9 @@ def _execute(rd: RunDir, cfg, children: list[Child], parallel: int, progress: bo
             running.append(c)
         ended = False
         for c in running:
-            c.step = int(progress_of(c.path).get("step") or c.step)
+            p = progress_of(c.path)
+            if p.get("phase") == "training":       # while it evaluates, "step" counts generations
+                c.step = int(p.get("step") or c.step)
             rc = c.proc.poll()
             if rc is None:
                 continue
@@ -294,6 +296,40 @@ def score_arrays(paths_by_cell: dict[tuple[str, int], Path], schemes: list[str],
     return greedy, sampled, int(k or 0)
 
 
+def accuracy_by_step(paths_by_cell: dict[tuple[str, int], Path], schemes: list[str], seeds: list[int],
+                     steps: int) -> dict[str, list[dict]]:
+    """Per scheme, per evaluated step (``--eval-every``'s and the last): greedy and sampled accuracy, the mean
+    over seeds (each seed's accuracy over the items). ValueError unless every run was evaluated at the same
+    steps, each time on the same items as the first run's final eval."""
+    from backend.lm import eval_steps  # no torch there: it reads and writes Parquet only
+    out: dict[str, list[dict]] = {}
+    ref_steps = ref_items = None
+    for s in schemes:
+        per: dict[int, list[tuple[float, float]]] = {}
+        for seed in seeds:
+            path = paths_by_cell[(s, seed)]
+            final = _eval_table(path)
+            if ref_items is None:
+                ref_items = sorted(zip(final[final.sample_k < 0].sample_idx, final[final.sample_k < 0].answer))
+            t = eval_steps.records(path)
+            at = sorted(int(x) for x in t.step.unique())
+            if ref_steps is None:
+                ref_steps = at
+            elif at != ref_steps:
+                raise ValueError(f"run of {s} seed {seed} was evaluated at steps {at}, the first run at {ref_steps}")
+            for step, g in [*t.groupby("step"), (steps, final)]:
+                greedy = g[g.sample_k < 0]
+                if sorted(zip(greedy.sample_idx, greedy.answer)) != ref_items:
+                    raise ValueError(f"run of {s} seed {seed} was evaluated at step {step} on other items than "
+                                     "the first run: the comparison's protocol needs the same held-out items")
+                sampled = g[g.sample_k >= 0]
+                per.setdefault(int(step), []).append(
+                    (float(greedy.correct.mean()), float(sampled.correct.mean()) if len(sampled) else float("nan")))
+        out[s] = [{"step": step, "greedy": float(np.mean([a for a, _ in v])),
+                   "sampled": float(np.mean([b for _, b in v])), "n_seeds": len(v)} for step, v in sorted(per.items())]
+    return out
+
+
 def results(rd: RunDir, cfg, children: list[Child]) -> dict:
     """Compute and write ``compare/results.parquet``; returns the manifest (per scheme, per metric: mean,
     ci_low, ci_high, delta_vs_baseline {delta, ci_low, ci_high, verdict}; the protocol; the runs)."""
@@ -316,6 +352,7 @@ def results(rd: RunDir, cfg, children: list[Child]) -> dict:
                              ("n_seeds", len(seeds)), ("n_items", scores.shape[2])):
                 cols[key].append(val)
     rd.write_table("compare/results.parquet", rows_to_table(cols, COMPARE_RESULTS))
+    by_step = accuracy_by_step(cells, schemes, seeds, cfg.steps)
     protocol = {
         "items": int(greedy.shape[2]), "task": cfg.task, "task_params": cfg.task_params, "data_seed": cfg.data_seed,
         "greedy": "exact match of the greedy (temperature 0) answer",
@@ -324,8 +361,10 @@ def results(rd: RunDir, cfg, children: list[Child]) -> dict:
         "sampling_seed": "the run's seed (seed j of every scheme draws from the same stream)",
         "interval": (f"{LEVEL:.0%} percentile interval, paired bootstrap over seeds and items "
                      f"({cfg.n_boot} replicates; every scheme shares each replicate's draw)"),
-        "verdict": "better / worse when the delta's interval excludes 0, else not distinguishable"}
+        "verdict": "better / worse when the delta's interval excludes 0, else not distinguishable",
+        "eval_every": cfg.eval_every, "eval_steps": sorted({r["step"] for rs in by_step.values() for r in rs})}
     return {"baseline": cfg.baseline, "schemes": out, "protocol": protocol, "seeds": seeds,
+            "accuracy_by_step": by_step,
             "runs": [{"run_id": c.cfg.run_id, "scheme": c.cfg.scheme, "seed": c.cfg.seed, "status": c.status,
                       "seconds": round(c.seconds, 2)} for c in children],
             "report": report_text(out, cfg.baseline, protocol)}

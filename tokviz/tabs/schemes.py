@@ -1,7 +1,8 @@
 """Schemes: launch a scheme comparison (schemes x seeds, one protocol) and read its results: the table of
 accuracies with 95% intervals and the verdict against the baseline, loss and accuracy curves (seeds thin, mean
-bold), the scheme weights by token category, and the child runs. A running comparison shows its progress (runs
-done / total, the running run's step, ETA) from its events; its runs are indexed when it ends (or on Refresh).
+bold), the scheme weights by token category, the child runs, and links that open one traced sample (same seed,
+step and sample) in Inspect under each scheme. A running comparison shows its progress (runs done / total, the
+running run's step, ETA) from its events; its runs are indexed when it ends (or on Refresh).
 
 The form is the Launch tab's form of the ``compare-schemes`` kind (``tokviz.tabs.launch``), built from the same
 config dataclass as ``python -m backend compare-schemes``.
@@ -24,6 +25,7 @@ from tokviz import concurrency
 from tokviz.common import for_display, user_errors
 from tokviz.context import AppContext
 from tokviz.header import Page
+from tokviz.links import Focus
 from tokviz.tabs import launch
 
 
@@ -39,6 +41,8 @@ class SchemesTab:
     accuracy: gr.Plot
     weights: gr.Plot
     runs: gr.HTML
+    inspect_pick: gr.Dropdown        # a traced (seed, step, sample) of the comparison's runs
+    inspect_links: gr.HTML           # that sample in Inspect, one link per scheme
     form: launch.KindForm
     token: gr.Textbox
     launch: gr.Button
@@ -48,7 +52,7 @@ class SchemesTab:
     @property
     def shown(self) -> list:
         return [self.comparison, self.status, self.table, self.stats, self.results, self.loss, self.accuracy,
-                self.weights, self.runs]
+                self.weights, self.runs, self.inspect_pick, self.inspect_links]
 
 
 def build(ctx: AppContext) -> SchemesTab:
@@ -61,11 +65,15 @@ def build(ctx: AppContext) -> SchemesTab:
     stats = gr.HTML("", css_template=TABLE_CSS, elem_id="tv-sch-stats")
     with gr.Row():
         results = gr.Plot(label="Accuracy by scheme", elem_id="tv-sch-results")
-        accuracy = gr.Plot(label="Accuracy before / after training", elem_id="tv-sch-accuracy")
+        accuracy = gr.Plot(label="Accuracy over training", elem_id="tv-sch-accuracy")
     with gr.Row():
         loss = gr.Plot(label="Training loss", elem_id="tv-sch-loss")
         weights = gr.Plot(label="Weights by token category", elem_id="tv-sch-weights")
     runs = gr.HTML("", css_template=TABLE_CSS, elem_id="tv-sch-runs")
+    with gr.Row(equal_height=True):
+        inspect_pick = gr.Dropdown(label="A traced sample to read under every scheme (seed · step · sample)",
+                                   choices=[], elem_id="tv-sch-inspect-pick", scale=3)
+        inspect_links = gr.HTML("", css_template=TABLE_CSS, elem_id="tv-sch-inspect", scale=4)
     with gr.Accordion("Launch a scheme comparison", open=False, elem_id="tv-sch-launch-box"):
         gr.Markdown("One train run per (scheme, seed), everything else identical; all evaluated greedily and "
                     "with k samples on the same held-out items. Runs that finished with the same name and "
@@ -76,8 +84,8 @@ def build(ctx: AppContext) -> SchemesTab:
         button = gr.Button("Launch comparison", variant="primary", elem_id="tv-sch-launch",
                            interactive=ctx.settings.may_launch(None) or bool(ctx.settings.admin_token))
         message = gr.Markdown("", elem_id="tv-sch-message")
-    return SchemesTab(comparison, refresh, status, table, stats, results, loss, accuracy, weights, runs, form, token,
-                      button, message, gr.State(""))
+    return SchemesTab(comparison, refresh, status, table, stats, results, loss, accuracy, weights, runs, inspect_pick,
+                      inspect_links, form, token, button, message, gr.State(""))
 
 
 TABLE_CSS = """
@@ -86,6 +94,9 @@ TABLE_CSS = """
 .tv-sch th { border-bottom: 2px solid #ccc; font-weight: 600; }
 .tv-better { color: #1a7f37; font-weight: 600; } .tv-worse { color: #c62828; font-weight: 600; }
 .tv-sch-cap { font-weight: 600; margin-top: .5em; }
+.tv-sch-hint { color: #666; font-size: 12px; }
+.tv-sch-open { display: inline-block; margin: .2em .5em .2em 0; padding: 2px 10px; border: 1px solid #bbb;
+  border-radius: 6px; text-decoration: none; }
 """
 
 
@@ -158,6 +169,43 @@ def runs_html(kids: pd.DataFrame) -> str:
     return f'<div class="tv-sch-cap">Runs of this comparison</div><table class="tv-sch">{head}{body}</table>'
 
 
+def inspect_choices(samples: pd.DataFrame) -> list[tuple[str, str]]:
+    """Choices ``seed · step · sample · response start`` (value ``seed:step:sample``) of every traced sample of
+    the comparison, from ``schemes.traced_samples`` (one row per scheme; the first scheme's preview)."""
+    if samples.empty:
+        return []
+    first = samples.drop_duplicates(["seed", "step", "sample_idx"]).sort_values(["seed", "step", "sample_idx"])
+    return [(f"seed {r.seed} · step {r.step} · #{r.sample_idx} · {str(r.preview or '').replace(chr(10), '⏎ ')}",
+             f"{r.seed}:{r.step}:{r.sample_idx}") for r in first.itertuples()]
+
+
+def inspect_links_html(samples: pd.DataFrame, kids: pd.DataFrame, pick: str | None) -> str:
+    """One link per scheme opening the picked (seed, step, sample) in Inspect on that scheme's run of the seed
+    (a deep link: ``?tab=inspect&run=...&step=...&sample=...``); a scheme whose run did not trace it is named
+    without a link. Empty when nothing is picked or the runs were not traced."""
+    if samples.empty or not pick:
+        return ('<div class="tv-sch-cap">No traced samples: launch the comparison with trace_every > 0 to read '
+                "one sample under every scheme in Inspect.</div>" if samples.empty else "")
+    try:
+        seed, step, sample = (int(x) for x in str(pick).split(":"))
+    except ValueError:
+        raise ValueError(f"pick a sample from the list (seed:step:sample), got {pick!r}") from None
+    traced = set(zip(samples["child_run_id"], samples["step"], samples["sample_idx"]))
+    links = []
+    for r in kids[kids["seed"] == seed].drop_duplicates("scheme").itertuples():
+        name = html.escape(str(r.scheme))
+        if (r.child_run_id, step, sample) in traced:
+            href = html.escape(Focus("inspect", r.child_run_id, step, sample).query(), quote=True)
+            links.append(f'<a class="tv-sch-open" href="{href}" data-scheme="{name}" '
+                         f'title="{html.escape(r.child_run_id, quote=True)}">{name}</a>')
+        else:
+            links.append(f'<span class="tv-sch-open" title="not traced there">{name} (not traced)</span>')
+    cap = f"Open sample #{sample} (step {step}, seed {seed}) in Inspect as:"
+    hint = "In Inspect, switching the header's run between these keeps the sample and step."
+    return (f'<div class="tv-sch-cap">{html.escape(cap)}</div>' + "".join(links)
+            + f'<div class="tv-sch-hint">{html.escape(hint)}</div>')
+
+
 def status_md(cmp_id: str) -> tuple[str, dict]:
     """A line on the comparison (status, progress while it runs) and its protocol."""
     row = schemes.comparisons()
@@ -180,29 +228,33 @@ def status_md(cmp_id: str) -> tuple[str, dict]:
     return " · ".join(bits[:1]) + "<br>" + " · ".join(bits[1:]), manifest.get("protocol", {})
 
 
-def render(cmp_id: str | None) -> list:
+def render(cmp_id: str | None, pick: str | None = None) -> list:
     cs = choices()
     ids = [v for _, v in cs]
     cmp_id = cmp_id if cmp_id in ids else (ids[0] if ids else None)
     if cmp_id is None:
         note = "No scheme comparison indexed yet: launch one below, or `python -m backend compare-schemes ...`."
-        return [gr.update(choices=cs, value=None), note, "", "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), ""]
+        return [gr.update(choices=cs, value=None), note, "", "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), "",
+                gr.update(choices=[], value=None), ""]
     md, protocol = status_md(cmp_id)
     res = schemes.results(cmp_id)
     points = schemes.accuracy_points(cmp_id)
+    kids, samples = schemes.children(cmp_id), schemes.traced_samples(cmp_id)
+    picks = inspect_choices(samples)
+    pick = pick if pick in [v for _, v in picks] else (picks[0][1] if picks else None)   # kept on a redraw
     return [gr.update(choices=cs, value=cmp_id), md, results_html(res, protocol), stats_html(schemes.trace_stats(cmp_id)),
             for_display(schemes.results_figure(res), 420), for_display(schemes.loss_figure(schemes.loss_curves(cmp_id)), 420),
             for_display(schemes.accuracy_figure(points), 420),
             for_display(schemes.weights_figure(schemes.weights_by_category(cmp_id)), 420),
-            runs_html(schemes.children(cmp_id))]
+            runs_html(kids), gr.update(choices=picks, value=pick), inspect_links_html(samples, kids, pick)]
 
 
 def wire(t: SchemesTab, page: Page) -> None:
     ctx = page.ctx
 
     @user_errors
-    def show(cmp_id):
-        return render(cmp_id) + [_key(cmp_id)]
+    def show(cmp_id, pick=None):
+        return render(cmp_id, pick) + [_key(cmp_id)]
 
     outputs = t.shown + [t.rendered]
     t.comparison.input(show, t.comparison, outputs, api_name="scheme_comparison", **concurrency.RENDER)
@@ -213,6 +265,15 @@ def wire(t: SchemesTab, page: Page) -> None:
         return show(cmp_id)
 
     t.refresh.click(refresh, t.comparison, outputs, api_visibility="private", **concurrency.INGEST)
+
+    @user_errors
+    def links(cmp_id, pick):
+        if not cmp_id:
+            return ""
+        return inspect_links_html(schemes.traced_samples(cmp_id), schemes.children(cmp_id), pick)
+
+    t.inspect_pick.input(links, [t.comparison, t.inspect_pick], t.inspect_links, api_name="scheme_inspect_links",
+                         **concurrency.RENDER)
 
     def on_launch(token, *values):
         try:
@@ -232,7 +293,7 @@ def wire(t: SchemesTab, page: Page) -> None:
         cmp_id = got[t.comparison]
         if got[t.rendered] != _key(cmp_id):
             try:
-                return dict(zip(outputs, show(cmp_id)))
+                return dict(zip(outputs, show(cmp_id, got[t.inspect_pick])))
             except gr.Error as e:
                 return {t.status: f"⚠️ {html.escape(str(e))}", t.rendered: _key(cmp_id)}
         if cmp_id and ctx.jobs.active():
@@ -242,4 +303,4 @@ def wire(t: SchemesTab, page: Page) -> None:
     def _key(cmp_id: str | None) -> str:
         return f"{cmp_id}|{ctx.generation}"
 
-    page.keep_live([t.comparison, t.rendered], outputs, live)
+    page.keep_live([t.comparison, t.rendered, t.inspect_pick], outputs, live)
