@@ -108,6 +108,38 @@ def test_previous_and_next_sample(page):
     page.wait_for_function(f"document.querySelector('#tv-overlay .tv-text').dataset.sample === '{first}'")
 
 
+def test_keyboard_moves_between_tokens_and_samples(page):
+    """Left/right select the next/previous token (the server answers as to a click: the link and the breakdown
+    follow); j/k and down/up go to the next/previous sample; typing in a field does neither."""
+    page.locator("#tv-overlay .t.r").nth(3).click()
+    start = int(page.locator("#tv-overlay .t.sel").get_attribute("data-i"))
+    page.wait_for_function(f"location.search.includes('token={start}')")
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function(f"new URLSearchParams(location.search).get('token') === '{start + 1}'")
+    for key in ("ArrowRight", "ArrowRight", "ArrowLeft", "ArrowLeft", "ArrowLeft"):   # faster than the server
+        page.keyboard.press(key)
+    # the server ends on the token the overlay highlights (the last press), whatever order the answers took
+    page.wait_for_function(f"new URLSearchParams(location.search).get('token') === '{start}'")
+    page.wait_for_function(f"document.querySelector('#tv-token-title').innerText.includes('Token #{start}')")
+    assert page.locator("#tv-overlay .t.sel").get_attribute("data-i") == str(start)
+    first = painted_sample(page)
+    page.keyboard.press("j")
+    page.wait_for_function(f"document.querySelector('#tv-overlay .tv-text').dataset.sample !== '{first}'")
+    page.keyboard.press("ArrowUp")
+    page.wait_for_function(f"document.querySelector('#tv-overlay .tv-text').dataset.sample === '{first}'")
+    # typed into a field, the keys are text: the handler runs synchronously, so a click it made would count now
+    page.evaluate("window.tvNext = 0; document.querySelector('#tv-next').addEventListener('click', "
+                  "() => { window.tvNext += 1; })")
+    field = "#tv-search textarea, #tv-search input"
+    if not page.is_visible(field):
+        page.click("text=Search samples by text")
+    page.click(field)
+    page.keyboard.press("j")
+    page.keyboard.press("ArrowDown")
+    assert page.input_value(field) == "j" and page.evaluate("window.tvNext") == 0
+    page.fill(field, "")
+
+
 def test_hostile_token_text_renders_as_text(app, page):
     url, _ = app
     page.goto(f"{url}?tab=inspect&run=synth-antiop&step=5")

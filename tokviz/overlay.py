@@ -7,6 +7,8 @@ Pure functions (DataFrame -> HTML string), no I/O. Every token's text is HTML-es
 newline token shows a faint ``⏎`` so its colour can be seen. Prompt tokens are dimmed, dashed and italic; a
 label marks where the prompt and the response begin. Hovering a token shows its numbers (a tooltip drawn
 by the script, from a JSON payload sent once per sample); a click reports ``data-i`` (the position) to the app.
+Keyboard (when no field has the focus): left/right select the previous/next token, up/down or k/j go to the
+previous/next sample.
 """
 from __future__ import annotations
 
@@ -27,6 +29,10 @@ _SEQ_STOPS = np.array([[252, 251, 253], [239, 237, 245], [218, 218, 235], [188, 
                        [128, 125, 186], [106, 81, 163], [84, 39, 143], [63, 0, 125]], dtype=np.float64)
 
 
+_NO_INFLUENCE = ("no influence recorded at this step: train with --influence-eval N (and --trace-every) to measure "
+                 "each token's effect on held-out loss")
+
+
 @dataclass(frozen=True)
 class Metric:
     """How one token column becomes a colour. Diverging (``centre`` given: white there, red below, blue above;
@@ -41,6 +47,7 @@ class Metric:
     fmt: str = ".4g"
     help: str = ""
     trained_only: bool = False
+    missing: str = ""            # what to do when a sample has no values of it (shown instead of colours)
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in [
@@ -53,6 +60,12 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("prob", "probability of the token", "prob", centre=None, fmt=".3f", trained_only=True),
     Metric("entropy", "entropy of the prediction", "entropy", centre=None, fmt=".3f", trained_only=True),
     Metric("weight", "scheme weight (as trained)", "weight", centre=1.0, fmt=".3f", trained_only=True),
+    Metric("influence", "influence on the eval loss <piece, G_eval>", "influence", fmt=".3g",
+           help="blue: this token's part of the update lowers the held-out loss (helps); red: raises it (hurts)",
+           missing=_NO_INFLUENCE),
+    Metric("influence_alignment", "influence alignment (cosine with the eval-loss gradient)",
+           "influence_alignment", fmt=".3f", missing=_NO_INFLUENCE,
+           help="blue: points where the held-out loss wants the update to go; red: against it"),
 ]}
 WHAT_IF_PREFIX = "what-if:"
 
@@ -166,10 +179,13 @@ def legend(metric: Metric, scale: Scale, mode: str = "") -> str:
     return (f'<div class="tv-legend"><span class="tv-metric">{html.escape(metric.label)}</span>{mode_html}'
             f'<span>{_fmt(lo, metric.fmt)}</span><span class="tv-bar" style="background: linear-gradient(90deg, '
             f'{stops})"></span><span>{_fmt(hi, metric.fmt)}</span>{mid_html}'
-            f'<span class="tv-key"><span class="t p">{prompt}</span> <span class="t r">response</span></span></div>')
+            f'<span class="tv-key"><span class="t p">{prompt}</span> <span class="t r">response</span></span>'
+            '<span class="tv-keys" title="keyboard, when no field has the focus">← → token · ↑ ↓ (k j) sample</span>'
+            '</div>')
 
 
 FLOAT_TIPS = ("alignment", "share", "dot", "magnitude", "loss", "prob", "entropy", "weight")
+OPTIONAL_TIPS = ("influence", "influence_alignment")
 
 
 def _sig(a: np.ndarray, digits: int = 4) -> list[float]:
@@ -192,6 +208,9 @@ def tip_data(tokens: pd.DataFrame, what_if: np.ndarray | None = None, what_if_na
     cats = list(dict.fromkeys(tokens["category"].astype(str)))
     index = {c: i for i, c in enumerate(cats)}
     cols: dict[str, list] = {c: _sig(tokens[c].astype("float64").to_numpy(na_value=np.nan)) for c in FLOAT_TIPS}
+    for c in OPTIONAL_TIPS:                      # only when the run recorded them
+        if c in tokens and tokens[c].notna().any():
+            cols[c] = _sig(tokens[c].astype("float64").to_numpy(na_value=np.nan))
     cols["position"] = tokens["position"].astype(int).tolist()
     cols["resp_pos"] = tokens["resp_pos"].astype("float64").fillna(-1).astype(int).tolist()
     cols["is_response"] = tokens["is_response"].astype(int).tolist()
@@ -220,6 +239,8 @@ def render(tokens: pd.DataFrame, metric: Metric, selected: int | None = None, wh
     and a browser test can tell which sample is painted."""
     if tokens.empty:
         return '<div class="tv-empty">no tokens</div>'
+    if what_if is None and (metric.column not in tokens or tokens[metric.column].isna().all()) and metric.missing:
+        return f'<div class="tv-empty tv-missing">{html.escape(metric.missing)}</div>'
     values = what_if if what_if is not None else tokens[metric.column]
     v = np.asarray(values, dtype=np.float64)
     scale = scale_for(metric, pd.Series(v), tokens["is_response"])
@@ -266,6 +287,7 @@ CSS = """
 .tv-legend { display: flex; gap: .5em; align-items: center; flex-wrap: wrap; font-size: .85em; margin-bottom: .4em; }
 .tv-legend .tv-bar { display: inline-block; width: 180px; height: .9em; border: 1px solid #ccc; }
 .tv-legend .tv-metric { font-weight: 600; }
+.tv-legend .tv-keys { margin-left: auto; color: #888; font-size: 11px; }
 .tv-legend .tv-mid { color: #666; }
 .tv-legend .tv-mode { color: #444; font-style: italic; }
 .tv-note { font-size: .85em; color: #a15c00; margin-bottom: .4em; }
@@ -331,6 +353,7 @@ function text(t) {
     'loss ' + f(q('loss'), 4) + '   p ' + f(q('prob'), 3) + '   entropy ' + f(q('entropy'), 3) + '\n' +
     'weight ' + f(q('weight'), 3);
   if (p.data.what_if) s += '   ' + p.data.what_if.name + ' would weigh ' + f(p.data.what_if.values[k], 3);
+  if (c.influence) s += '\ninfluence on eval loss ' + f(q('influence'), 3) + ' (cos ' + f(q('influence_alignment'), 3) + ')';
   return s;
 }
 let hovered = null;
@@ -349,15 +372,60 @@ element.addEventListener('mouseover', (e) => {
   show(t);
 });
 element.addEventListener('mouseleave', () => { hovered = null; tip.style.display = 'none'; });
-element.addEventListener('click', (e) => {
-  const t = e.target.closest('.tv-text [data-i]');
-  if (!t) return;
+// The app drops a click that comes while the previous one is still being answered (Gradio's trigger mode
+// "once"; "always_last" would resend it without its position). So the script remembers the token it asked for
+// last and checks the breakdown's title (#tv-token-title) a little later: while it shows another token, it asks
+// again (a request made while one is pending is dropped, so asking again is harmless). The server ends on the
+// highlighted token however fast the clicks or arrow keys come.
+let wanted = null, timer = null;
+function select(t) {
   element.querySelectorAll('.t.sel').forEach(s => s.classList.remove('sel'));
   t.classList.add('sel');
-  trigger('click', {position: parseInt(t.dataset.i)});
+  wanted = parseInt(t.dataset.i);
+  trigger('click', {position: wanted});
+  clearTimeout(timer);
+  timer = setTimeout(() => recheck(0), 250);
+}
+function recheck(tries) {
+  const title = document.querySelector('#tv-token-title');
+  const m = title && /Token #(\d+)/.exec(title.innerText);
+  if (wanted === null || !element.querySelector('.t.sel') || (m && parseInt(m[1]) === wanted)) return;
+  if (tries >= 40 || (!m && tries >= 4)) return;       // no answer to compare with: an error said why
+  trigger('click', {position: wanted});
+  timer = setTimeout(() => recheck(tries + 1), 250);
+}
+element.addEventListener('click', (e) => {
+  const t = e.target.closest('.tv-text [data-i]');
+  if (t) select(t);
+});
+// Keyboard, while the overlay is on screen and no field has the focus: left/right the previous/next token,
+// up/down (or k/j) the previous/next sample (the tab's own buttons, so the server does what a click does).
+document.addEventListener('keydown', (e) => {
+  if (e.defaultPrevented || e.altKey || e.ctrlKey || e.metaKey) return;
+  const a = document.activeElement;
+  if (a && (a.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(a.tagName))) return;
+  const box = element.querySelector('.tv-text');
+  if (!box || box.offsetParent === null) return;
+  const k = e.key;
+  if (k === 'ArrowLeft' || k === 'ArrowRight') {
+    const toks = Array.from(box.querySelectorAll('[data-i]'));
+    if (!toks.length) return;
+    const cur = box.querySelector('.t.sel');
+    const step = k === 'ArrowRight' ? 1 : -1;
+    let i = cur ? toks.indexOf(cur) + step : (step > 0 ? 0 : toks.length - 1);
+    i = Math.max(0, Math.min(toks.length - 1, i));
+    select(toks[i]);
+    toks[i].scrollIntoView({block: 'nearest'});
+    e.preventDefault();
+  } else if (k === 'ArrowUp' || k === 'ArrowDown' || k === 'j' || k === 'k') {
+    const btn = document.querySelector(k === 'ArrowUp' || k === 'k' ? '#tv-prev' : '#tv-next');
+    if (btn) { btn.click(); e.preventDefault(); }
+  }
 });
 watch('value', () => {
   tip.style.display = 'none';
+  wanted = null;
+  clearTimeout(timer);
   const s = element.querySelector('.t.sel');
   const box = element.querySelector('.tv-text');
   if (s && box) { box.scrollTop = Math.max(0, s.offsetTop - box.offsetTop - box.clientHeight / 2); }

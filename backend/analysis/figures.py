@@ -73,6 +73,20 @@ def _color(i: int) -> str:
     return PALETTE[i % len(PALETTE)]
 
 
+# LoRA's two factors: colours of their own, never the blue / red that alignment (RdBu) and the runs use
+LORA_COLORS = {"lora_A": "#66a61e", "lora_B": "#7570b3"}
+LORA_PATTERNS = {"lora_A": "", "lora_B": "/"}      # several runs: a run's colour, lora_B hatched
+
+
+def run_color(df: pd.DataFrame, run: str | None, i: int) -> str:
+    """A run's colour: by its place among the ``run`` column's categories when that column is categorical
+    (Compare makes it so: a run then has one colour in every panel, also one where an earlier run has no
+    rows), else by its place ``i`` among the runs the frame has."""
+    if run is not None and isinstance(df["run"].dtype, pd.CategoricalDtype):
+        return _color(list(df["run"].cat.categories).index(run))
+    return _color(i)
+
+
 def _rgba(hex_color: str, alpha: float) -> str:
     h = hex_color.lstrip("#")
     return f"rgba({int(h[0:2], 16)},{int(h[2:4], 16)},{int(h[4:6], 16)},{alpha})"
@@ -108,9 +122,10 @@ def alignment_evolution(evolution: pd.DataFrame) -> go.Figure:
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     groups = _runs(evolution)
     for i, (run, g) in enumerate(groups):
-        c, name = _color(i), (run or "mean")
+        c, name = run_color(evolution, run, i), (run or "mean")
         fig.add_trace(go.Scatter(x=list(g["step"]) + list(g["step"])[::-1], y=list(g["p90"]) + list(g["p10"])[::-1],
                                  fill="toself", fillcolor=_rgba(c, 0.15), line=dict(width=0), hoverinfo="skip",
+                                 mode="lines",      # plotly's default adds markers of its own colours under 20 points
                                  name=f"{run + ' ' if run else ''}10-90th pct", showlegend=run is None))
         fig.add_trace(go.Scatter(x=g["step"], y=g["mean"], mode="lines+markers", name=name, line=dict(color=c),
                                  customdata=np.stack([g["std"], g["p10"], g["p90"], g["n"]], axis=-1),
@@ -206,7 +221,7 @@ def positional_decay(bins: pd.DataFrame, fit: pd.DataFrame | None = None) -> go.
         if fit is not None and run is None and len(fit):
             name += f" (slope {fit['slope_per_token'].iloc[0]:.2e} per token)"
         fig.add_trace(go.Scatter(x=g["bin_center"], y=g["mean_alignment"], mode="lines+markers", name=name,
-                                 line=dict(color=_color(i)), error_y=dict(type="data", array=g["sem"]),
+                                 line=dict(color=run_color(bins, run, i)), error_y=dict(type="data", array=g["sem"]),
                                  customdata=np.stack([g["bin_start"], g["bin_end"], g["n"]], axis=-1),
                                  hovertemplate=(f"{run or ''} positions %{{customdata[0]}}-%{{customdata[1]}}"
                                                 "<br>mean %{y:.4f}<br>n %{customdata[2]}<extra></extra>")))
@@ -268,7 +283,7 @@ def lora_ab(layers: pd.DataFrame) -> go.Figure:
         return _empty("LoRA A vs B gradient magnitude per layer", NO_MODULES)
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     for i, part in enumerate(("lora_A", "lora_B")):
-        fig.add_trace(go.Bar(x=layers["layer"], y=layers[part], name=part, marker_color=_color(i),
+        fig.add_trace(go.Bar(x=layers["layer"], y=layers[part], name=part, marker_color=LORA_COLORS[part],
                              hovertemplate=f"layer %{{x}}<br>{part} %{{y:.4g}}<extra></extra>"))
     fig.add_trace(go.Scatter(x=layers["layer"], y=layers["ratio_b_over_a"], mode="lines+markers", name="ratio B/A",
                              line=dict(color="#333"), hovertemplate="layer %{x}<br>B/A %{y:.3f}<extra></extra>"),
@@ -287,7 +302,7 @@ def category_breakdown(categories: pd.DataFrame) -> go.Figure:
         g = g.set_index("category").reindex(order).reset_index()
         sem = g["std_alignment"] / np.sqrt(g["n"])
         fig.add_trace(go.Bar(x=g["category"], y=g["mean_alignment"], name=run or "mean alignment",
-                             marker_color=_color(i), error_y=dict(type="data", array=sem),
+                             marker_color=run_color(categories, run, i), error_y=dict(type="data", array=sem),
                              customdata=np.stack([g["n"], g["frac_negative"], g["share_sum"]], axis=-1),
                              hovertemplate=(f"{run or ''} %{{x}}<br>mean %{{y:.4f}}<br>n %{{customdata[0]}}"
                                             "<br>opposing %{customdata[1]:.1%}<br>share %{customdata[2]:.1%}"
@@ -318,10 +333,12 @@ def module_types(modules: pd.DataFrame) -> go.Figure:
         return _empty("Alignment by module type and LoRA part", NO_MODULES)
     fig = go.Figure()
     for i, (run, g) in enumerate(_runs(modules)):
-        groups = [(f"{run} {part}" if run else part, gg) for part, gg in g.groupby("part")]
-        for j, (name, gg) in enumerate(groups):
-            fig.add_trace(go.Bar(x=gg["module"], y=gg["mean_alignment"], name=name,
-                                 marker_color=_color(2 * i + j) if run else _color(j),
+        groups = [(f"{run} {part}" if run else part, str(part), gg) for part, gg in g.groupby("part")]
+        for name, part, gg in groups:
+            # one run: the LoRA parts' own colours; several: the run's colour, lora_B hatched
+            color = run_color(modules, run, i) if run else LORA_COLORS.get(part, _color(0))
+            fig.add_trace(go.Bar(x=gg["module"], y=gg["mean_alignment"], name=name, marker_color=color,
+                                 marker_pattern_shape=LORA_PATTERNS.get(part, "") if run else "",
                                  customdata=np.stack([gg["mean_magnitude"], gg["share"], gg["n"]], axis=-1),
                                  hovertemplate=(f"{name} %{{x}}<br>mean alignment %{{y:.4f}}<br>mean magnitude "
                                                 "%{customdata[0]:.4g}<br>share %{customdata[1]:.1%}<br>rows "
@@ -341,7 +358,7 @@ def lorenz_curve(lorenz: pd.DataFrame, stats: pd.DataFrame) -> go.Figure:
         s = stat_rows.get(run)
         gini = f" (Gini {s['gini'].iloc[0]:.3f})" if s is not None and len(s) else ""
         fig.add_trace(go.Scatter(x=g["token_fraction"], y=g["mass_fraction"], mode="lines",
-                                 name=f"{run or 'Lorenz'}{gini}", line=dict(color=_color(i)),
+                                 name=f"{run or 'Lorenz'}{gini}", line=dict(color=run_color(lorenz, run, i)),
                                  hovertemplate=("lowest %{x:.1%} of tokens hold %{y:.1%} of the magnitude"
                                                 "<extra></extra>")))
     _layout(fig, "Concentration of gradient magnitude (Lorenz curve)", "fraction of tokens (ascending magnitude)",
@@ -356,11 +373,11 @@ def autocorrelation(lags: pd.DataFrame) -> go.Figure:
     """Mean autocorrelation of alignment per lag with the 95% white-noise band (shaded)."""
     fig = go.Figure()
     for i, (run, g) in enumerate(_runs(lags)):
-        c = _color(i)
+        c = run_color(lags, run, i)
         g = g.dropna(subset=["r", "band"])      # lags no sequence is long enough for: a gap would tear the band
         fig.add_trace(go.Scatter(x=list(g["lag"]) + list(g["lag"])[::-1], y=list(g["band"]) + list(-g["band"])[::-1],
                                  fill="toself", fillcolor=_rgba(c, 0.12), line=dict(width=0), hoverinfo="skip",
-                                 name=f"{run + ' ' if run else ''}95% noise band"))
+                                 mode="lines", name=f"{run + ' ' if run else ''}95% noise band"))
         fig.add_trace(go.Scatter(x=g["lag"], y=g["r"], mode="lines+markers", name=run or "r_k", line=dict(color=c),
                                  customdata=np.stack([g["n_sequences"], g["band"]], axis=-1),
                                  hovertemplate=(f"{run or ''} lag %{{x}}<br>r %{{y:.4f}}<br>sequences "
@@ -422,7 +439,7 @@ def concentration_over_training(stats: pd.DataFrame) -> go.Figure:
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     for i, (run, g) in enumerate(_runs(stats)):
         g = g.sort_values("step")
-        c, prefix = _color(i), (f"{run} " if run else "")
+        c, prefix = run_color(stats, run, i), (f"{run} " if run else "")
         fig.add_trace(go.Scatter(x=g["step"], y=g["gini"], mode="lines+markers", name=f"{prefix}Gini",
                                  line=dict(color=c, width=3), customdata=g["n"],
                                  hovertemplate="step %{x}<br>Gini %{y:.3f}<br>tokens %{customdata}<extra></extra>"))
@@ -446,7 +463,7 @@ def loss_curve(train: pd.DataFrame) -> go.Figure:
     if train.empty:
         return _empty("Training loss", "no train_steps recorded for this run")
     for i, (run, g) in enumerate(groups):
-        c, prefix = _color(i), (f"{run} " if run else "")
+        c, prefix = run_color(train, run, i), (f"{run} " if run else "")
         fig.add_trace(go.Scatter(x=g["step"], y=g["loss"], mode="lines", name=f"{prefix}loss (scheme)",
                                  line=dict(color=c), hovertemplate="step %{x}<br>loss %{y:.4f}<extra></extra>"))
         if "ce_loss" in g and not np.allclose(g["ce_loss"].to_numpy(dtype=float), g["loss"].to_numpy(dtype=float),

@@ -220,8 +220,10 @@ def compare_indexed(run_ids: Sequence[str], step: int | None = None, params: ana
     figs = {}
     for name in overlaid:
         keys = per_run[labels[0]][name].keys()
+        # the run column categorical in the runs' order: every figure gives a run the same colour
+        # (figures.run_color), also one where an earlier run has no rows
         merged = {k: pd.concat([per_run[lab][name][k].assign(run=lab) for lab in labels], ignore_index=True)
-                  for k in keys}
+                  .astype({"run": pd.CategoricalDtype(labels)}) for k in keys}
         figs[name] = figures.build(name, merged)
     flat = {lab: {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in summ.items()
                   if k != "definitions"} for lab, summ in summaries.items()}

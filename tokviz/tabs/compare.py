@@ -1,8 +1,10 @@
 """Compare runs: the cross-run figures (alignment over training, positional decay, Lorenz curves, token
 categories, module types, autocorrelation) overlaid, and the summaries side by side, for any runs chosen
-(each at its last traced step). The six figures are drawn as one grid (``figures.grid``) and the summary as an
-HTML table: in the browser one figure of six panels drew ~0.13 s faster than six figures, and the HTML table
-~0.28 s faster than a gr.Dataframe. The export holds the figures one by one."""
+(each at its last traced step). A run has one colour, by its place in the list, in every panel and in the
+summary's first row (``figures.run_color``); in the module-type panel its lora_B bars are hatched. The six
+figures are drawn as one grid (``figures.grid``) and the summary as an HTML table: in the browser one figure
+of six panels drew ~0.13 s faster than six figures, and the HTML table ~0.28 s faster than a gr.Dataframe. The
+export holds the figures one by one."""
 from __future__ import annotations
 
 import html
@@ -102,10 +104,18 @@ def summary_html(tbl: pd.DataFrame, flags: list[str] = ()) -> str:
     HTML rather than gr.Dataframe: it draws in a fraction of the time."""
     warn = "".join(f'<div class="tv-cmp-flag">⚠️ {html.escape(f)}</div>' for f in flags)
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in tbl.columns)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(str(v))}</td>" for v in row) + "</tr>"
+    # a first row with each run's colour: the colour it has in every panel of the grid (figures.run_color)
+    body = "<tr><td>colour in the figures</td>" + "".join(f"<td>{_swatch(i)}</td>" for i in range(len(tbl.columns) - 1))
+    body += "</tr>" + "".join("<tr>" + "".join(f"<td>{_cell(str(v))}</td>" for v in row) + "</tr>"
                    for row in tbl.itertuples(index=False))
     return (warn + '<div class="tv-sum-cap">Summary by run</div><div class="tv-sum-box"><table class="tv-sum"><thead>'
             f"<tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
+
+
+def _swatch(i: int) -> str:
+    """A small square of the ``i``-th run's colour."""
+    return (f'<span class="tv-run-swatch" style="display:inline-block;width:10px;height:10px;margin-right:6px;'
+            f'background:{figures.PALETTE[i % len(figures.PALETTE)]}"></span>')
 
 
 def _fmt(v: object) -> str:

@@ -199,19 +199,26 @@ def breakdown_placeholder() -> object:
 
 def render(run_id: str | None, step: int | None, sample: int | None, metric: str, token: int | None, view: str,
            generation: int = 0) -> tuple[list, dict]:
-    """Everything the tab shows for (run, step); keeps ``sample`` (and ``token``) when the step has it."""
+    """Everything the tab shows for (run, step); keeps ``sample`` (and ``token``) when the step has it (another
+    scheme's run of one comparison traces the same samples at the same steps), else shows the step's first
+    sample and says so in the header's notice line."""
     run_id, step = require_run_step(run_id, step)
     sample, token = as_int(sample, "sample"), as_int(token, "token")
     choices = sample_choices(run_id, step)
     ids = [c[1] for c in choices]
     if not ids:
         raise ValueError(f"step {step} of run {run_id!r} has no samples")
+    asked = sample
     if sample not in ids:
         sample, token = ids[0], None
     html = overlay_html(run_id, step, sample, metric or "alignment", token, generation)
     title, fig, near = token_views(run_id, step, sample, token, view or VIEWS[0])
     values = [gr.update(choices=choices, value=sample), html, token, title, fig, near]
-    return values, {"sample": sample, "token": token}
+    focus: dict = {"sample": sample, "token": token}
+    if asked is not None and asked != sample:
+        focus["notice"] = (f"ℹ️ Inspect: sample #{asked} was not traced at step {step} of {run_id}; showing "
+                           f"sample #{sample}.")
+    return values, focus
 
 
 def render_tab(t: InspectTab, at: At, got: Mapping[Any, Any]) -> tuple[list, dict]:

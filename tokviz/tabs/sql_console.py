@@ -1,9 +1,11 @@
 """SQL: a read-only console over the index for the questions no tab foresaw. One SELECT at a time, run in a
 read-only transaction (the engine refuses any write), at most 10,000 rows, stopped after 10 s; results as a
 table and a CSV download. Files: none on a read-only app (a hosted Space); the runs' Parquet files otherwise
-(``queries.console_query``'s ``run_files``)."""
+(``queries.console_query``'s ``run_files``). Above the console: the index's tables and their columns (name and
+type); the result table appears once a query has run (an empty grid showed a placeholder "1 2 3")."""
 from __future__ import annotations
 
+import html
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ DEFAULT = EXAMPLES["Mean alignment per category and step"]
 
 @dataclass
 class SqlTab:
+    tables: gr.HTML
     example: gr.Dropdown
     query: gr.Code
     limit: gr.Number
@@ -48,6 +51,8 @@ def build(ctx: AppContext) -> SqlTab:
              else f"files: only the runs' own, below `{ctx.settings.data_root / 'runs'}`")
     gr.Markdown("Read-only SQL over the index (DuckDB): tables `runs`, `tokens`, `token_modules`, "
                 f"`train_steps`, `eval`. One SELECT at a time; no network access; {files}.")
+    columns = queries.index_columns()
+    tables = gr.HTML(tables_html(columns), elem_id="tv-sql-tables")
     with gr.Row():
         example = gr.Dropdown(label="Examples", choices=list(EXAMPLES), value=None, scale=3, elem_id="tv-sql-example")
         limit = gr.Number(label="Max rows", value=1000, minimum=1, maximum=queries.CONSOLE_MAX_ROWS, precision=0,
@@ -57,8 +62,24 @@ def build(ctx: AppContext) -> SqlTab:
         run = gr.Button("Run query", variant="primary", scale=0, min_width=160, elem_id="tv-sql-run")
         download = gr.DownloadButton("Download CSV", visible=False, scale=0, min_width=160, elem_id="tv-sql-csv")
     message = gr.Markdown("", elem_id="tv-sql-message")
-    result = gr.Dataframe(interactive=False, max_height=520, label="Result", elem_id="tv-sql-result")
-    return SqlTab(example, query, limit, run, message, result, download)
+    # hidden until a query has run: an empty grid shows a placeholder "1 2 3" header
+    result = gr.Dataframe(interactive=False, max_height=520, label="Result", elem_id="tv-sql-result", visible=False)
+    return SqlTab(tables, example, query, limit, run, message, result, download)
+
+
+def tables_html(columns: pd.DataFrame) -> str:
+    """The index's tables, one line each: its name, then every column's name and type (all text escaped)."""
+    if columns.empty:
+        return "<div>the index has no tables yet</div>"
+    lines = []
+    for name, g in columns.groupby("table_name", sort=True):
+        cols = " · ".join(f'<span class="col">{html.escape(str(c))}</span> <i>{html.escape(str(t))}</i>'
+                          for c, t in zip(g.column_name, g.data_type))
+        lines.append(f'<div class="tv-sql-table" data-table="{html.escape(str(name), quote=True)}">'
+                     f"<b>{html.escape(str(name))}</b> ({cols})</div>")
+    return (f'<details open><summary>Tables of the index ({columns.table_name.nunique()})</summary>'
+            '<div style="font-size: 13px; line-height: 1.6; max-height: 260px; overflow-y: auto">'
+            f'{"".join(lines)}</div></details>')
 
 
 def run_query(query: str, limit: float | None, run_files: bool = False) -> tuple[str, pd.DataFrame, str]:
@@ -83,4 +104,6 @@ def wire(t: SqlTab, page: Page) -> None:
         msg, df, path = run_query(query, limit, run_files)
         return msg, df, gr.DownloadButton(value=path, visible=True)
 
-    t.run.click(go, [t.query, t.limit], [t.message, t.result, t.download], api_name="sql", **concurrency.SQL)
+    ran = t.run.click(go, [t.query, t.limit], [t.message, t.result, t.download], api_name="sql", **concurrency.SQL)
+    # the result grid, hidden until now (the /sql API keeps its three outputs)
+    ran.success(lambda: gr.Dataframe(visible=True), None, t.result, api_visibility="private", **concurrency.UI)

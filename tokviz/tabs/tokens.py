@@ -1,5 +1,6 @@
 """Tokens: alignment by token category, magnitude vs alignment, autocorrelation along the response,
-positional decay, and the most surprising tokens (a row click opens that token in Inspect)."""
+positional decay, the most surprising tokens, and the table of every response token (sorted, filtered and paged
+on the server: ``tokviz.token_table``). A row click in either table opens that token in Inspect."""
 from __future__ import annotations
 
 import html
@@ -12,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from backend.analysis import analyses, figures
-from tokviz import concurrency
+from tokviz import concurrency, token_table
 from tokviz.common import At, ExportRow, export_zip, for_display, require_run_step, user_errors
 from tokviz.context import AppContext
 from tokviz.header import Page
@@ -57,14 +58,21 @@ class TokensTab:
     decay: gr.Plot
     surprising: gr.HTML
     export: ExportRow
+    table: token_table.TokenTable
 
     @property
     def inputs(self) -> list:
-        return []
+        return self.table.controls
 
     @property
     def outputs(self) -> list:
-        return [self.category, self.scatter, self.autocorr, self.decay, self.surprising]
+        return [self.category, self.scatter, self.autocorr, self.decay, self.surprising, self.table.html,
+                self.table.page]
+
+    @property
+    def token_links(self) -> list[gr.HTML]:
+        """The HTML tables whose row click (``{sample, position}``) opens a token in Inspect (``tokviz.ui``)."""
+        return [self.surprising, self.table.html]
 
 
 def build(ctx: AppContext) -> TokensTab:
@@ -75,7 +83,11 @@ def build(ctx: AppContext) -> TokensTab:
         ac = gr.Plot(label="Autocorrelation", elem_id="tv-autocorr")
         pd_ = gr.Plot(label="Positional decay", elem_id="tv-decay")
     surprising = gr.HTML("", css_template=TABLE_CSS, js_on_load=TABLE_JS, elem_id="tv-surprising")
-    return TokensTab(cat, sc, ac, pd_, surprising, ExportRow())
+    export = ExportRow()
+    # closed until asked for: its controls, mounted with the tab, added ~0.25 s to the tab's first draw
+    with gr.Accordion(token_table.TITLE, open=False, elem_id="tv-tt-box"):
+        table = token_table.build(TABLE_CSS, TABLE_JS)
+    return TokensTab(cat, sc, ac, pd_, surprising, export, table)
 
 
 # points drawn in the magnitude/alignment scatter (Pearson r and the slope use every token): an SVG scatter of
@@ -126,14 +138,21 @@ def surprising_html(df: pd.DataFrame) -> str:
             f'<tbody>{"".join(rows)}</tbody></table></div>')
 
 
-def render(run_id: str | None, step: int | None) -> tuple[list, dict]:
+def render(run_id: str | None, step: int | None, table_controls: list | None = None) -> tuple[list, dict]:
+    """The tab's outputs for (run, step); ``table_controls``: the token table's control values (default: its
+    first page, by sample)."""
     run_id, step = require_run_step(run_id, step)
     figs, surprising = compute(run_id, step)
-    return [for_display(figs[n]) for n in NAMES] + [surprising_html(surprising)], {}
+    values = table_controls or ["sample", False, [], "", token_table.NO_RANGE, "", "", 50, 1]
+    try:
+        table_html, page = token_table.render(run_id, step, *values)
+    except ValueError as e:      # a control of the table's own (a range end that is no number): the figures still show
+        table_html, page = f'<div class="tv-surprise-cap">⚠️ {html.escape(str(e))}</div>', gr.skip()
+    return [for_display(figs[n]) for n in NAMES] + [surprising_html(surprising), table_html, page], {}
 
 
 def render_tab(t: TokensTab, at: At, got: Mapping[Any, Any]) -> tuple[list, dict]:
-    return render(at.run, at.step)
+    return render(at.run, at.step, [got[c] for c in t.table.controls[:-1]] + [1])     # a new run/step: page 1
 
 
 def wire(t: TokensTab, page: Page) -> None:
@@ -147,3 +166,4 @@ def wire(t: TokensTab, page: Page) -> None:
         return export_zip(figs, f"{run_id}-step{step_}-tokens")
 
     t.export.button.click(export, [run, step], t.export.file, api_visibility="private", **concurrency.EXPORT)
+    token_table.wire(t.table, page)
