@@ -1,0 +1,347 @@
+"""Per-position gradient sketches (backend.trace.sketch) against pieces materialised naively (per-position weight
+copies, tests/test_influence.py): the factored sketch equals the projection of the naive piece; over many
+projection seeds the sketch inner products are unbiased for the pieces' inner products, with the variance the
+module docstring derives and an error within its bound at k=128 and k=512; projections depend on (seed, site)
+only; sketches off changes nothing else; the token_sketches shard round-trips through Parquet and the index."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from backend import index
+from backend.jobs.train import TrainConfig
+from backend.trace import InlineTrace, TraceConfig, discover_lora_modules, trace_batch
+from backend.trace import sketch as sketch_mod
+from backend.trace.sketch import predicted_variance, projection
+from tests._tiny_lora import tiny_batch, tiny_lora_model
+from tests.test_influence import naive_position_pieces
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def traced():
+    """A tiny model's pieces at its recorded positions: sites, per-site (n, out, in) float64, the trace."""
+    torch.set_num_threads(1)
+    model = tiny_lora_model("qwen2")
+    model.eval()
+    batch = tiny_batch()
+    res = trace_batch(model, batch, "sft", {}, TraceConfig(mode="position"), step=3)
+    sites, pieces = naive_position_pieces(model, batch, "sft", {})
+    b = torch.as_tensor(res.tokens["sample_idx"] - 100, dtype=torch.long)
+    s = torch.as_tensor(res.tokens["position"], dtype=torch.long)
+    P = [p[b, s].double() for p in pieces]                                   # M x (n, out, in)
+    return {"model": model, "batch": batch, "sites": sites, "P": P, "res": res}
+
+
+def naive_sketch(sites, P, seed: int, k: int) -> torch.Tensor:
+    """sum over sites of a_j^T P_m b_j / sqrt(k), from the materialised pieces: (n, k) float64."""
+    out = 0
+    for site, Pm in zip(sites, P):
+        a, b = projection(seed, site, k)
+        out = out + torch.einsum("jo,noi,ji->nj", a.double(), Pm, b.double())
+    return out / math.sqrt(k)
+
+
+def many_sketches(sites, P, seeds: range, k: int) -> torch.Tensor:
+    """(n, len(seeds) * k) float64: naive sketches for many seeds in one product per site, each site's rows
+    a_j (x) b_j laid out as an (out * in, seeds * k) matrix."""
+    out = 0
+    for site, Pm in zip(sites, P):
+        ab = [projection(seed, site, k) for seed in seeds]
+        A = torch.cat([a for a, _ in ab]).double()                          # (S k, out)
+        B = torch.cat([b for _, b in ab]).double()                          # (S k, in)
+        R = (A.T[:, None, :] * B.T[None, :, :]).reshape(-1, A.shape[0])      # (out in, S k)
+        out = out + Pm.reshape(Pm.shape[0], -1) @ R
+    return out / math.sqrt(k)
+
+
+def _rel(a, b) -> float:
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# ---- the factored sketch is the projection of the piece ------------------------------------------------------
+
+@pytest.mark.parametrize("scheme,params", [("sft", {}), ("antiop", {"clip_mult": 1.0})])
+def test_factored_sketch_equals_the_projection_of_the_naive_piece(scheme, params):
+    model = tiny_lora_model("qwen2")
+    model.eval()
+    batch = tiny_batch()
+    res = trace_batch(model, batch, scheme, params, TraceConfig(mode="position", sketch_dim=32, seed=5), step=1)
+    sites, pieces = naive_position_pieces(model, batch, scheme, params)
+    b = torch.as_tensor(res.tokens["sample_idx"] - 100, dtype=torch.long)
+    s = torch.as_tensor(res.tokens["position"], dtype=torch.long)
+    want = naive_sketch(sites, [p[b, s].double() for p in pieces], seed=5, k=32)
+    assert res.sketch.shape == (len(res.tokens["dot"]), 32) and res.sketch.dtype == np.float32
+    assert _rel(res.sketch, want) < 1e-5
+
+
+def test_micro_batched_subset_and_inline_sketches_equal_the_naive_projection():
+    """Given-G path (micro-batches, lora_A one site at a time), only the traced sequences sketched; and the
+    real training step's backward (InlineTrace, lora_A sites grouped by input)."""
+    model = tiny_lora_model("qwen2")
+    model.eval()
+    batch = tiny_batch()
+    cfg = TraceConfig(mode="position", sketch_dim=16, micro_batch_size=2, max_sequences=3)
+    res = trace_batch(model, batch, "sft", {}, cfg, step=2)
+    assert set(res.tokens["sample_idx"]) == {100, 101, 102}
+    # G is the gradient of the mean of the 2 micro-batch losses: a piece is its micro-batch loss's piece / 2
+    halves = [naive_position_pieces(model, {k: v[i:i + 2] for k, v in batch.items()}, "sft", {}) for i in (0, 2)]
+    sites = halves[0][0]
+    pieces = [torch.cat([h0, h1]) / 2 for h0, h1 in zip(halves[0][1], halves[1][1])]
+    b = torch.as_tensor(res.tokens["sample_idx"] - 100, dtype=torch.long)
+    s = torch.as_tensor(res.tokens["position"], dtype=torch.long)
+    assert _rel(res.sketch, naive_sketch(sites, [p[b, s].double() for p in pieces], 0, 16)) < 1e-5
+
+    sites, pieces = naive_position_pieces(model, batch, "sft", {})
+
+    from backend.lm.loss import forward_loss
+    from backend.lm.schemes import get_scheme
+    tr = InlineTrace(model, TraceConfig(mode="position", inline=True, sketch_dim=16), step=2)
+    with tr:
+        out = forward_loss(model, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")},
+                           get_scheme("sft"), {})
+        out.total.backward()
+    res = tr.result(batch, out, "sft", {})
+    model.zero_grad(set_to_none=True)
+    b = torch.as_tensor(res.tokens["sample_idx"] - 100, dtype=torch.long)
+    s = torch.as_tensor(res.tokens["position"], dtype=torch.long)
+    assert _rel(res.sketch, naive_sketch(sites, [p[b, s].double() for p in pieces], 0, 16)) < 1e-5
+
+
+# ---- statistics over projection seeds (fixed seeds: deterministic) --------------------------------------------
+
+@pytest.mark.parametrize("k,n_seeds", [(128, 100), (512, 25)])
+def test_sketch_inner_products_are_unbiased_with_the_stated_variance(traced, k, n_seeds):
+    """Over projection seeds: the mean of <sk(P), sk(P')> is <P, P'> (z-scores against the predicted standard
+    error), the empirical variance is the docstring's, and the rms relative error (over ||P|| ||P'||) is what the
+    formula predicts and below the worst-case bound sqrt(8/k)."""
+    sites, P = traced["sites"], traced["P"]
+    n = P[0].shape[0]
+    flat = torch.cat([p.reshape(n, -1) for p in P], 1)
+    exact = flat @ flat.T                                                    # (n, n) <P, P'>
+    norm = flat.norm(dim=1)
+    assert bool((norm > 0).all())
+    scale = norm[:, None] * norm[None, :]
+    sk = many_sketches(sites, P, range(n_seeds), k).view(n, n_seeds, k).transpose(0, 1)   # (S, n, k)
+    est = sk @ sk.transpose(1, 2)                                            # (S, n, n)
+    var = predicted_variance(P, k)
+    iu = torch.triu_indices(n, n)
+
+    def pick(m: torch.Tensor) -> torch.Tensor:                               # the n(n+1)/2 pairs (upper triangle)
+        return m[..., iu[0], iu[1]]
+
+    z = pick((est.mean(0) - exact) / (var.sqrt() / math.sqrt(n_seeds)))
+    assert abs(float(z.mean())) < 0.15 and 0.8 < float(z.square().mean().sqrt()) < 1.25
+    assert float(z.abs().max()) < 6.0
+    if n_seeds >= 100:                                                       # enough draws to check the variance
+        ratio = pick(est.var(0) / var)
+        assert 0.85 < float(ratio.mean()) < 1.15
+    rms = float(pick((est - exact) / scale).square().mean().sqrt())
+    predicted = float(pick(var / scale.square()).mean().sqrt())
+    assert abs(rms / predicted - 1) < 0.1
+    assert rms < math.sqrt(8 / k) and float(pick(var.sqrt() / scale).max()) <= math.sqrt(8 / k)
+    # with 28 sites the rank-one excess is small: the rms error is near a dense projection's
+    assert rms < 1.2 * math.sqrt(2 / k)
+
+
+def test_variance_formula_against_a_hand_computed_single_site_case():
+    """One site, P = P' = g u^T: Var ||sk||^2 = (1/k)(1 + 1 + 2 (1 + 1 + 1)) ||P||^4 = 8 ||P||^4 / k; orthogonal
+    g and orthogonal u: Var <sk(P), sk(P')> = ||P||^2 ||P'||^2 / k."""
+    g, u = torch.tensor([1.0, 2.0, 0.0]), torch.tensor([0.0, 3.0])
+    g2, u2 = torch.tensor([0.0, 0.0, 5.0]), torch.tensor([1.0, 0.0])
+    P = torch.stack([torch.outer(g, u), torch.outer(g2, u2)])                # (2 positions, 3, 2): one site
+    var = predicted_variance([P], k=4)
+    n1, n2 = (5.0 * 9.0), (25.0 * 1.0)                                      # ||P||^2
+    assert torch.allclose(var[0, 0], torch.tensor(8 * n1 * n1 / 4, dtype=torch.float64))
+    assert torch.allclose(var[0, 1], torch.tensor(n1 * n2 / 4, dtype=torch.float64))
+
+
+# ---- projections depend on (seed, layer, module, part) only ----------------------------------------------------
+
+def test_same_model_and_seed_give_identical_sketches_across_calls_steps_and_model_objects():
+    batch = tiny_batch()
+    cfg = TraceConfig(mode="position", sketch_dim=24, seed=7)
+    m1 = tiny_lora_model("qwen2")
+    m1.eval()
+    r1 = trace_batch(m1, batch, "sft", {}, cfg, step=1)
+    r2 = trace_batch(m1, batch, "sft", {}, cfg, step=9)                    # another step: same projection
+    sketch_mod._CACHE.clear()                                                # regenerated, not cached
+    sketch_mod._CACHE_SIZE[0] = 0
+    m2 = tiny_lora_model("qwen2")                                            # a fresh object, same weights
+    m2.eval()
+    r3 = trace_batch(m2, batch, "sft", {}, cfg, step=1)
+    assert np.array_equal(r1.sketch, r2.sketch) and np.array_equal(r1.sketch, r3.sketch)
+    r4 = trace_batch(m2, batch, "sft", {}, TraceConfig(mode="position", sketch_dim=24, seed=8), step=1)
+    assert not np.allclose(r1.sketch, r4.sketch)
+    site = discover_lora_modules(m1)[0]
+    a1, b1 = projection(7, site, 24)
+    a2, b2 = projection(7, site, 24, dtype=torch.float64)
+    assert torch.equal(a1.double(), a2) and torch.equal(b1.double(), b2)
+
+
+def test_sketches_off_leave_every_other_output_bit_identical():
+    batch = tiny_batch()
+    model = tiny_lora_model("qwen2")
+    model.eval()
+    off = trace_batch(model, batch, "sft", {}, TraceConfig(mode="position"), step=4)
+    on = trace_batch(model, batch, "sft", {}, TraceConfig(mode="position", sketch_dim=64), step=4)
+    assert off.sketch is None and on.sketch is not None
+    for part in ("tokens", "modules"):
+        a, b = getattr(off, part), getattr(on, part)
+        assert a.keys() == b.keys()
+        for key in a:
+            x, y = np.asarray(a[key]), np.asarray(b[key])
+            assert x.dtype == y.dtype and (np.array_equal(x, y, equal_nan=True) if x.dtype.kind == "f"
+                                           else np.array_equal(x, y)), (part, key)
+    assert all(torch.equal(off.grad[k], on.grad[k]) for k in off.grad)
+    skip = {"seconds"}
+    assert {k: v for k, v in off.checks.items() if k not in skip} == {k: v for k, v in on.checks.items()
+                                                                       if k not in skip}
+
+
+def test_sketch_dim_is_refused_outside_position_mode_and_validated():
+    with pytest.raises(ValueError, match="sketch_dim > 0 is only supported in position mode"):
+        TraceConfig(mode="token", sketch_dim=16)
+    with pytest.raises(ValueError, match=r"sketch_dim=-1 must be an integer in \[0, 65536\]"):
+        TraceConfig(sketch_dim=-1)
+    with pytest.raises(ValueError, match="trace_sketch_dim > 0 needs trace_mode 'position'"):
+        TrainConfig(trace_every=1, trace_mode="token", trace_sketch_dim=16).validate()
+    tc = TrainConfig(trace_every=1, trace_sketch_dim=16)
+    assert TraceConfig.from_train_config(tc).sketch_dim == 16
+    import dataclasses
+
+    from backend.trace.sketch import Sketcher
+    sites = discover_lora_modules(tiny_lora_model("qwen2"))
+    twin = dataclasses.replace(sites[1], layer=sites[0].layer, module=sites[0].module, part=sites[0].part)
+    with pytest.raises(ValueError, match="share the label"):
+        Sketcher([sites[0], twin], k=8, seed=0)
+
+
+# ---- storage -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sketched_run(tmp_path_factory):
+    """A tiny train run traced with sketches (k=16) and a run without, both indexed in memory."""
+    from backend.lm.trainer import train
+    root = tmp_path_factory.mktemp("sketch")
+    run = train(TrainConfig(name="sk", n_train=8, n_eval=0, batch_size=4, steps=2, trace_every=1, trace_sequences=2,
+                            trace_sketch_dim=16, runs_root=str(root / "runs")), progress=False)
+    plain = train(TrainConfig(name="plain", n_train=8, n_eval=0, batch_size=4, steps=1, trace_every=1,
+                              trace_sequences=1, runs_root=str(root / "runs")), progress=False)
+    con = index.connect(index.MEMORY)
+    for r in (run, plain):
+        assert index.ingest_run(con, r).status == "finished"
+    yield {"run": run, "plain": plain, "con": con}
+    con.close()
+
+
+def _raw(run, step: int):
+    """The step's tokens joined to its sketches straight from the Parquet shards: (frame, (rows, k) unit)."""
+    keys = ["step", "sample_idx", "position", "rank"]
+    tok = pq.read_table(run / "trace" / "tokens").to_pandas()
+    sk = pq.read_table(run / "trace" / "token_sketches").to_pandas()
+    both = tok.merge(sk.drop(columns="run_id"), on=keys, validate="one_to_one")
+    both = both[both.step == step].sort_values(["sample_idx", "position"]).reset_index(drop=True)
+    return both, np.stack([np.asarray(v, dtype=np.float64) for v in both["sketch"]])
+
+
+def test_a_traced_run_writes_token_sketches_that_the_index_reads(sketched_run):
+    from backend.trace.store import read_sketches
+    run, con = sketched_run["run"], sketched_run["con"]
+    tok = pq.read_table(run / "trace" / "tokens").to_pandas()
+    shard = pq.read_table(run / "trace" / "token_sketches")
+    assert shard.schema.field("sketch").type.value_type == pa.float16()              # 2 bytes a value on disk
+    sk = shard.to_pandas()
+    keys = ["step", "sample_idx", "position", "rank"]
+    assert sorted(map(tuple, sk[keys].values.tolist())) == sorted(map(tuple, tok[keys].values.tolist()))
+    both = tok.merge(sk, on=keys, validate="one_to_one")
+    # the sketch norm estimates the piece's norm (the exact magnitude): rms relative error ~ sqrt(8/k) at most
+    rel = both["sketch_norm"].astype(float) ** 2 / both["magnitude"].astype(float) ** 2 - 1
+    assert float(np.sqrt(np.mean(rel ** 2))) < math.sqrt(8 / 16)
+    unit = np.stack([np.asarray(v, dtype=np.float64) for v in sk["sketch"]])
+    assert np.allclose(np.linalg.norm(unit, axis=1), 1.0, atol=2e-3)
+    table, full = read_sketches(run, 1)
+    assert full.shape == (table.num_rows, 16)
+    assert np.allclose(np.linalg.norm(full, axis=1), table.column("sketch_norm").to_numpy(), rtol=2e-3)
+    n, typ = con.execute("SELECT count(*), any_value(typeof(sketch)) FROM token_sketches WHERE run_id = ?",
+                         [run.name]).fetchone()
+    assert n == len(tok) and typ == "FLOAT[]"
+
+
+def test_sketch_pca_matches_an_eigendecomposition_of_the_raw_shards(sketched_run):
+    from backend.analysis import analyses
+    con, run = sketched_run["con"], sketched_run["run"]
+    assert "sketch_pca" in analyses.names("train", run_id=run.name, con=con)
+    got = analyses.run("sketch_pca", run.name, 2, con=con)
+    both, unit = _raw(run, 2)
+    X = unit - unit.mean(0)
+    w, v = np.linalg.eigh(X.T @ X)                                           # ascending eigenvalues
+    ref = X @ v[:, ::-1][:, :2]
+    pts = got["points"]
+    assert list(pts["sample_idx"]) == list(both["sample_idx"]) and list(pts["position"]) == list(both["position"])
+    for j, c in enumerate(("pc1", "pc2")):                                   # an axis is defined up to its sign
+        sign = np.sign(np.dot(pts[c], ref[:, j]))
+        assert np.allclose(pts[c] * sign, ref[:, j], atol=1e-5)
+    assert np.allclose(got["components"]["explained"], w[::-1][:2] / w.sum(), atol=1e-6)
+    fig = analyses.get("sketch_pca").figure(got)
+    assert len(fig.data) == pts["category"].nunique()
+
+
+def test_neighbours_are_the_largest_sketch_cosines(sketched_run):
+    from backend.analysis.sketches import neighbours
+    con, run = sketched_run["con"], sketched_run["run"]
+    both, unit = _raw(run, 1)
+    i = len(both) // 2
+    s, p = int(both["sample_idx"][i]), int(both["position"][i])
+    got = neighbours(con, run.name, 1, s, p, top_k=5)
+    cos = unit @ unit[i] / (np.linalg.norm(unit, axis=1) * np.linalg.norm(unit[i]))
+    cos[i] = -np.inf
+    want = np.argsort(-cos, kind="stable")[:5]
+    assert list(zip(got["sample_idx"], got["position"])) == [(int(both["sample_idx"][j]), int(both["position"][j]))
+                                                               for j in want]
+    assert np.allclose(got["cosine"], cos[want], atol=2e-3)
+    with pytest.raises(ValueError, match="has no sketch at step 1"):
+        neighbours(con, run.name, 1, 10 ** 6, 0)
+
+
+def test_a_run_without_sketches_says_how_to_record_them(sketched_run):
+    from backend.analysis import analyses
+    con, plain = sketched_run["con"], sketched_run["plain"]
+    assert "sketch_pca" not in analyses.names("train", run_id=plain.name, con=con)
+    with pytest.raises(ValueError, match="has no gradient sketches at step 1: train with --trace-sketch-dim"):
+        analyses.run("sketch_pca", plain.name, 1, con=con)
+
+
+def test_the_sketches_tab_renders_the_pca_and_lists_neighbours_escaped(sketched_run, tmp_path, monkeypatch):
+    import shutil
+
+    from tokviz.tabs import sketches as tab
+    monkeypatch.setenv("TOKVIZ_HOME", str(tmp_path))
+    run = shutil.copytree(sketched_run["run"], tmp_path / "runs" / sketched_run["run"].name)
+    try:
+        cur = index.shared()
+        assert index.ingest_run(cur, run).status == "finished"
+        cur.close()
+        (summary, fig, table), _ = tab.render(run.name, 1, "alignment")
+        assert "k = 16" in summary and len(fig.data) == 1 and table == ""
+        both, _ = _raw(run, 1)
+        s, p = int(both["sample_idx"][3]), int(both["position"][3])
+        out = tab.find_neighbours(run.name, 1, s, p, 4)
+        assert out.count("<tr data-sample=") == 4 and f"sample {s}, position {p}" in out
+        with pytest.raises(ValueError, match="enter a sample and a position"):
+            tab.find_neighbours(run.name, 1, None, p, 4)
+    finally:
+        index.close_shared()

@@ -1,0 +1,143 @@
+"""Sketches: the directions of the tokens' gradient pieces at a traced step of a run trained with
+``--trace-sketch-dim K`` (``backend.analysis.sketches``): a 2-D PCA of the step's sketches coloured by category,
+alignment or sample (hover: the token in context), and "tokens whose gradient points like this one": the top-k
+cosine neighbours of a chosen token (a row click opens it in Inspect). A run without sketches gets a line saying
+how to record them."""
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from backend.analysis import analyses, sketches
+from backend.index import queries
+from tokviz import concurrency
+from tokviz.common import At, as_int, empty_figure, for_display, require_run_step, user_errors
+from tokviz.context import AppContext
+from tokviz.header import Page
+from tokviz.overlay import show_token, token_html
+from tokviz.tabs.tokens import TABLE_CSS, TABLE_JS, _cell
+
+COLS = [("", "rank", "d"), ("sample", "sample_idx", "d"), ("position", "position", "d"),
+        ("token in context", "token", None), ("category", "category", None), ("cosine", "cosine", "+.3f"),
+        ("alignment with G", "alignment", "+.4f"), ("magnitude", "magnitude", ".4g")]
+SCATTER_POINTS = 1500
+
+
+@dataclass
+class SketchesTab:
+    summary: gr.Markdown
+    color: gr.Radio
+    pca: gr.Plot
+    sample: gr.Number
+    position: gr.Number
+    top_k: gr.Number
+    find: gr.Button
+    table: gr.HTML
+
+    @property
+    def inputs(self) -> list:
+        return [self.color]
+
+    @property
+    def outputs(self) -> list:
+        return [self.summary, self.pca, self.table]
+
+    @property
+    def token_links(self) -> list[gr.HTML]:
+        """The neighbours table: a row click (``{sample, position}``) opens the token in Inspect (tokviz.ui)."""
+        return [self.table]
+
+
+def build(ctx: AppContext) -> SketchesTab:
+    summary = gr.Markdown("", elem_id="tv-sk-summary")
+    color = gr.Radio(list(sketches.COLOR_BY), value="category", label="Colour by", elem_id="tv-sk-color")
+    pca = gr.Plot(label="PCA of the gradient sketches", elem_id="tv-sk-pca")
+    with gr.Row():
+        sample = gr.Number(label="sample", precision=0, elem_id="tv-sk-sample")
+        position = gr.Number(label="position", precision=0, elem_id="tv-sk-position")
+        top_k = gr.Number(value=10, label="neighbours", precision=0, minimum=1, maximum=200, elem_id="tv-sk-k")
+        find = gr.Button("Tokens whose gradient points like this one", elem_id="tv-sk-find")
+    table = gr.HTML("", css_template=TABLE_CSS, js_on_load=TABLE_JS, elem_id="tv-sk-table")
+    return SketchesTab(summary, color, pca, sample, position, top_k, find, table)
+
+
+def available(run_id: str) -> bool:
+    return "sketch_pca" in analyses.names("train", run_id=run_id)
+
+
+def summary_md(frames: analyses.Frames, step: int) -> str:
+    info = frames["info"].iloc[0]
+    k = int(info["k"])
+    return (f"**Step {step}**: {int(info['n'])} traced positions, sketches of dimension k = {k}. Each point is the "
+            f"direction of a token's piece of the update (PCA of the unit sketches). Sketch cosines estimate the "
+            f"pieces' cosines with an error of standard deviation at most √(8/k) = {(8 / k) ** 0.5:.2f} (about "
+            f"1/√k = {k ** -0.5:.2f} when the piece spreads over many LoRA matrices).")
+
+
+def neighbours_html(df: pd.DataFrame, sample: int, position: int) -> str:
+    """The neighbours, each token in its context (text escaped); a row click opens it in Inspect."""
+    if df.empty:
+        return '<div class="tv-surprise-box">no other traced position with a sketch at this step</div>'
+    head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in COLS)
+    rows = []
+    for rank, r in enumerate(df.itertuples(index=False), start=1):
+        cells = []
+        for _, col, fmt in COLS:
+            if col == "rank":
+                cells.append(f'<td class="n">{rank}</td>')
+            elif col == "token":
+                cells.append(f'<td class="ctx">{token_html(str(r.context_before))}<b>'
+                             f'{html.escape(show_token(str(r.token)), quote=True)}</b></td>')
+            else:
+                cells.append(f'<td class="{"" if fmt is None else "n"}">{_cell(getattr(r, col), fmt)}</td>')
+        rows.append(f'<tr data-sample="{int(r.sample_idx)}" data-pos="{int(r.position)}">{"".join(cells)}</tr>')
+    return (f'<div class="tv-surprise-cap">Tokens whose gradient piece points most like that of sample {sample}, '
+            f'position {position} (cosine of the sketches): click a row to open the token in Inspect.</div>'
+            f'<div class="tv-surprise-box"><table class="tv-surprise"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div>')
+
+
+def render(run_id: str | None, step: int | None, color: str = "category") -> tuple[list, dict]:
+    """The tab's outputs for (run, step); for a run without sketches, a line saying how to record them."""
+    run_id, step = require_run_step(run_id, step)
+    if not available(run_id):
+        blank = for_display(empty_figure("no gradient sketches in this run"))
+        return [f"⚠️ Run `{run_id}` has no gradient sketches: {sketches.HOW}.", blank, ""], {}
+    frames = analyses.run("sketch_pca", run_id, step, analyses.AnalysisParams(scatter_points=SCATTER_POINTS))
+    return [summary_md(frames, step), for_display(sketches.pca_figure(frames, color or "category")), ""], {}
+
+
+def render_tab(t: SketchesTab, at: At, got: Mapping[Any, Any]) -> tuple[list, dict]:
+    return render(at.run, at.step, got[t.color])
+
+
+def find_neighbours(run_id: str | None, step: int | None, sample: Any, position: Any, top_k: Any) -> str:
+    run_id, step = require_run_step(run_id, step)
+    s, p, k = as_int(sample, "sample"), as_int(position, "position"), as_int(top_k, "neighbours")
+    if s is None or p is None:
+        raise ValueError("enter a sample and a position (a traced token of this step) first")
+    with queries.cursor(None) as cur:
+        df = sketches.neighbours(cur, run_id, step, s, p, k or 10)
+    return neighbours_html(df, s, p)
+
+
+def wire(t: SketchesTab, page: Page) -> None:
+    """Colour changes redraw the PCA; the button lists the chosen token's neighbours. A click on a neighbour
+    (opening it in Inspect) is wired by the app (tokviz.ui)."""
+    run, step = page.header.run, page.header.step
+
+    @user_errors
+    def recolor(run_id, step_, color):
+        run_id, step_ = require_run_step(run_id, step_)
+        if not available(run_id):
+            return gr.skip()
+        return render(run_id, step_, color)[0][1]
+
+    t.color.change(recolor, [run, step, t.color], t.pca, api_visibility="private", **concurrency.RENDER)
+    t.find.click(user_errors(find_neighbours), [run, step, t.sample, t.position, t.top_k], t.table,
+                 api_visibility="private", **concurrency.RENDER)
