@@ -11,6 +11,12 @@ Rows (medians over --repeats, the variants interleaved so load on the machine hi
 - token dot: ``trace_batch`` in token mode, magnitude none, no module rows: G + one JVP;
 - naive loop: one backward per token (``retain_graph``) and the dot of each g_t with G (and ||g_t||);
 - token exact: token mode with exact magnitudes (batched backward in chunks) and module rows;
+- influence (position mode): the position trace with an eval batch of --eval-batch sequences (G_eval: one
+  forward + backward of the eval loss, and one more factored product per LoRA matrix); ``influence_time_ratio``
+  is a traced training step with influence over one without (each = the plain step + its trace re-run),
+  ``influence_trace_ratio`` the trace alone with over without;
+- position + sketch: the position trace with per-position gradient sketches (--sketch-dim, default 128);
+  ``sketch_time_ratio`` is it over the plain step, ``sketch_trace_ratio`` over the trace without sketches;
 - token sketch k: sketched magnitudes, error against the exact ones (the k directions are shared by all tokens,
   so their errors are correlated: the rms over one step's tokens is one draw, not an average over draws).
 Time: wall clock on CUDA; on CPU this process's CPU time, which other jobs on a shared machine barely move.
@@ -174,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--batch", type=int, default=None, help="position mode sequences (default 8)")
     ap.add_argument("--seq-len", type=int, default=None, help="position mode tokens per sequence (128 CPU, 512 GPU)")
+    ap.add_argument("--eval-batch", type=int, default=None, help="influence: eval sequences (default: half of --batch)")
     ap.add_argument("--token-batch", type=int, default=2)
     ap.add_argument("--token-seq-len", type=int, default=256)
     ap.add_argument("--r", type=int, default=None, help="LoRA rank (8 CPU, 16 GPU)")
@@ -182,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--sketch-k", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64, 256])
+    ap.add_argument("--sketch-dim", type=int, default=128, help="position mode: per-position sketch dimension")
     ap.add_argument("--skip-naive", action="store_true", help="leave out the naive per-token loop (slow)")
     ap.add_argument("--skip-token", action="store_true", help="position mode only")
     ap.add_argument("--json", action="store_true")
@@ -225,6 +233,36 @@ def main(argv: list[str] | None = None) -> int:
                      mem=m_pos, mem_ratio=m_pos / m_plain))
     res.update(position_time_ratio=t["position"] / t["plain"], position_memory_ratio=m_pos / m_plain,
                plain_step_s=t["plain"], position_trace_s=t["position"])
+
+    # ---- influence: the position trace with an eval batch --------------------------------------------------
+    E = args.eval_batch or max(1, args.batch // 2)
+    eb = make_batch(vocab, E, args.seq_len, args.device, 2)
+
+    def influence():
+        trace_batch(model, pb, scheme, {}, pos_cfg, tok, eval_batch=eb)
+
+    ti = timed({"plain": plain, "position": position, "influence": influence}, args.repeats, args.device)
+    step, step_inf = ti["plain"] + ti["position"], ti["plain"] + ti["influence"]
+    m_inf = peak_memory(influence, args.device)
+    rows.append(dict(mode=f"position + influence (eval {E})", tokens=n_pos, time=ti["influence"],
+                     ratio=ti["influence"] / ti["plain"], mem=m_inf, mem_ratio=m_inf / m_plain,
+                     note=f"traced step {step_inf / step:.2f}x, trace {ti['influence'] / ti['position']:.2f}x"))
+    res.update(influence_time_ratio=step_inf / step, influence_trace_ratio=ti["influence"] / ti["position"],
+               influence_eval_sequences=E)
+
+    # ---- per-position gradient sketches: the position trace with sketch_dim k ------------------------------
+    sk_cfg = TraceConfig(mode="position", max_sequences=args.batch, sketch_dim=args.sketch_dim)
+
+    def sketched():
+        trace_batch(model, pb, scheme, {}, sk_cfg, tok)
+
+    ts = timed({"plain": plain, "position": position, "sketch": sketched}, args.repeats, args.device)
+    m_sk = peak_memory(sketched, args.device)
+    rows.append(dict(mode=f"position + sketch (k={args.sketch_dim})", tokens=n_pos, time=ts["sketch"],
+                     ratio=ts["sketch"] / ts["plain"], mem=m_sk, mem_ratio=m_sk / m_plain,
+                     note=f"trace {ts['sketch'] / ts['position']:.2f}x the trace without"))
+    res.update(sketch_time_ratio=ts["sketch"] / ts["plain"], sketch_trace_ratio=ts["sketch"] / ts["position"],
+               sketch_memory_ratio=m_sk / m_plain, sketch_dim=args.sketch_dim)
 
     # ---- token mode ----------------------------------------------------------------------------------------
     if args.skip_token:

@@ -268,7 +268,7 @@ def test_layer_position_heatmap(env):
 def test_every_figure_builds_with_titles(env):
     """Every registered analysis of the kind has a figure builder that runs on its own frames."""
     results = analyses.run_all(RUN, con=env["con"])
-    assert list(results) == analyses.names(kind="train")
+    assert list(results) == analyses.names(kind="train", run_id=RUN, con=env["con"])
     for name, frames in results.items():
         assert analyses.get(name).figure(frames).layout.title.text, name
         fig = figures.build(name, frames)

@@ -213,3 +213,25 @@ def test_callback_rejects_bad_arguments():
         TokvizTraceCallback(every=1, normaliser="tokens")
     with pytest.raises(ValueError, match="scheme"):
         TokvizTraceCallback(every=1, scheme="nope")
+
+
+def test_influence_on_an_eval_batch_is_recorded_at_traced_steps(model_dir, tmp_path):
+    """The callback's eval batch gives the influence tables; at each traced step the influences of every position
+    sum to <G, G_eval> (checked by the tracer), and a bad eval batch is refused before training."""
+    import pyarrow.parquet as pq
+    ev = {k: v[:2] for k, v in tiny_batch(seed=5, B=4).items() if k in ("input_ids", "attention_mask", "labels")}
+    cb = TokvizTraceCallback(every=2, config=TraceConfig(mode="position", max_sequences=4),
+                             runs_root=tmp_path / "runs", run_id="infl", eval_batch=ev)
+    _train(model_dir, tmp_path / "out", cb)
+    run = tmp_path / "runs" / "infl"
+    steps = sorted(f.name for f in (run / "trace" / "influence_steps").glob("*.parquet"))
+    assert steps == ["step_000002.rank0.parquet", "step_000004.rank0.parquet"]
+    for f in steps:
+        row = pq.read_table(run / "trace" / "influence_steps" / f).to_pylist()[0]
+        assert row["eval_examples"] == 2 and row["influence_sum_rel_err"] < 1e-5
+        assert -1 <= row["eval_cosine"] <= 1
+    tok = pq.read_table(run / "trace" / "tokens" / steps[0]).num_rows
+    assert pq.read_table(run / "trace" / "influence" / steps[0]).num_rows == tok
+    bad = dict(ev, labels=torch.full_like(ev["labels"], -100))
+    with pytest.raises(ValueError, match="no response tokens"):
+        TokvizTraceCallback(every=2, eval_batch=bad)

@@ -27,7 +27,7 @@ from tokviz.common import At, as_int, pick_step, step_choices, user_errors
 from tokviz.context import AppContext
 from tokviz.header import Page, Shown
 from tokviz.links import COPY_JS, HOME, SET_URL_JS, Focus
-from tokviz.tabs import TabSpec, inspect_tab, tokens
+from tokviz.tabs import TabSpec, inspect_tab
 
 POLL_S = 1.5          # how often a page asks whether runs or jobs changed
 
@@ -53,13 +53,13 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
         for b in built:
             b.spec.wire(b.t, page)
         views = Views(page, built)
-        ins, tok = the(built, inspect_tab.InspectTab), the(built, tokens.TokensTab)
+        ins = the(built, inspect_tab.InspectTab)
         wire_run_and_step(page, views)
         wire_tab_switching(page, views, built)
         wire_deep_link(demo, page, views, ins)
         wire_address_bar(page)
         wire_poll(page, gr.Timer(POLL_S))
-        wire_open_in_inspect(page, views, tok, ins)
+        wire_open_in_inspect(page, views, [b for b in built if hasattr(b.t, "token_links")], ins)
     return demo
 
 
@@ -182,6 +182,8 @@ def wire_run_and_step(page: Page, views: Views) -> None:
         steps = step_choices(run_id)
         step = pick_step(run_id, got[h.step])
         out = views.move(got[page.shown], run_id, step, got[page.generation], got)
+        # the step (and Inspect's sample) are kept when the new run has them; else a note says what moved
+        out[h.notice] = " ".join(n for n in (header_mod.step_note(run_id, got[h.step], step), out[h.notice]) if n)
         return {h.step: gr.update(choices=steps, value=step), h.info: header_mod.run_info_md(run_id), **out}
 
     def on_step(got: dict) -> dict:
@@ -298,8 +300,9 @@ def wire_poll(page: Page, timer: gr.Timer) -> None:
                               **concurrency.INGEST)
 
 
-def wire_open_in_inspect(page: Page, views: Views, tok: Built, ins: Built) -> None:
-    """A click on a surprising token (a row of the Tokens tab) opens it in Inspect."""
+def wire_open_in_inspect(page: Page, views: Views, linked: list[Built], ins: Built) -> None:
+    """A click on a token in a table of a tab with ``token_links`` (Tokens: surprising tokens, token table;
+    Influence: the help/hurt table) opens it in Inspect."""
     h, t, name = page.header, ins.t, ins.spec.name
 
     @user_errors
@@ -311,10 +314,12 @@ def wire_open_in_inspect(page: Page, views: Views, tok: Built, ins: Built) -> No
         shown, gen = got[page.shown], got[page.generation]
         with shown.lock:
             values, f = inspect_tab.render(shown.run, shown.step, sample, got[t.metric], token, got[t.view], gen)
+            f.pop("notice", None)        # the row's sample is of this run and step: nothing moved
             shown.tab = name
             shown.mark(name, gen)
             query = Focus(name, shown.run, shown.step).with_(**f).query()
         return {page.tabs: gr.Tabs(selected=name), h.query: query, **dict(zip(t.outputs, values))}
 
-    tok.t.surprising.click(open_token, {page.shown, page.generation, t.metric, t.view},
-                           [page.tabs, h.query, *t.outputs], api_visibility="private", **concurrency.RENDER)
+    for table in (c for b in linked for c in b.t.token_links):
+        table.click(open_token, {page.shown, page.generation, t.metric, t.view},
+                    [page.tabs, h.query, *t.outputs], api_visibility="private", **concurrency.RENDER)

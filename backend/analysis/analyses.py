@@ -71,6 +71,7 @@ class AnalysisParams:
 AnalysisFn = Callable[[duckdb.DuckDBPyConnection, str, int | None, AnalysisParams], Frames]
 FigureFn = Callable[[Frames], "go.Figure"]
 SummaryFn = Callable[[int | None, dict[str, Frames]], dict[str, object]]
+AvailableFn = Callable[[duckdb.DuckDBPyConnection, str], bool]
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ class Analysis:
     figure: FigureFn    # its frames -> one figure
     kind: str           # the job kind whose runs it reads (backend.jobs.registry)
     compare: bool       # compare overlays its figure across runs (the builder reads the ``run`` column)
+    # whether a run of the kind has what it reads (None: every run has); run_all skips it for one that has not
+    available: AvailableFn | None = None
 
 
 @dataclass(frozen=True)
@@ -104,15 +107,19 @@ _lock = threading.Lock()                # compare runs analyses from several thr
 
 
 def register(name: str, title: str, scope: str, *, kind: str, figure: FigureFn,
-             compare: bool = False) -> Callable[[AnalysisFn], AnalysisFn]:
+             compare: bool = False, available: AvailableFn | None = None) -> Callable[[AnalysisFn], AnalysisFn]:
     """Decorator: register ``fn`` as the analysis ``name`` of runs of job kind ``kind``, drawn by ``figure``.
-    A kind's module usually binds its kind once: ``register = partial(analyses.register, kind=KIND)``."""
+    A kind's module usually binds its kind once: ``register = partial(analyses.register, kind=KIND)``.
+    ``available(con, run_id)``: for an analysis of data only some runs of the kind record (influence), whether
+    the run has it; ``run_all`` (and ``analyze``) then skip it for runs without, and ``fn`` asked by name
+    raises the ValueError saying how to get the data."""
     assert scope in ("run", "step"), f"scope must be 'run' or 'step', got {scope!r}"
     assert callable(figure), f"analysis {name!r}: figure must be a function of its frames"
 
     def deco(fn: AnalysisFn) -> AnalysisFn:
         assert name not in ANALYSES, f"analysis {name!r} registered twice"
-        ANALYSES[name] = Analysis(name, title, scope, fn, (fn.__doc__ or "").strip(), figure, kind, compare)
+        ANALYSES[name] = Analysis(name, title, scope, fn, (fn.__doc__ or "").strip(), figure, kind, compare,
+                                  available)
         return fn
     return deco
 
@@ -150,11 +157,17 @@ def _registry() -> dict[str, Analysis]:
     return {n: a for n, a in ANALYSES.items() if a.kind in kinds}
 
 
-def names(kind: str | None = None) -> list[str]:
-    """Registered analysis names, in registry order: every kind's, or those of job kind ``kind``."""
+def names(kind: str | None = None, run_id: str | None = None,
+          con: duckdb.DuckDBPyConnection | None = None) -> list[str]:
+    """Registered analysis names, in registry order: every kind's, or those of job kind ``kind``; with
+    ``run_id``, only those available for that indexed run (``register(..., available=...)``)."""
     if kind is not None:
         registry.get(kind)              # ValueError listing the kinds
-    return [n for n, a in _registry().items() if kind is None or a.kind == kind]
+    found = [a for a in _registry().values() if kind is None or a.kind == kind]
+    if run_id is not None and any(a.available for a in found):
+        with queries.cursor(con) as cur:
+            found = [a for a in found if a.available is None or a.available(cur, run_id)]
+    return [a.name for a in found]
 
 
 def get(name: str) -> Analysis:
@@ -222,11 +235,12 @@ def run(name: str, run_id: str, step: int | None = None, params: AnalysisParams 
 
 def run_all(run_id: str, step: int | None = None, params: AnalysisParams | None = None,
             con: duckdb.DuckDBPyConnection | None = None, only: list[str] | None = None) -> dict[str, Frames]:
-    """Run every analysis of the run's kind, in registry order (or those named in ``only``, in that order)."""
+    """Run every analysis of the run's kind available for it (``names(kind, run_id)``), in registry order, or
+    those named in ``only``, in that order."""
     params = params or AnalysisParams()
     with queries.cursor(con) as cur:
         spec = _run_kind(cur, run_id)
-        selected = [get(n) for n in only] if only is not None else [get(n) for n in names(spec.name)]
+        selected = [get(n) for n in (only if only is not None else names(spec.name, run_id, cur))]
         for a in selected:
             _of_kind(a, spec, run_id)
         s = _resolve(cur, spec, run_id, step)

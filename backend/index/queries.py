@@ -123,8 +123,9 @@ def _require_sample(run_id: str, step: int, sample_idx: int, con: duckdb.DuckDBP
 
 def sample_tokens(run_id: str, step: int, sample_idx: int,
                   con: duckdb.DuckDBPyConnection | None = None) -> pd.DataFrame:
-    """Every token record of one sample at one traced step, by position (prompt and response)."""
-    df = _df(con, sql.SAMPLE_TOKENS, [run_id, step, sample_idx])
+    """Every token record of one sample at one traced step, by position (prompt and response), with its
+    ``influence`` and ``influence_alignment`` (null when the run recorded none)."""
+    df = _df(con, sql.SAMPLE_TOKENS, [run_id, step, sample_idx] * 2)
     if df.empty:
         _require_sample(run_id, step, sample_idx, con)
     return df
@@ -194,6 +195,12 @@ def eval_rows(run_id: str, con: duckdb.DuckDBPyConnection | None = None) -> pd.D
     """The run's per-sample evaluation predictions (empty if it has none)."""
     require_run(run_id, con)
     return _df(con, sql.EVAL_ROWS, [run_id])
+
+
+def index_columns() -> pd.DataFrame:
+    """The index's tables and their columns: (table_name, column_name, data_type), by table then column
+    order, read through the console's read-only connection (``console_query``)."""
+    return console_query(sql.INDEX_COLUMNS, limit=CONSOLE_MAX_ROWS)
 
 
 # table functions the console may call when it reads no files: they compute rows or describe the index

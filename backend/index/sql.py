@@ -37,7 +37,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {}
 
 _DUCK_TYPES = {pa.string(): "VARCHAR", pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.int64(): "BIGINT",
                pa.float32(): "FLOAT", pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN",
-               pa.list_(pa.float32()): "FLOAT[]"}
+               pa.list_(pa.float32()): "FLOAT[]", pa.list_(pa.float16()): "FLOAT[]"}
 
 
 def _columns(s: pa.Schema) -> list[str]:
@@ -130,6 +130,9 @@ SET_LOCK_CONFIGURATION = "SET lock_configuration = true"
 # nextval, ...); the parse tree of the statement is read to list the tables and table functions it names
 BEGIN_READ_ONLY = "BEGIN TRANSACTION READ ONLY"
 SERIALIZE_SQL = "SELECT json_serialize_sql(?)"
+# the index's own tables and their columns, for the SQL console's list (temporary and system tables left out)
+INDEX_COLUMNS = """SELECT table_name, column_name, data_type FROM information_schema.columns
+WHERE table_schema = 'main' AND table_catalog = current_database() ORDER BY table_name, ordinal_position"""
 
 LIST_TABLES = "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'"
 GET_META = "SELECT value FROM meta WHERE key = ?"
@@ -227,9 +230,14 @@ STEP_SAMPLES = """SELECT sample_idx, count(*) AS n_tokens, count(*) FILTER (WHER
     avg(loss) FILTER (WHERE is_response) AS mean_loss, sum(share) AS share_sum,
     left(string_agg(token, '' ORDER BY position), ?) AS preview
 FROM tokens WHERE run_id = ? AND step = ? GROUP BY sample_idx ORDER BY sample_idx"""
-SAMPLE_TOKENS = """SELECT position, resp_pos, token_id, token, category, is_response, loss, prob, entropy, weight,
-    mode, alignment, dot, share, magnitude, magnitude_estimated, rank
-FROM tokens WHERE run_id = ? AND step = ? AND sample_idx = ? ORDER BY position"""
+# the sample's rows, with their influence on the eval loss when the run recorded it (null otherwise); parameters:
+# run, step, sample twice
+SAMPLE_TOKENS = """SELECT t.position, t.resp_pos, t.token_id, t.token, t.category, t.is_response, t.loss, t.prob,
+    t.entropy, t.weight, t.mode, t.alignment, t.dot, t.share, t.magnitude, t.magnitude_estimated, t.rank,
+    i.influence, i.influence_alignment
+FROM tokens t LEFT JOIN (SELECT position, rank, influence, influence_alignment FROM influence
+                         WHERE run_id = ? AND step = ? AND sample_idx = ?) i USING (position, rank)
+WHERE t.run_id = ? AND t.step = ? AND t.sample_idx = ? ORDER BY t.position"""
 TOKEN_BREAKDOWN = """SELECT layer, module, part, alignment, dot, magnitude FROM token_modules
 WHERE run_id = ? AND step = ? AND sample_idx = ? AND position = ? ORDER BY layer, module, part"""
 # per (position, layer) of one sample: the layer's piece summed over modules and parts

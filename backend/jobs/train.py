@@ -18,6 +18,7 @@ from backend.index import sql
 from backend.jobs.config import INF, NONNEG, POS, JobConfig, option
 from backend.jobs.registry import DerivedTable, JobSpec, TableSpec
 from backend.lm import scheme_specs
+from backend.lm.data import text_format
 from backend.lm.tasks import TASKS, get_task
 from backend.store import schema
 
@@ -36,6 +37,10 @@ class TrainConfig(JobConfig):
     data_seed: int = option(0, "seed of the task's train/eval split")
     max_len: int = option(256, "maximum tokens per sequence (prompt + response)", range=(2, INF, False, True))
     chat_template: bool = option(True, "render prompts with the tokenizer's chat template when it has one")
+    prompt_template: str = option("", "join each prompt and response with this instead, e.g. '{prompt}\\n{response}' "
+                                  "(must hold {prompt} then end with {response}; \\n and \\t read as newline and "
+                                  "tab). '': the chat template, or with none the prompt directly followed by the "
+                                  "response (said once in the run's events)")
     # the loss
     scheme: str = option("sft", f"token-weighting scheme: {', '.join(scheme_specs.SCHEMES)} (DESIGN.md's scheme table)")
     scheme_params: dict = option({}, "scheme parameters overriding its defaults, e.g. {keep_ratio: 0.5}")
@@ -70,6 +75,8 @@ class TrainConfig(JobConfig):
     eval_k: int = option(0, "also sample k answers per prompt at eval_temperature (0: greedy only)", range=NONNEG)
     eval_temperature: float = option(0.7, "sampling temperature for eval_k", range=POS)
     eval_before: bool = option(False, "also evaluate the base model before training")
+    eval_every: int = option(0, "also evaluate (same protocol and items) after every N-th step, into eval_steps "
+                             "(0: off)", range=NONNEG)
     # tracing
     trace_every: int = option(0, "trace every N steps (0: no tracing)", range=NONNEG)
     trace_mode: str = option("position", "what a token's gradient means", choices=("position", "token"))
@@ -77,9 +84,20 @@ class TrainConfig(JobConfig):
                          choices=("scheme", "ce"))
     trace_sequences: int = option(4, "sequences of the step's batch to trace", range=(1, INF, False, True))
     trace_inline: bool = option(False, "trace the real step instead of a re-run (needs grad_accum = 1)")
-    trace_magnitude: str = option("exact", "token mode: exact per-token gradient norms, a k-JVP sketch, or none",
-                              choices=("exact", "sketch", "none"))
-    trace_sketch_k: int = option(64, "random directions for sketched magnitudes", range=(1, INF, False, True))
+    trace_magnitude: str = option("auto", "token mode: exact per-token gradient norms, a k-JVP sketch, none, or "
+                                  "auto: exact when a traced step stays within ~10x a plain step, else sketched "
+                                  "(the choice and its expected cost are printed before the first traced step)",
+                                  choices=("auto", "exact", "sketch", "none"))
+    trace_sketch_k: int = option(64, "random directions for sketched magnitudes (relative error of the norm about "
+                                 "sqrt(1/(2k)); auto may halve it, down to 16, to fit)", range=(1, INF, False, True))
+    trace_sketch_dim: int = option(0, "position mode: also keep a k-dimensional random sketch of each traced "
+                                   "position's gradient piece (token_sketches table: PCA, nearest tokens); 0: off",
+                                   range=(0, 65536, False, False))
+    influence_eval: int = option(0, "at traced steps, also each traced token's influence on the mean loss of this "
+                                 "many held-out examples (the task's eval split, or influence_file): <piece or "
+                                 "g_t, G_eval>. 0: off", range=NONNEG)
+    influence_file: str = option("", "the held-out examples for influence_eval (a prompt/response or messages "
+                                 "JSONL/Parquet file, its first influence_eval records); '': the task's eval split")
     # embedding token gradients (backend.grads.embgrad)
     embgrad_every: int = option(0, "record n_v = ||dL/dE_v|| per vocabulary token every N steps, from the gradient "
                                 "at the embedding output (0: off)", range=NONNEG)
@@ -97,6 +115,8 @@ class TrainConfig(JobConfig):
                 raise ValueError(f"dataset: file {self.dataset!r} does not exist")
         else:
             get_task(self.task)
+        if self.prompt_template:
+            text_format(self.chat_template, self.prompt_template)          # ValueError naming what is wrong
         if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
             raise ValueError(f"lora_targets must be a non-empty list of module names, got {self.lora_targets!r}")
         if self.trace_inline and self.grad_accum != 1:
@@ -106,8 +126,21 @@ class TrainConfig(JobConfig):
                              "recorded)")
         if self.embgrad_stride and (self.dataset or self.task != "modadd"):
             raise ValueError(f"embgrad_stride is for the modadd task's number tokens; task is {self.task!r}")
+        if self.trace_sketch_dim and self.trace_mode != "position":
+            raise ValueError("trace_sketch_dim > 0 needs trace_mode 'position' (token mode keeps no sketches)")
+        if self.influence_eval and not self.trace_every:
+            raise ValueError("influence_eval needs trace_every > 0 (influence is recorded at traced steps)")
+        if self.influence_file and not self.influence_eval:
+            raise ValueError("influence_file needs influence_eval > 0 (how many of its examples to use)")
+        if self.influence_file and not Path(self.influence_file).is_file():
+            raise ValueError(f"influence_file: file {self.influence_file!r} does not exist")
+        if self.influence_eval and not self.influence_file and (self.dataset or self.n_eval == 0):
+            raise ValueError("influence_eval needs held-out examples: the task's eval split (n_eval > 0, no user "
+                             "dataset) or an influence_file")
         if self.eval_k and self.n_eval == 0:
             raise ValueError("eval_k > 0 needs n_eval > 0")
+        if self.eval_every and (self.n_eval == 0 or self.dataset):
+            raise ValueError("eval_every > 0 needs held-out items of a task (n_eval > 0, no user dataset)")
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -124,11 +157,12 @@ def trace_shard_key(p: Path) -> tuple[int, int]:
 
 def complete_trace_steps(files: dict[str, list[Path]]) -> dict[str, list[Path]]:
     """Of a run still running (or crashed), the traced steps whose tokens and token_modules shards are both
-    there, from the same ranks; the other tables as they are."""
+    there, from the same ranks (and their influence shards, written before them); the other tables as they are."""
     keys = {t: {trace_shard_key(p) for p in files[t]} for t in ("tokens", "token_modules")}
     partial = {step for step, _rank in keys["tokens"] ^ keys["token_modules"]}
     complete = {step for step, _rank in keys["tokens"]} - partial
-    return {t: [p for p in fs if trace_shard_key(p)[0] in complete] if t in keys else fs for t, fs in files.items()}
+    traced = set(keys) | {"influence", "influence_modules", "influence_steps", "token_sketches"}
+    return {t: [p for p in fs if trace_shard_key(p)[0] in complete] if t in traced else fs for t, fs in files.items()}
 
 
 TOKENS = TableSpec("tokens", schema.TOKENS, "trace/tokens/*.parquet", order=trace_shard_key,
@@ -137,15 +171,25 @@ TOKEN_MODULES = TableSpec("token_modules", schema.TOKEN_MODULES, "trace/token_mo
                           order=trace_shard_key)
 TRAIN_STEPS = TableSpec("train_steps", schema.TRAIN_STEPS, "train_steps/*.parquet")
 EVAL = TableSpec("eval", schema.EVAL, "eval/*.parquet")
+EVAL_STEPS = TableSpec("eval_steps", schema.EVAL_STEPS, "eval_steps/*.parquet")
+INFLUENCE = TableSpec("influence", schema.INFLUENCE, "trace/influence/*.parquet", order=trace_shard_key)
+INFLUENCE_MODULES = TableSpec("influence_modules", schema.INFLUENCE_MODULES, "trace/influence_modules/*.parquet",
+                              order=trace_shard_key)
+INFLUENCE_STEPS = TableSpec("influence_steps", schema.INFLUENCE_STEPS, "trace/influence_steps/*.parquet",
+                            order=trace_shard_key)
+TOKEN_SKETCHES = TableSpec("token_sketches", schema.TOKEN_SKETCHES, "trace/token_sketches/*.parquet",
+                           order=trace_shard_key)
 EMBGRAD = TableSpec("embgrad", schema.EMBGRAD, "embgrad/*.parquet")
 EMBGRAD_STEPS = TableSpec("embgrad_steps", schema.EMBGRAD_STEPS, "embgrad_steps/*.parquet")
 
 JOB = JobSpec(
     name="train", help="LoRA SFT under a token-weighting scheme, optionally traced",
     config=TrainConfig, entry="backend.lm.trainer:train",
-    tables=(TOKENS, TOKEN_MODULES, TRAIN_STEPS, EVAL, EMBGRAD, EMBGRAD_STEPS),
+    tables=(TOKENS, TOKEN_MODULES, TRAIN_STEPS, EVAL, EMBGRAD, EMBGRAD_STEPS, EVAL_STEPS,
+            INFLUENCE, INFLUENCE_MODULES, INFLUENCE_STEPS, TOKEN_SKETCHES),
     derived=tuple(DerivedTable(name, sql.AGG_CREATE[name], sql.AGG_FILL[name]) for name in sql.AGG_FILL),
-    complete=complete_trace_steps, steps_table="tokens", analyses=("backend.analysis.trace",),
+    complete=complete_trace_steps, steps_table="tokens",
+    analyses=("backend.analysis.trace", "backend.analysis.influence", "backend.analysis.sketches"),
     form_defaults={"trace_every": 20},
     ingest_checks=((sql.DUPLICATE_MODULE_LABELS, "token_modules rows of two LoRA modules share one (step, layer, "
                     "module, part) label (a tracer that named modules by their last name only)"),),

@@ -34,6 +34,8 @@ from tqdm.auto import tqdm
 from backend.grads.embgrad import EmbGradRecorder
 from backend.jobs.train import TrainConfig
 from backend.lm import dist as bdist
+from backend.lm.data import text_format
+from backend.lm.eval_steps import StepEvaluator
 from backend.lm.loss import forward_loss, unwrap
 from backend.lm.models import apply_lora, load_model_and_tokenizer, resolve_device, resolved_lora_targets
 from backend.lm.schemes import get_scheme
@@ -50,18 +52,21 @@ class Dataset:
     encoded: list[dict]           # input_ids, labels, sample_idx
     eval_examples: list           # Example objects for exact-match eval ([] if none)
     task: object | None           # the Task (None for user data)
+    note: str | None = None       # how prompts were joined when nothing chose it (data.prompt_format_note)
 
 
 def build_dataset(cfg: TrainConfig, tokenizer) -> Dataset:
     from backend.lm import data, tasks
+    fmt = data.text_format(cfg.chat_template, cfg.prompt_template)
     if cfg.dataset:
         records = data.load_examples(cfg.dataset)
-        encoded = data.encode_examples(tokenizer, records, cfg.max_len, chat=cfg.chat_template)
-        return Dataset(encoded=encoded, eval_examples=[], task=None)
+        encoded = data.encode_examples(tokenizer, records, cfg.max_len, chat=fmt)
+        return Dataset(encoded=encoded, eval_examples=[], task=None,
+                       note=data.prompt_format_note(tokenizer, fmt, records))
     task = tasks.get_task(cfg.task)
     train, evals = task.generate(cfg.data_seed, cfg.n_train, cfg.n_eval, **cfg.task_params)
-    encoded = data.encode_examples(tokenizer, train, cfg.max_len, chat=cfg.chat_template)
-    return Dataset(encoded=encoded, eval_examples=evals, task=task)
+    encoded = data.encode_examples(tokenizer, train, cfg.max_len, chat=fmt)
+    return Dataset(encoded=encoded, eval_examples=evals, task=task, note=data.prompt_format_note(tokenizer, fmt, train))
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -119,7 +124,8 @@ def run_eval(model, tokenizer, cfg: TrainConfig, ds: Dataset, device, rd: RunDir
     try:
         return evaluate(unwrap(model), tokenizer, ds.task, ds.eval_examples, max_new_tokens=cfg.eval_max_new_tokens,
                         batch_size=cfg.eval_batch_size, k_samples=cfg.eval_k, temperature=cfg.eval_temperature,
-                        seed=cfg.seed, chat=cfg.chat_template, on_progress=progress if rd is not None else None)
+                        seed=cfg.seed, chat=text_format(cfg.chat_template, cfg.prompt_template),
+                        on_progress=progress if rd is not None else None)
     finally:
         model.train(was_training)
 
@@ -163,6 +169,8 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
     model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)
     model.train()
     ds = build_dataset(cfg, tok)
+    if ds.note:
+        rd.event("note", message=ds.note)            # the PromptFormatWarning, for the run's events and header
     scheme = get_scheme(cfg.scheme)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lora_targets = resolved_lora_targets(model)
@@ -183,8 +191,9 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     sampler = BatchSampler(len(ds.encoded), cfg.batch_size * cfg.grad_accum, info, cfg.seed + 1)
-    tracer = _make_tracer(cfg, rd, info, tok, scheme)
+    tracer = _make_tracer(cfg, rd, info, tok, scheme, ds)
     embrec = EmbGradRecorder.create(cfg, model, tok, rd, info)      # --embgrad-every; does nothing when 0
+    stepeval = StepEvaluator.create(cfg, rd, info, ds)              # --eval-every (#12); does nothing when 0
 
     rows: dict[str, list] = {f.name: [] for f in schema.TRAIN_STEPS}
     part = 0
@@ -257,6 +266,8 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
             rd.write_table(f"train_steps/part_{part:06d}.rank0.parquet", rows_to_table(rows, schema.TRAIN_STEPS))
             rows = {k: [] for k in rows}
             part += 1
+        # --eval-every (#12): before this step's checkpoint, so a resumed run keeps it; training is left as it was
+        stepeval.after_step(step, lambda: run_eval(model, tok, cfg, ds, device, rd, when="during"))
         if info.is_main and (traced or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
             save_checkpoint(rd, step, model, opt, sched, sampler, device, world_size=info.world_size, part=part,
                             rows=rows, loss=loss_avg, seen_tokens=seen_tokens, elapsed_s=time.time() - t0,
@@ -286,6 +297,7 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
         else:
             manifest["eval"] = {"skipped": "user dataset: no answer checker" if cfg.dataset else "n_eval = 0"}
     embrec.finish(manifest)
+    stepeval.finish(manifest)                                        # --eval-every (#12)
     rd.finish(manifest)
     bdist.barrier()           # no rank returns before rank 0 has written the manifest
     return rd.path
@@ -390,8 +402,8 @@ def _write_eval(rd: RunDir, res: dict) -> None:
     rd.write_table("eval/rank0.parquet", rows_to_table(cols, schema.EVAL))
 
 
-def _make_tracer(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, tok, scheme):
+def _make_tracer(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, tok, scheme, ds: Dataset):
     if cfg.trace_every <= 0:
         return None
     from backend.trace.train_hook import TrainTracer
-    return TrainTracer(cfg, rd, info, tok, scheme)
+    return TrainTracer(cfg, rd, info, tok, scheme, eval_examples=ds.eval_examples)

@@ -67,6 +67,57 @@ TOKEN_MODULES = table_schema("token_modules", [
     pa.field("magnitude", f32),
 ])
 
+# influence on held-out loss at traced steps (--influence-eval N): backend.trace.influence, written next to (and
+# before) the step's tokens shards, same rows and keys
+INFLUENCE = table_schema("influence", [
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("step", pa.int32(), nullable=False),
+    pa.field("sample_idx", pa.int32(), nullable=False),
+    pa.field("position", pa.int32(), nullable=False),
+    pa.field("influence", f32),                            # <P_s, G_eval> (position) or <g_t, G_eval> (token)
+    pa.field("influence_alignment", f32),                  # influence / (magnitude ||G_eval||)
+    pa.field("rank", pa.int16()),
+])
+
+INFLUENCE_MODULES = table_schema("influence_modules", [
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("step", pa.int32(), nullable=False),
+    pa.field("sample_idx", pa.int32(), nullable=False),
+    pa.field("position", pa.int32(), nullable=False),
+    pa.field("layer", pa.int16(), nullable=False),
+    pa.field("module", pa.string(), nullable=False),
+    pa.field("part", pa.string(), nullable=False),
+    pa.field("influence", f32),                            # the module's piece (part of g_t) against G_eval_m
+    pa.field("influence_alignment", f32),                  # / (its magnitude ||G_eval_m||); null when negligible
+])
+
+INFLUENCE_STEPS = table_schema("influence_steps", [
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("step", pa.int32(), nullable=False),
+    pa.field("rank", pa.int16(), nullable=False),
+    pa.field("eval_examples", pa.int32()),
+    pa.field("eval_tokens", pa.int32()),
+    pa.field("eval_loss", f32),                            # mean eval cross-entropy over response tokens
+    pa.field("eval_grad_norm", f32),                       # ||G_eval||
+    pa.field("g_dot_eval", f32),                           # <G, G_eval>: -lr x this = first-order eval loss change
+    pa.field("eval_cosine", f32),                          # cos(G, G_eval)
+    pa.field("influence_sum_rel_err", f32),                # built-in check (backend.trace.core._influence)
+])
+
+# per-position gradient sketches at traced steps (--trace-sketch-dim k, position mode): backend.trace.sketch. The
+# sketch is stored as a unit vector in float16 (2 bytes a value; unit scale keeps it clear of float16's subnormal
+# range, where raw sketch values of small pieces would lose digits) and its norm in float32:
+# <sk, sk'> = sketch_norm * sketch_norm' * (sketch . sketch') estimates <P, P'>. DuckDB reads float16 as FLOAT[].
+TOKEN_SKETCHES = table_schema("token_sketches", [
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("step", pa.int32(), nullable=False),
+    pa.field("sample_idx", pa.int32(), nullable=False),
+    pa.field("position", pa.int32(), nullable=False),
+    pa.field("rank", pa.int16()),
+    pa.field("sketch", pa.list_(pa.float16())),            # sk(P_s) / ||sk(P_s)|| (null when the piece is zero)
+    pa.field("sketch_norm", f32),                          # ||sk(P_s)||: estimates ||P_s|| (the magnitude)
+])
+
 TRAIN_STEPS = table_schema("train_steps", [
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("step", pa.int32(), nullable=False),          # 1-based optimizer step
@@ -83,6 +134,18 @@ EVAL = table_schema("eval", [
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("sample_idx", pa.int32(), nullable=False),    # index in the eval split
     pa.field("sample_k", pa.int16(), nullable=False),      # -1: greedy; 0..k-1: temperature samples
+    pa.field("prediction", pa.string()),
+    pa.field("answer", pa.string()),
+    pa.field("extracted", pa.string()),
+    pa.field("correct", pa.bool_()),
+])
+
+# eval at intermediate steps of a train run (--eval-every N, backend.lm.eval_steps): the eval table's protocol
+EVAL_STEPS = table_schema("eval_steps", [
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("step", pa.int32(), nullable=False),          # optimizer steps done when evaluated
+    pa.field("sample_idx", pa.int32(), nullable=False),
+    pa.field("sample_k", pa.int16(), nullable=False),
     pa.field("prediction", pa.string()),
     pa.field("answer", pa.string()),
     pa.field("extracted", pa.string()),

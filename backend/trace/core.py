@@ -38,8 +38,11 @@ from backend.lm.schemes import Scheme, get_scheme
 from backend.trace.batch import TracedBatch, build_columns
 from backend.trace.config import TraceConfig
 from backend.trace.hooks import PositionHooks, attached
+from backend.trace.influence import EvalGradient, eval_gradient, step_values
+from backend.trace.influence import columns as influence_columns
 from backend.trace.position import check_indices, run_position
 from backend.trace.sites import LoraSite, discover_lora_modules
+from backend.trace.sketch import Sketcher, rows_of
 from backend.trace.token import run_token
 
 
@@ -53,6 +56,10 @@ class TraceResult:
     checks: dict[str, Any]
     state: dict[str, Any] = field(repr=False)
     grad: dict[str, torch.Tensor] | None = field(default=None, repr=False)   # G by parameter name (global)
+    # with an eval batch (backend.trace.influence): {"tokens": INFLUENCE columns, "modules": INFLUENCE_MODULES
+    # columns, "step": the step's values (g_dot_eval, eval_grad_norm, eval_cosine, eval_loss, ...)}
+    influence: dict[str, Any] | None = field(default=None, repr=False)
+    sketch: np.ndarray | None = field(default=None, repr=False)   # (rows, k) float32 per tokens row (sketch_dim)
 
 
 def world() -> tuple[int, int]:
@@ -134,14 +141,18 @@ def resolve_scheme(scheme: Scheme | str, params: dict | None, trace_loss: str) -
 
 def trace_batch(model: torch.nn.Module, batch: dict, scheme: Scheme | str, scheme_params: dict | None,
                 cfg: TraceConfig, tokenizer: Any = None, *, step: int = 0, chunk_sizes: list[int] | None = None,
-                sum_normaliser: float | None = None) -> TraceResult:
+                sum_normaliser: float | None = None, eval_batch: dict | None = None,
+                eval_micro_batch_size: int | None = None) -> TraceResult:
     """Trace the step ``batch`` (every sequence: G, weights, N), writing rows for its first
     ``cfg.max_sequences`` sequences (a re-run: no optimizer step, no ``.grad`` written, RNG and module modes
     restored). ``model``: a peft LoRA model, possibly DDP-wrapped (the re-run uses the inner module; G is
     all-reduced by the tracer). Under torch.distributed every rank must call this at the same steps. ``step`` seeds
     the dropout and sketch directions. ``chunk_sizes``: the step's micro-batches when their sizes differ (else
     ``cfg.micro_batch_size``). ``sum_normaliser``: the micro-batches' losses are summed, each divided by it
-    instead of its own N (HF's Trainer with ``num_items_in_batch``; see ``backend.lm.loss.summed``)."""
+    instead of its own N (HF's Trainer with ``num_items_in_batch``; see ``backend.lm.loss.summed``).
+    ``eval_batch``: held-out examples (input_ids, attention_mask, labels): the result's ``influence`` holds every
+    row's influence on their mean loss (``backend.trace.influence``), G_eval from micro-batches of
+    ``eval_micro_batch_size`` rows."""
     if cfg.inline:
         raise ValueError("cfg.inline=True traces the real step: use InlineTrace around its forward/backward")
     t0 = time.perf_counter()
@@ -170,13 +181,17 @@ def trace_batch(model: torch.nn.Module, batch: dict, scheme: Scheme | str, schem
     with traced_network(inner, train=cfg.dropout, attn=attn, seed=dropout_seed if cfg.dropout else None,
                         device=device) as rng:
         used_attn = attn_implementation(inner)
+        ev = None
+        if eval_batch is not None:
+            ev = _eval_gradient(inner, sites, eval_batch, eval_micro_batch_size, amp, cfg.dropout)
+        extra = ev.G if ev is not None else None
         if cfg.mode == "position":
-            out = run_position(inner, tb, sites, loss_fn, cfg, W, lambda: restore_rng(rng, device))
+            out = run_position(inner, tb, sites, loss_fn, cfg, W, lambda: restore_rng(rng, device), extra)
             site_dot = out["site_dot"][:, :, :-1]                                     # (M, n, T-1)
             site_mag = out["site_sq"][:, :, :-1].sqrt()
             dot, magnitude, estimated = site_dot.sum(0), out["site_sq"][:, :, :-1].sum(0).sqrt(), False
         else:
-            out = run_token(inner, tb, sites, loss_fn, cfg, W, record, sketch_seed)
+            out = run_token(inner, tb, sites, loss_fn, cfg, W, record, sketch_seed, extra)
             dot, magnitude, site_dot, site_mag = out["dot"], out["magnitude"], out["site_dot"], out["site_mag"]
             estimated = {"exact": False, "sketch": True, "none": None}[cfg.magnitude]
     g_sq = out["g_sq"]
@@ -197,12 +212,61 @@ def trace_batch(model: torch.nn.Module, batch: dict, scheme: Scheme | str, schem
                   grad_norm=g_norm, loss=float(stats["total"]), n_sequences=tb.n, traced_sequences=tb.n_traced,
                   n_rows=len(tokens["dot"]), n_module_rows=len(modules["dot"]), world_size=W, rank=rank,
                   seconds=time.perf_counter() - t0)
+    infl = None
+    if ev is not None:
+        if cfg.mode == "position":
+            influence = out["site_infl"][:, :, :-1]
+            tok_infl = influence.sum(0)
+            carry_sum = _rank_sum(tok_infl.double()[tb.carry_mask("position")].sum(), W)
+            ref = float(out["proc_infl"])
+        else:
+            influence, tok_infl = out["site_infl"], out["influence"]
+            carry_sum = ref = None
+            if out["traced_loss_dot"] is not None and tb.n_traced == tb.n:    # every loss term traced
+                w = (stats["weight"].double() * tb.response().double()) / out["normaliser"][:, None]
+                carry_sum, ref = _rank_sum((w * tok_infl.double()).sum() / len(tb.chunk_sizes), W), None
+        infl = _influence(tb, record, tok_infl, magnitude, influence if cfg.module_rows else None,
+                          site_mag if cfg.module_rows else None, ev, out["G"], sites, carry_sum, ref)
+        checks.update(infl["step"])
     state = _state(tb, stats["weight"], rng, cfg, sch, sparams, sites, step, W, rank,
                    network="train" if cfg.dropout else "eval", attn=used_attn, sketch_seed=sketch_seed,
                    inline=False, checks=checks)
     state["meta"]["sum_normaliser"] = sum_normaliser
+    if eval_batch is not None:
+        state["tensors"].update({f"eval_{k}": eval_batch[k].cpu() for k in ("input_ids", "attention_mask", "labels")})
+        state["meta"]["eval_micro_batch_size"] = eval_micro_batch_size
+    sk = rows_of(out["sketch"], tb.n_traced, tb.input_ids.shape[1], record) if out.get("sketch") is not None else None
     return TraceResult(mode=cfg.mode, tokens=tokens, modules=modules, checks=checks, state=state,
-                       grad={s.param_name: g for s, g in zip(sites, out["G"])})
+                       grad={s.param_name: g for s, g in zip(sites, out["G"])}, influence=infl, sketch=sk)
+
+
+def _eval_gradient(inner: torch.nn.Module, sites: list[LoraSite], eval_batch: dict, micro: int | None, amp,
+                   dropout: bool) -> EvalGradient:
+    """G_eval with the network in eval mode (a re-run with dropout switches it off for this pass only)."""
+    flags = [(m, m.training) for m in _modules(inner)] if dropout else []
+    try:
+        set_training([(m, False) for m, _ in flags])
+        with amp:
+            return eval_gradient(inner, sites, eval_batch, micro)
+    finally:
+        set_training(flags)
+
+
+def _influence(tb: TracedBatch, record: torch.Tensor, tok_infl: torch.Tensor, magnitude: torch.Tensor | None,
+               site_infl: torch.Tensor | None, site_mag: torch.Tensor | None, ev: EvalGradient,
+               G: list[torch.Tensor], sites: list[LoraSite], carry_sum: float | None, ref: float | None) -> dict:
+    """The influence tables' columns and the step's values. ``carry_sum``: the influences that decompose
+    <G, G_eval> (every processed position; token mode: w_t / N weighted, every loss term), ``ref`` what they
+    sum to (None: <G, G_eval>): ``influence_sum_rel_err`` = their difference over ||G|| ||G_eval||."""
+    tokens, modules = influence_columns(tb, record, tok_infl, magnitude, site_infl, site_mag, ev.G, sites)
+    vals = step_values(G, ev)
+    err = None
+    if carry_sum is not None:
+        gn = float(torch.stack([g.double().square().sum() for g in G]).sum().sqrt())
+        target = vals["g_dot_eval"] if ref is None else ref
+        err = abs(carry_sum - target) / max(gn * vals["eval_grad_norm"], 1e-300)
+    return {"tokens": tokens, "modules": modules,
+            "step": {**vals, "influence_sum_rel_err": err, "influence_rows": len(tokens["influence"])}}
 
 
 APPLIED_COSINE_MIN = 0.9999      # below: the traced G is not the update the optimizer applied (a warning)
@@ -278,7 +342,8 @@ class InlineTrace:
     Under DDP, wrap the DDP model's forward/backward: G is the all-reduced mean gradient, as DDP's.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: TraceConfig, *, step: int = 0):
+    def __init__(self, model: torch.nn.Module, cfg: TraceConfig, *, step: int = 0, eval_batch: dict | None = None,
+                 eval_micro_batch_size: int | None = None):
         if cfg.mode != "position":
             raise ValueError("InlineTrace needs mode='position'")
         if cfg.trace_loss != "scheme":
@@ -290,6 +355,8 @@ class InlineTrace:
         self.W, self.rank = world() if cfg.distributed else (1, 0)
         self._ctx = None
         self.t0 = 0.0
+        self.eval_batch, self.eval_micro = eval_batch, eval_micro_batch_size
+        self.ev: EvalGradient | None = None
 
     def __enter__(self) -> "InlineTrace":
         stale = [s.name for s in self.sites if s.param.grad is not None and bool(s.param.grad.any())]
@@ -300,7 +367,15 @@ class InlineTrace:
         self.attn = attn_implementation(self.inner)
         self.network = "train" if self.inner.training else "eval"
         check = set(check_indices(self.sites, self.cfg.full_check))
-        self.hooks = PositionHooks(self.sites, G=None, piece_scale=1.0 / self.W, world_size=self.W, check=check)
+        if self.eval_batch is not None:              # G_eval at the step's weights, before its forward
+            devices = list(range(torch.cuda.device_count())) if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                self.ev = _eval_gradient(self.inner, self.sites, self.eval_batch, self.eval_micro, nullcontext(),
+                                         dropout=True)
+        self.hooks = PositionHooks(self.sites, G=None, piece_scale=1.0 / self.W, world_size=self.W, check=check,
+                                   extra=self.ev.G if self.ev is not None else None,
+                                   sketch=Sketcher(self.sites, self.cfg.sketch_dim, self.cfg.seed, 1.0 / self.W)
+                                   if self.cfg.sketch_dim else None)
         self._ctx = attached(self.hooks.forward_hooks(), self.hooks.grad_hooks())
         self._ctx.__enter__()
         return self
@@ -341,10 +416,22 @@ class InlineTrace:
                                         site_dot if cfg.module_rows else None,
                                         site_sq.sqrt() if cfg.module_rows else None,
                                         g_sq.sqrt(), sites, tokenizer)
+        infl = None
+        if self.ev is not None:
+            tok_infl = self.hooks.extra_dot.view(len(sites), n, T)[:, :, :-1]
+            carry_sum = _rank_sum(tok_infl.sum(0).double()[tb.carry_mask("position")].sum(), self.W)
+            infl = _influence(tb, record, tok_infl.sum(0), site_sq.sum(0).sqrt(),
+                              tok_infl if cfg.module_rows else None, site_sq.sqrt() if cfg.module_rows else None,
+                              self.ev, G, sites, carry_sum, None)
+            checks.update(infl["step"])
         checks.update(n_rows=len(tokens["dot"]), n_module_rows=len(modules["dot"]),
                       seconds=time.perf_counter() - self.t0)
         state = _state(tb, stats["weight"], self.rng, cfg, sch, sparams, sites, self.step, self.W, self.rank,
                        network=self.network, attn=self.attn, sketch_seed=cfg.seed + self.step, inline=True,
                        checks=checks)
+        if self.eval_batch is not None:
+            state["tensors"].update({f"eval_{k}": self.eval_batch[k].cpu()
+                                     for k in ("input_ids", "attention_mask", "labels")})
+        sk = rows_of(self.hooks.sketch.result(), n, T, record) if self.hooks.sketch is not None else None
         return TraceResult(mode="position", tokens=tokens, modules=modules, checks=checks, state=state,
-                           grad={s.param_name: g for s, g in zip(sites, G)})
+                           grad={s.param_name: g for s, g in zip(sites, G)}, influence=infl, sketch=sk)

@@ -27,6 +27,10 @@ tells how far off the trace is.
 **Mixed precision.** Under ``bf16=True``/``fp16=True`` the traced passes run under ``torch.autocast`` of that dtype
 (recorded with the step; ``verify`` replays it with the half-precision tolerance). Position mode only.
 
+**Influence on held-out loss.** ``eval_batch`` (input_ids, attention_mask, labels of a few held-out examples, -100
+where no loss is taken) adds, at every traced step, each row's influence on their mean loss
+(``backend.trace.influence``; the influence tables next to the trace).
+
 **Sample ids.** A batch key ``id_key`` (default ``sample_idx``, e.g. added by your collator from a dataset column)
 is taken out of the inputs before the model sees them and stored as each row's ``sample_idx``; without one, the
 traced sequences get run-unique negative numbers (-1, -2, ...), never a number reused across steps.
@@ -71,7 +75,8 @@ class TokvizTraceCallback(TrainerCallback):
     def __init__(self, every: int, config: TraceConfig | None = None, scheme: str | Callable = "sft",
                  scheme_params: dict | None = None, normaliser: str = "trainer", tokenizer: Any = None,
                  batch: dict | None = None, runs_root: str | Path | None = None, name: str = "hf-trainer",
-                 run_id: str | None = None, base_model: str | None = None, id_key: str = "sample_idx"):
+                 run_id: str | None = None, base_model: str | None = None, id_key: str = "sample_idx",
+                 eval_batch: dict | None = None):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every={every!r} must be an integer >= 1 (trace every N optimizer steps)")
         if normaliser not in NORMALISERS:
@@ -87,6 +92,10 @@ class TokvizTraceCallback(TrainerCallback):
         self.tokenizer, self.batch = tokenizer, batch
         self.runs_root, self.name, self.run_id, self.base_model = runs_root, name, run_id, base_model
         self.id_key = id_key
+        if eval_batch is not None:
+            from backend.trace.influence import check_eval_batch
+            check_eval_batch(eval_batch)                                 # ValueError naming what is wrong
+        self.eval_batch = eval_batch
         self.rd: RunDir | None = None
         self.traced: dict[int, dict] = {}
         self.trainer: Trainer | None = None
@@ -189,8 +198,10 @@ class TokvizTraceCallback(TrainerCallback):
                 batch["sample_idx"] = torch.arange(self._next_anon, self._next_anon - n, -1)
                 self._next_anon -= n
             sum_normaliser = self._sum_normaliser(micro, args)
+        dev = next(p.device for p in model.parameters())
+        ev = {k: v.to(dev) for k, v in self.eval_batch.items()} if self.eval_batch is not None else None
         res = trace_batch(model, batch, self.scheme, self.scheme_params, self.cfg, self.tokenizer, step=step,
-                          chunk_sizes=chunk_sizes, sum_normaliser=sum_normaliser)
+                          chunk_sizes=chunk_sizes, sum_normaliser=sum_normaliser, eval_batch=ev)
         self._store(model, step, res, fixed)
 
     def _sum_normaliser(self, micro: list[dict], args) -> float | None:

@@ -20,6 +20,13 @@ through one matmul, so the site's gradient G_m = sum_s g_s u_s^T is complete as 
 The r-dimensional reductions (p . q, ||q||) of every site are deferred to ``finish``, one batched op for all
 sites instead of a handful per site: on small models the per-op overhead is what a trace costs.
 
+``extra``: other directions E_m (the eval-loss gradient of ``backend.trace.influence``): <P_{s,m}, E_m> comes
+from the same q_s with p_s = E_m^T g_s (lora_B) or E_m u_s (lora_A): one more (r, d) @ (d, N) product per site,
+in ``extra_dot`` after ``finish``.
+
+``sketch`` (a ``backend.trace.sketch.Sketcher``): each site's float32 u and g are also handed to it, which adds
+the site's random projection of every piece to a per-position sketch (two (k, d) @ (d, N) products per site).
+
 Each site's gradient is thus formed from its pieces; autograd is asked only for ``grad_inputs()`` (the checked
 sites, the lowest traced layer by default), which drives the whole backward and gives the check that the pieces
 sum to autograd's gradient ("pieces sum to G"). u is the LoRA input autograd saves anyway: keeping it costs no
@@ -37,6 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 from backend.trace.sites import LoraSite
+from backend.trace.sketch import Sketcher
 
 Hook = tuple[nn.Module, Callable]
 
@@ -77,12 +85,19 @@ class PositionHooks:
     gradient comes from this backward (one micro-batch), which must ask autograd for ``grad_inputs()``.
     ``piece_scale`` multiplies every piece (1 / (micro-batches x world size)). ``check``: site indices whose sum
     of pieces is compared with autograd's gradient (``pieces_err``), or, with a given G, summed (``piece_sum``).
+    ``extra``: a second direction per site (weight shape), dotted with every piece too (``extra_dot``).
     """
 
     def __init__(self, sites: list[LoraSite], G: list[torch.Tensor] | None = None, piece_scale: float = 1.0,
-                 world_size: int = 1, check: set[int] | None = None):
+                 world_size: int = 1, check: set[int] | None = None, extra: list[torch.Tensor] | None = None,
+                 sketch: Sketcher | None = None):
         self.sites = sites
+        self.sketch = sketch                                            # per-position sketches (sketch.py)
         self.G = G
+        self.extra = extra
+        self.parts_x: list[list[torch.Tensor]] = [[] for _ in sites]     # per call: p (r, N) against extra
+        self.extra_dot: torch.Tensor | None = None                      # (M, N) after finish, with extra
+        self._xt_cache: dict[int, torch.Tensor] = {}
         self.piece_scale = piece_scale
         self.world_size = world_size
         self.check = check or set()
@@ -165,20 +180,36 @@ class PositionHooks:
                 self.piece_sum[i] = self.piece_sum[i] + s if i in self.piece_sum else s
             if Gm.shape[1] <= Gm.shape[0]:               # small side: in (lora_B). p = G^T g_s, q = u_s
                 self.parts[i].append((self._GT(i) @ gf.T, uf.T, torch.linalg.vector_norm(gf, dim=-1)))
+                if self.extra is not None:
+                    self.parts_x[i].append(self._XT(i) @ gf.T)
             else:                                        # small side: out (lora_A). p = G u_s, q = g_s
                 self.parts[i].append((Gm @ uf.T, gf.T, torch.linalg.vector_norm(uf, dim=-1)))
+                if self.extra is not None:
+                    self.parts_x[i].append(self.extra[i].float() @ uf.T)
+            if self.sketch is not None:
+                self.sketch.add(len(self.parts[i]) - 1, i, uf, gf)
             return
         GT = uf.T @ gf                                   # lora_B: (r, out) = G_m^T, the sum of its pieces
         if i in self.check:
             self._check(i, own=GT.T.clone())
         self.G_seen[i] = all_reduce_mean(GT, self.world_size)
         self.parts[i].append((GT @ gf.T, uf.T, torch.linalg.vector_norm(gf, dim=-1)))   # (r, N), (r, N), (N,)
+        if self.extra is not None:
+            self.parts_x[i].append(self._XT(i) @ gf.T)                                   # (r, N): E^T g_s
+        if self.sketch is not None:
+            self.sketch.add(len(self.parts[i]) - 1, i, uf, gf)
 
     def _GT(self, i: int) -> torch.Tensor:
         """The given G of site i transposed and contiguous (cached)."""
         if i not in self._gt_cache:
             self._gt_cache[i] = self.G[i].T.contiguous()
         return self._gt_cache[i]
+
+    def _XT(self, i: int) -> torch.Tensor:
+        """The extra direction of lora_B site i transposed, float32 and contiguous (cached): (r, out)."""
+        if i not in self._xt_cache:
+            self._xt_cache[i] = self.extra[i].float().T.contiguous()
+        return self._xt_cache[i]
 
     def _lora_a_group(self, group: list[int]) -> None:
         parts = [self._pending.pop(j) for j in group]
@@ -198,6 +229,12 @@ class PositionHooks:
         nu = torch.linalg.vector_norm(uf, dim=-1)                               # (N,)
         for j, p, gf in zip(group, XT.split(widths), gs):
             self.parts[j].append((p, gf.T, nu))
+        if self.extra is not None:
+            Ecat = torch.cat([self.extra[j].float() for j in group]) if len(group) > 1 else self.extra[group[0]].float()
+            for j, p in zip(group, (Ecat @ uf.T).split(widths)):                      # (r_j, N): E_j u_s
+                self.parts_x[j].append(p)
+        if self.sketch is not None:
+            self.sketch.add_group(len(self.parts[group[0]]) - 1, group, uf, gs)
 
     # ---- after backward ---------------------------------------------------------------------------------
 
@@ -234,13 +271,21 @@ class PositionHooks:
         by_width: dict[int, list[int]] = {}
         for i, t in enumerate(q):
             by_width.setdefault(t.shape[0], []).append(i)
+        px = None
+        if self.extra is not None:
+            px = [torch.cat(parts, 1) if calls > 1 else parts[0] for parts in self.parts_x]
+            self.extra_dot = torch.empty_like(dot)
         for idx in by_width.values():                   # usually one group: every LoRA matrix has rank r
             P, Q = torch.stack([p[i] for i in idx]), torch.stack([q[i] for i in idx])      # (m, r, N)
             dot[idx] = (P * Q).sum(1)
             qsq[idx] = Q.square().sum(1)
+            if px is not None:
+                self.extra_dot[idx] = (torch.stack([px[i] for i in idx]) * Q).sum(1)
         sq = torch.stack(big).square_().mul_(qsq)
         if self.piece_scale != 1.0:
             dot.mul_(self.piece_scale)
+            if self.extra_dot is not None:
+                self.extra_dot.mul_(self.piece_scale)
             sq.mul_(self.piece_scale ** 2)
         g_sq = None
         if self.G is None:

@@ -20,6 +20,7 @@ from backend.trace.batch import TracedBatch, token_stats
 from backend.trace.config import TraceConfig
 from backend.trace.hooks import PositionHooks, all_reduce_mean, attached, rel_err
 from backend.trace.sites import LoraSite
+from backend.trace.sketch import Sketcher
 
 LossFn = Callable[[dict], "object"]     # micro-batch -> backend.lm.loss.LossOutput
 
@@ -70,14 +71,16 @@ def collect_stats(stats: dict[str, list], out, chunk: dict, cfg: TraceConfig) ->
 
 
 def run_position(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSite], loss_fn: LossFn,
-                 cfg: TraceConfig, world_size: int, replay: Callable[[], None]) -> dict:
+                 cfg: TraceConfig, world_size: int, replay: Callable[[], None],
+                 extra: list[torch.Tensor] | None = None) -> dict:
     """Pieces of every position of the micro-batches that hold traced sequences (rows of the others are zero).
 
     Returns site_dot, site_sq (M, n, T); g_sq (M,); G (per site, the weight's shape); ``proc_dot`` =
     <G_proc, G> with G_proc the gradient of the processed micro-batches' share of the loss (= ||G||^2 when every
     micro-batch was processed), so that the processed pieces' dots sum to it (the ``share_sum`` check); checks;
     stats of every sequence. The processed micro-batches are a prefix (the traced sequences come first), so pass 2,
-    replayed from pass 1's RNG state, draws the same dropout masks for them.
+    replayed from pass 1's RNG state, draws the same dropout masks for them. ``extra`` (G_eval per site): also
+    ``site_infl`` (M, n, T) = <P_{s,m}, extra_m> and ``proc_infl`` = <G_proc, extra>, what they sum to.
     """
     chunks = tb.chunks()
     K = len(chunks)
@@ -86,9 +89,14 @@ def run_position(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSite],
     checks: dict = {"micro_batches": K, "pieces_checked_modules": len(check)}
 
     n, T = tb.input_ids.shape
+    # sketches of the traced sequences only (a prefix of every processed micro-batch's rows)
+    starts = [sum(tb.chunk_sizes[:k]) for k in range(K)]
+    sk_rows = [max(0, min(s, tb.n_traced - a)) * T for s, a in zip(tb.chunk_sizes, starts)]
+    sk = (Sketcher(sites, cfg.sketch_dim, cfg.seed, 1.0 / (K * world_size), sk_rows)
+          if cfg.sketch_dim else None)
     if K == 1:
         hooks = PositionHooks(sites, G=None, piece_scale=1.0 / world_size, world_size=world_size,
-                              check=set(check))
+                              check=set(check), extra=extra, sketch=sk)
         replay()
         with attached(hooks.forward_hooks(), hooks.grad_hooks()):
             out = loss_fn(chunks[0])
@@ -101,13 +109,14 @@ def run_position(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSite],
         errs = list(hooks.pieces_err.values())
         G = hooks.gradient()
         proc_dot = g_sq.double().sum()
+        G_proc = G
         checks["micro_batches_traced"] = 1
     else:
         replay()
         G = batch_gradient(sites, chunks, loss_fn, world_size,
                            on_chunk=lambda k, out: collect_stats(stats, out, chunks[k], cfg))
         hooks = PositionHooks(sites, G=G, piece_scale=1.0 / (K * world_size), world_size=world_size,
-                              check=set(check))
+                              check=set(check), extra=extra, sketch=sk)
         todo = tb.traced_chunks()                  # a prefix: the traced sequences come first
         assert todo == list(range(len(todo))), f"traced micro-batches {todo} are not a prefix"
         params = [s.param for s in sites]
@@ -134,12 +143,19 @@ def run_position(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSite],
         if rows < n:                                                             # the rest: no pieces computed
             pad = torch.zeros(len(sites), (n - rows) * T, dtype=site_dot.dtype, device=site_dot.device)
             site_dot, site_sq = torch.cat([site_dot, pad], 1), torch.cat([site_sq, pad], 1)
+            if hooks.extra_dot is not None:
+                hooks.extra_dot = torch.cat([hooks.extra_dot, pad], 1)
         g_sq = torch.stack([g.square().sum() for g in G])
         proc_dot = sum((gp.double() * g.double()).sum() for gp, g in zip(G_proc, G))
         checks["micro_batches_traced"] = len(todo)
     site_dot = site_dot.view(len(sites), n, T)                                   # (M, n, T)
     site_sq = site_sq.view(len(sites), n, T)
     checks["pieces_sum_max_rel_err"] = max(errs)
+    site_infl = proc_infl = None
+    if extra is not None:
+        site_infl = hooks.extra_dot.view(len(sites), n, T)
+        proc_infl = sum((gp.double() * e.double()).sum() for gp, e in zip(G_proc, extra))
     return {"site_dot": site_dot, "site_sq": site_sq, "g_sq": g_sq, "G": G, "proc_dot": proc_dot,
-            "checks": checks,
+            "site_infl": site_infl, "proc_infl": proc_infl, "checks": checks,
+            "sketch": sk.result() if sk is not None else None,                  # (k, n_traced * T)
             "stats": {k: torch.cat(v) if k != "total" else torch.stack(v).mean() for k, v in stats.items()}}

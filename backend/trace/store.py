@@ -15,6 +15,11 @@ State of a step (``trace/state/step_{step:06d}/``):
   weights and label mask of the traced pass, the RNG state the pass started from (dropout replay);
 - ``trace.rank{r}.json``: trace config, scheme and resolved parameters, network mode, attention kernel,
   micro-batch sizes, world size, sketch seed, traced module names, checks.
+
+With an eval batch (influence, ``backend.trace.influence``) the step also has ``trace/influence``,
+``trace/influence_modules`` and ``trace/influence_steps`` shards (written before the tokens shard) and its batch
+file holds the eval batch (``eval_input_ids``, ``eval_attention_mask``, ``eval_labels``). With gradient sketches
+(``sketch_dim``, ``backend.trace.sketch``) it has ``trace/token_sketches`` shards, also written before the tokens shard.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load as st_load
@@ -37,6 +43,10 @@ from backend.trace.sites import lora_parameters
 TOKENS_DIR = "trace/tokens"
 MODULES_DIR = "trace/token_modules"
 STATE_DIR = "trace/state"
+INFLUENCE_DIR = "trace/influence"
+INFLUENCE_MODULES_DIR = "trace/influence_modules"
+INFLUENCE_STEPS_DIR = "trace/influence_steps"
+SKETCHES_DIR = "trace/token_sketches"
 
 
 def shard_name(step: int, rank: int) -> str:
@@ -73,9 +83,77 @@ def write_step(rd: RunDir, step: int, result: TraceResult, rank: int = 0) -> tup
     modules = dict(result.modules, run_id=np.full(m, rd.run_id, dtype=object), step=np.full(m, step, np.int32))
     if m == 0:
         modules = {f.name: np.zeros(0, dtype=object) for f in schema.TOKEN_MODULES} | {"step": np.zeros(0, np.int32)}
+    if result.influence is not None:                  # before the tokens shard, whose presence means complete
+        write_influence(rd, step, result.influence, rank)
+    if result.sketch is not None:                     # likewise
+        write_sketches(rd, step, result, rank)
     p1 = rd.write_table(f"{TOKENS_DIR}/{shard_name(step, rank)}", _table(tokens, schema.TOKENS))
     p2 = rd.write_table(f"{MODULES_DIR}/{shard_name(step, rank)}", _table(modules, schema.TOKEN_MODULES))
     return p1, p2
+
+
+def write_influence(rd: RunDir, step: int, infl: dict, rank: int = 0) -> None:
+    """The step's ``influence``, ``influence_modules`` and ``influence_steps`` shards of this rank."""
+    n = len(infl["tokens"]["influence"])
+    tokens = dict(infl["tokens"], run_id=np.full(n, rd.run_id, dtype=object), step=np.full(n, step, np.int32),
+                  rank=np.full(n, rank, np.int16))
+    m = len(infl["modules"]["influence"])
+    if m:
+        modules = dict(infl["modules"], run_id=np.full(m, rd.run_id, dtype=object), step=np.full(m, step, np.int32))
+    else:
+        modules = ({f.name: np.zeros(0, dtype=object) for f in schema.INFLUENCE_MODULES}
+                   | {"step": np.zeros(0, np.int32)})
+    st = infl["step"]
+    steps = {f.name: [st.get(f.name)] for f in schema.INFLUENCE_STEPS} | {"run_id": [rd.run_id], "step": [step],
+                                                                          "rank": [rank]}
+    rd.write_table(f"{INFLUENCE_DIR}/{shard_name(step, rank)}", _table(tokens, schema.INFLUENCE))
+    rd.write_table(f"{INFLUENCE_MODULES_DIR}/{shard_name(step, rank)}", _table(modules, schema.INFLUENCE_MODULES))
+    rd.write_table(f"{INFLUENCE_STEPS_DIR}/{shard_name(step, rank)}", _table(steps, schema.INFLUENCE_STEPS))
+
+
+def sketch_columns(sketch: np.ndarray) -> tuple[pa.Array, np.ndarray]:
+    """(rows, k) float32 sketches -> (unit vectors as a list<float16> array, null for a zero sketch; float32 norms)."""
+    sk = np.asarray(sketch, dtype=np.float64)
+    norm = np.linalg.norm(sk, axis=1)
+    unit = (sk / np.where(norm > 0, norm, 1.0)[:, None]).astype(np.float16)
+    n, k = sk.shape
+    offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+    mask = pa.array(norm == 0) if n and not (norm > 0).all() else None
+    values = pa.ListArray.from_arrays(offsets, pa.array(unit.reshape(-1), type=pa.float16()), mask=mask)
+    return values, norm.astype(np.float32)
+
+
+def write_sketches(rd: RunDir, step: int, result: TraceResult, rank: int = 0) -> Path:
+    """The step's ``token_sketches`` shard of this rank: one row per tokens row (same sample_idx, position)."""
+    n = len(result.tokens["dot"])
+    assert result.sketch.shape[0] == n, f"{result.sketch.shape[0]} sketches for {n} token rows"
+    values, norm = sketch_columns(result.sketch)
+    cols = {"run_id": pa.array(np.full(n, rd.run_id, dtype=object), pa.string()),
+            "step": pa.array(np.full(n, step, np.int32)),
+            "sample_idx": pa.array(result.tokens["sample_idx"], pa.int32()),
+            "position": pa.array(result.tokens["position"], pa.int32()),
+            "rank": pa.array(np.full(n, rank, np.int16)),
+            "sketch": values, "sketch_norm": pa.array(norm, pa.float32())}
+    table = pa.Table.from_arrays([cols[f.name] for f in schema.TOKEN_SKETCHES], schema=schema.TOKEN_SKETCHES)
+    return rd.write_table(f"{SKETCHES_DIR}/{shard_name(step, rank)}", table)
+
+
+def read_sketches(run_path: Path, step: int) -> tuple[pa.Table, np.ndarray]:
+    """All ranks' ``token_sketches`` rows of one step and their (rows, k) float32 sketches (unit x norm; zero rows
+    where the sketch was null)."""
+    files = sorted((Path(run_path) / SKETCHES_DIR).glob(f"step_{step:06d}.rank*.parquet"))
+    if not files:
+        raise ValueError(f"{run_path}: no token_sketches shards for step {step} (traced without --trace-sketch-dim?)")
+    t = pa.concat_tables([pq.read_table(f) for f in files])
+    col = t.column("sketch").combine_chunks()
+    valid = col.is_valid().to_numpy(zero_copy_only=False)
+    k = int(pc.max(pc.list_value_length(col)).as_py() or 0)
+    out = np.zeros((t.num_rows, k), dtype=np.float32)
+    if valid.any():
+        flat = col.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False)
+        out[valid] = flat.astype(np.float32).reshape(-1, k)
+    out *= t.column("sketch_norm").to_numpy(zero_copy_only=False).astype(np.float32)[:, None]
+    return t, out
 
 
 def save_step_state(rd: RunDir, step: int, model: torch.nn.Module, result: TraceResult, rank: int = 0) -> Path:

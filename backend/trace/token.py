@@ -10,6 +10,8 @@
   directions v_i, from vmapped JVPs (relative error of the norm about sqrt(1/(2k))).
 - module rows without exact magnitudes: one JVP per LoRA matrix (its part of G as the tangent), vmapped in
   groups of ``jvp_chunk``.
+- ``extra`` (G_eval, ``backend.trace.influence``): ``influence`` = <g_t, G_eval> from one more JVP, along G_eval;
+  per module from the exact per-token gradients, or one more JVP per LoRA matrix (its part of G_eval).
 """
 from __future__ import annotations
 
@@ -44,8 +46,10 @@ def _jvps(model: torch.nn.Module, primals: dict[str, torch.Tensor], tangents: di
 
 
 def run_token(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSite], loss_fn: Callable,
-              cfg: TraceConfig, world_size: int, record: torch.Tensor, sketch_seed: int) -> dict:
+              cfg: TraceConfig, world_size: int, record: torch.Tensor, sketch_seed: int,
+              extra: list[torch.Tensor] | None = None) -> dict:
     """G from every micro-batch of the step; per-token values for the traced sequences (rows of the others zero).
+    With ``extra``: ``influence`` (n, T-1) and ``site_infl`` (M, n, T-1) (None without module rows).
 
     ``traced_loss_dot`` = sum over the traced sequences' loss terms of (w_t / N) <g_t, G> / K (this rank's):
     the traced sequences' part of <G, G> (None when the scheme adds a term that is not a weighted token loss).
@@ -85,11 +89,31 @@ def run_token(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSite], lo
         shape[dim] = n - nt
         return torch.cat([x, torch.zeros(shape, dtype=x.dtype, device=x.device)], dim=dim)
 
+    def along(direction: list[torch.Tensor]) -> torch.Tensor:
+        """<g_t, direction> of every traced token: one JVP per micro-batch, (n, T-1)."""
+        tang = {nm: g.to(dtype) for nm, g in zip(names, direction)}
+        return full(torch.cat([jvp(lambda p: per_token_loss(model, p, ch), (primals,), (tang,))[1]
+                               for ch in hchunks]))
+
+    def per_module(direction: list[torch.Tensor]) -> torch.Tensor:
+        """<g_t,m, direction_m> per LoRA matrix: one JVP each, vmapped ``jvp_chunk`` at a time, (M, n, T-1)."""
+        out = torch.zeros(M, nt, T - 1, dtype=torch.float32, device=dev)
+        for j0 in range(0, M, cfg.jvp_chunk):
+            grp = list(range(j0, min(j0 + cfg.jvp_chunk, M)))
+            prim = {names[j]: primals[names[j]] for j in grp}
+            tangents = {}
+            for c, j in enumerate(grp):
+                t = torch.zeros((len(grp),) + tuple(direction[j].shape), dtype=dtype, device=dev)
+                t[c] = direction[j]
+                tangents[names[j]] = t
+            out[grp] = torch.cat([_jvps(model, prim, tangents, ch) for ch in hchunks], dim=1).float()
+        return full(out, dim=1)
+
+    influence = site_infl = None
     with torch.no_grad():
-        # dot: one JVP along G per micro-batch
-        tang = {nm: g.to(dtype) for nm, g in zip(names, G)}
-        dot = full(torch.cat([jvp(lambda p: per_token_loss(model, p, ch), (primals,), (tang,))[1]
-                              for ch in hchunks]))                                  # (n, T-1)
+        dot = along(G)                                                              # (n, T-1)
+        if extra is not None:
+            influence = along(extra)
         magnitude = site_dot = site_mag = None
 
         if cfg.magnitude == "sketch":
@@ -104,21 +128,15 @@ def run_token(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSite], lo
             magnitude = full((acc / cfg.sketch_k).sqrt().float())
 
         if cfg.module_rows and cfg.magnitude != "exact":
-            site_dot = torch.zeros(M, nt, T - 1, dtype=torch.float32, device=dev)
-            for j0 in range(0, M, cfg.jvp_chunk):
-                grp = list(range(j0, min(j0 + cfg.jvp_chunk, M)))
-                prim = {names[j]: primals[names[j]] for j in grp}
-                tangents = {}
-                for c, j in enumerate(grp):
-                    t = torch.zeros((len(grp),) + tuple(G[j].shape), dtype=dtype, device=dev)
-                    t[c] = G[j]
-                    tangents[names[j]] = t
-                site_dot[grp] = torch.cat([_jvps(model, prim, tangents, ch) for ch in hchunks], dim=1).float()
-            site_dot = full(site_dot, dim=1)
+            site_dot = per_module(G)
+            if extra is not None:
+                site_infl = per_module(extra)
 
     checks: dict = {"micro_batches": K, "micro_batches_traced": len(tb.traced_chunks())}
     if cfg.magnitude == "exact":
-        site_dot, site_sq = per_token_exact(model, tb, sites, G, record, cfg.grad_chunk)
+        site_dot, site_sq, site_x = per_token_exact(model, tb, sites, G, record, cfg.grad_chunk, extra)
+        if extra is not None and cfg.module_rows:
+            site_infl = site_x
         site_mag = site_sq.sqrt()
         magnitude = site_sq.sum(0).sqrt()
         # dot from the JVP against dot from the per-token gradients, relative to |g_t| |G|
@@ -131,13 +149,17 @@ def run_token(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSite], lo
         w = (weights.double() * tb.response().double())[:nt] / torch.cat(norms).double()[:nt, None]
         traced_loss_dot = (w * dot[:nt].double()).sum() / K
     return {"dot": dot, "magnitude": magnitude, "site_dot": site_dot, "site_mag": site_mag, "g_sq": g_sq,
-            "G": G, "traced_loss_dot": traced_loss_dot, "checks": checks,
+            "G": G, "traced_loss_dot": traced_loss_dot, "influence": influence, "site_infl": site_infl,
+            "normaliser": torch.cat(norms),
+            "checks": checks,
             "stats": {k: torch.cat(v) if k != "total" else torch.stack(v).mean() for k, v in stats.items()}}
 
 
 def per_token_exact(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSite], G: list[torch.Tensor],
-                    record: torch.Tensor, grad_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-module <g_t, G_m> and ||g_t,m||^2 for the recorded tokens, (M, n, T-1) float32 each.
+                    record: torch.Tensor, grad_chunk: int, extra: list[torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-module <g_t, G_m> and ||g_t,m||^2 for the recorded tokens, (M, n, T-1) float32 each, and
+    <g_t, extra_m> when ``extra`` is given (else None).
 
     Per sequence, the recorded positions go in chunks of ``grad_chunk`` (ascending); a chunk whose last position
     is p runs a forward on the prefix x_0..x_{p+1} only (attention is causal, so the values are those of the full
@@ -149,6 +171,7 @@ def per_token_exact(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSit
     dev = tb.input_ids.device
     site_dot = torch.zeros(M, n, T - 1, dtype=torch.float32, device=dev)
     site_sq = torch.zeros(M, n, T - 1, dtype=torch.float32, device=dev)
+    site_x = torch.zeros_like(site_sq) if extra is not None else None
     params = [s.param for s in sites]
     for b in range(n):
         pos = record[b].nonzero().flatten()                                        # ascending
@@ -165,5 +188,7 @@ def per_token_exact(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSit
                 gf = g.float().flatten(1)                                          # (C, out*in)
                 site_dot[m, b, p] = gf @ Gm.reshape(-1)
                 site_sq[m, b, p] = gf.square().sum(1)
+                if site_x is not None:
+                    site_x[m, b, p] = gf @ extra[m].float().reshape(-1)
             del losses, grads
-    return site_dot, site_sq
+    return site_dot, site_sq, site_x

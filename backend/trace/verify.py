@@ -2,6 +2,11 @@
 
     python -m backend verify data/runs/20250101-train-demo-ab12 --step 20          # exit 0: within 1e-4
     python -m backend verify RUN_DIR --step 20 --device cpu --tol 1e-4 --json
+    python -m backend verify RUN_DIR --step 20 --all                # every token (default: a seeded sample of 64)
+
+By default a seeded sample of ``--sample-tokens`` recorded tokens (64) is recomputed one by one, named in the
+output, so a real model's step verifies in minutes; the rest still take part in ``traced_share`` and in the
+position pieces' sum (one summed backward), and every recorded token must have its row. ``--all``: every token.
 
 The reference shares nothing with the tracer's fast paths but the loss definition (``backend.lm.loss``):
 
@@ -13,6 +18,11 @@ The reference shares nothing with the tracer's fast paths but the loss definitio
   magnitude is recomputed from the materialised g_t and the same random directions. l_t is written as
   ``backend.trace.token.token_loss`` (cross-entropy in a form whose float32 derivatives stay accurate for
   confident tokens); its value is the cross-entropy.
+
+- influence (a step traced with an eval batch, ``--influence-eval``): G_eval from a plain backward of the mean
+  ``token_loss`` over the saved eval batch's response tokens (eval mode), dotted with the same materialised pieces
+  (position) or per-token gradients (token); error |a - b| / (|piece or g_t| ||G_eval||), and |a - b| for
+  influence_alignment, per token and per module.
 
 Errors (all "relative", each on its natural scale): dot |a - b| / (|g| ||G||) (relative to the Cauchy-Schwarz
 bound, so a near-zero dot does not blow up), magnitude |a - b| / b, alignment |a - b| (a cosine), and
@@ -47,6 +57,7 @@ from backend.trace.sites import module_names
 
 TOL = 1e-4
 TOL_HALF = 2e-2     # bf16/fp16 weights or autocast: both methods round every activation to 8 or 11 bits
+SAMPLE_TOKENS = 64  # tokens recomputed by default: minutes on a real model (a backward each), --all for every one
 TOKEN_KEY = ["rank", "sample_idx", "position"]
 MODULE_KEY = ["rank", "sample_idx", "position", "layer", "module", "part"]
 
@@ -146,11 +157,36 @@ def _stats_rows(rows: list, out, ch: dict, rank: int, sidx: torch.Tensor, row0: 
                      "weight": float(out.weights[b, t])})
 
 
-def reference(model: torch.nn.Module, ranks: list[dict], adapter: dict | None = None) -> dict[str, pd.DataFrame]:
+def recorded_tokens(ranks: list[dict]) -> list[tuple[int, int, int]]:
+    """(rank, sample_idx, position) of every token the step recorded, by the rule of DESIGN.md (``_recorded``)."""
+    out = []
+    for rank, rk in enumerate(ranks):
+        t, meta = rk["tensors"], rk["meta"]
+        tp = meta["trace_config"].get("token_positions", "all")
+        out += [(rank, int(t["sample_idx"][b]), tt) for b, tt in _recorded(t, meta, meta["mode"], tp)]
+    return out
+
+
+def choose_sample(keys: list[tuple[int, int, int]], n: int | None, seed: int = 0) -> list[tuple] | None:
+    """``n`` of the recorded tokens ``keys`` drawn without replacement by ``random.Random(seed)``, sorted; None
+    (every token) when ``n`` is None or not smaller than their count."""
+    import random
+    if n is None or n >= len(keys):
+        return None
+    if n < 1:
+        raise ValueError(f"sample_tokens={n} must be >= 1 (or use --all)")
+    return sorted(random.Random(seed).sample(sorted(keys), n))
+
+
+def reference(model: torch.nn.Module, ranks: list[dict], adapter: dict | None = None,
+              sample: list[tuple] | None = None) -> dict[str, pd.DataFrame]:
     """Naive values of one traced step: {"tokens": DataFrame, "modules": DataFrame, "checks": dict}.
 
     ``ranks``: per rank {"tensors", "meta"} as ``trace_store.load_step_state`` returns (or a TraceResult's
-    ``state``). ``model``: the peft model, its adapter already at the step's values.
+    ``state``). ``model``: the peft model, its adapter already at the step's values. ``sample``: the
+    (rank, sample_idx, position) keys to recompute one by one (``choose_sample``; None: every recorded token).
+    The other recorded tokens still count in ``traced_share`` and in the position pieces' sum, through one
+    summed backward each, so those checks stay whole.
     """
     meta0 = ranks[0]["meta"]
     device = next(model.parameters()).device
@@ -166,10 +202,12 @@ def reference(model: torch.nn.Module, ranks: list[dict], adapter: dict | None = 
         if meta0["attn_implementation"] and meta0["attn_implementation"] != before:
             model.set_attn_implementation(meta0["attn_implementation"])
         G = _gradient(model, ranks, sites, scheme, params, device)
+        E = _eval_gradient(model, ranks[0]["tensors"], sites, device)
+        keys = set(sample) if sample is not None else None
         if mode == "position":
-            tok, mod, checks = _naive_position(model, ranks, sites, G, scheme, params, device, W)
+            tok, mod, checks = _naive_position(model, ranks, sites, G, scheme, params, device, W, keys, E)
         else:
-            tok, mod, checks = _naive_token(model, ranks, sites, G, scheme, params, device, cfg)
+            tok, mod, checks = _naive_token(model, ranks, sites, G, scheme, params, device, cfg, keys, E)
     finally:
         if meta0["attn_implementation"] and meta0["attn_implementation"] != before and before:
             model.set_attn_implementation(before)
@@ -182,15 +220,53 @@ def reference(model: torch.nn.Module, ranks: list[dict], adapter: dict | None = 
     tok["alignment"] = tok["dot"] / (tok["magnitude"] * g_norm)
     if mode == "position":
         tok["share"] = tok["dot"] / g_norm ** 2
-        checks["traced_share"] = float(tok["share"].sum())
+        checks["traced_share"] = float(tok["share"].sum()) + checks.pop("unsampled_dot") / g_norm ** 2
     mod["g_norm"] = [site_norm[k] for k in zip(mod["layer"], mod["module"], mod["part"])]
     mod["alignment"] = mod["dot"] / (mod["magnitude"] * mod["g_norm"])
     checks["grad_norm"] = g_norm
+    if E is not None:
+        e_norm = float(torch.sqrt(sum(g.double().square().sum() for g in E)))
+        e_site = {(s["layer"], s["module"], s["part"]): float(g.double().norm()) for s, g in zip(sites, E)}
+        col = "magnitude_exact" if "magnitude_exact" in tok else "magnitude"
+        tok["influence_alignment"] = tok["influence"] / (tok[col] * e_norm)
+        mod["e_norm"] = [e_site[k] for k in zip(mod["layer"], mod["module"], mod["part"])]
+        mod["influence_alignment"] = mod["influence"] / (mod["magnitude"] * mod["e_norm"])
+        checks["eval_grad_norm"] = e_norm
     return {"tokens": tok, "modules": mod, "checks": checks}
 
 
-def _naive_position(model, ranks, sites, G, scheme, params, device, W):
+def _eval_gradient(model, tensors: dict, sites: list[dict], device) -> list[torch.Tensor] | None:
+    """G_eval of a step traced with an eval batch (None without one): the gradient of the mean ``token_loss``
+    over the eval batch's response tokens, eval mode (no dropout), one plain backward."""
+    from backend.lm.loss import IGNORE, token_loss
+    if "eval_input_ids" not in tensors:
+        return None
+    ids, am, labels = (tensors[f"eval_{k}"].to(device) for k in ("input_ids", "attention_mask", "labels"))
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        logits = model(input_ids=ids, attention_mask=am).logits
+        mask = labels[:, 1:] != IGNORE
+        loss = (token_loss(logits[:, :-1], ids[:, 1:]) * mask).sum() / mask.sum()
+        return [g.detach() for g in torch.autograd.grad(loss, [s["param"] for s in sites])]
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def _split(here: list[tuple[int, int]], rank: int, sidx: torch.Tensor, row0: int, sample_keys: set | None):
+    """(sampled, the rest) of a chunk's recorded (row, position) pairs; every pair is sampled when there is no
+    sample."""
+    if sample_keys is None:
+        return here, []
+    inside = [(rank, int(sidx[row0 + b]), tt) in sample_keys for b, tt in here]
+    return [h for h, k in zip(here, inside) if k], [h for h, k in zip(here, inside) if not k]
+
+
+def _naive_position(model, ranks, sites, G, scheme, params, device, W, sample_keys: set | None = None,
+                    E: list[torch.Tensor] | None = None):
     tok, mod, stats = [], [], []
+    unsampled_dot = 0.0                   # sum of <P, G> over the recorded positions left out of the sample
     parents = list(dict.fromkeys(s["parent"] for s in sites))
     by_parent = {p: [i for i, s in enumerate(sites) if s["parent"] == p] for p in parents}
     piece_sum = [torch.zeros_like(g) for g in G]
@@ -214,6 +290,7 @@ def _naive_position(model, ranks, sites, G, scheme, params, device, W):
             scale = 1.0 / (len(chunks) * W)
             n_rows = ch["input_ids"].shape[0]
             here = [(b - row0, tt) for (b, tt) in rec if row0 <= b < row0 + n_rows]
+            here, others = _split(here, rank, t["sample_idx"], row0, sample_keys)
             _stats_rows(stats, out, ch, rank, t["sample_idx"], row0, here)
             for p, y, gy in zip(parents, ys, gys):
                 idx = by_parent[p]
@@ -230,8 +307,20 @@ def _naive_position(model, ranks, sites, G, scheme, params, device, W):
                         mod.append({"rank": rank, "sample_idx": int(t["sample_idx"][row0 + b]), "position": tt,
                                     "layer": s["layer"], "module": s["module"], "part": s["part"],
                                     "dot": float((P.double() * G[i].double()).sum()),
-                                    "magnitude": float(P.double().norm())})
+                                    "magnitude": float(P.double().norm()),
+                                    **({"influence": float((P.double() * E[i].double()).sum())}
+                                       if E is not None else {})})
                     keep[b, tt] = True
+                if others:                        # the unsampled recorded positions: their pieces summed, at once
+                    mask = torch.zeros(gy.shape[:2], dtype=torch.bool, device=device)
+                    for (b, tt) in others:
+                        mask[b, tt] = True
+                    summed_pieces = torch.autograd.grad(y, ws, grad_outputs=gy * mask[..., None], retain_graph=True)
+                    for i, P in zip(idx, summed_pieces):
+                        P = P.float() * scale
+                        piece_sum[i] += P
+                        unsampled_dot += float((P.double() * G[i].double()).sum())
+                    keep |= mask
                 rest = torch.autograd.grad(y, ws, grad_outputs=gy * (~keep)[..., None], retain_graph=True)
                 for i, P in zip(idx, rest):       # zero within traced sequences, the rest of the step's others
                     piece_sum[i] += P.float() * scale
@@ -239,23 +328,26 @@ def _naive_position(model, ranks, sites, G, scheme, params, device, W):
             del out, ys, gys
     tok = _sum_modules(mod, stats)
     errs = [float((ps - g).double().norm() / g.double().norm().clamp_min(1e-300)) for ps, g in zip(piece_sum, G)]
-    return tok, mod, {"pieces_sum_max_rel_err": max(errs)}
+    return tok, mod, {"pieces_sum_max_rel_err": max(errs), "unsampled_dot": unsampled_dot}
 
 
 def _sum_modules(mod: list[dict], stats: list[dict]) -> list[dict]:
     acc: dict[tuple, list[float]] = {}
     for r in mod:
-        a = acc.setdefault((r["rank"], r["sample_idx"], r["position"]), [0.0, 0.0])
+        a = acc.setdefault((r["rank"], r["sample_idx"], r["position"]), [0.0, 0.0, 0.0])
         a[0] += r["dot"]
         a[1] += r["magnitude"] ** 2
+        a[2] += r.get("influence", 0.0)
     out = []
+    with_influence = bool(mod) and "influence" in mod[0]
     for s in stats:
-        d, sq = acc.get((s["rank"], s["sample_idx"], s["position"]), (0.0, 0.0))
-        out.append(dict(s, dot=d, magnitude=float(np.sqrt(sq))))
+        d, sq, inf = acc.get((s["rank"], s["sample_idx"], s["position"]), (0.0, 0.0, 0.0))
+        out.append(dict(s, dot=d, magnitude=float(np.sqrt(sq)), **({"influence": inf} if with_influence else {})))
     return out
 
 
-def _naive_token(model, ranks, sites, G, scheme, params, device, cfg):
+def _naive_token(model, ranks, sites, G, scheme, params, device, cfg, sample_keys: set | None = None,
+                 E: list[torch.Tensor] | None = None):
     from backend.trace.sites import sketch_direction
     from backend.trace.token import token_loss
     tok, mod = [], []
@@ -276,22 +368,35 @@ def _naive_token(model, ranks, sites, G, scheme, params, device, cfg):
             losses = token_loss(out.logits[:, :-1], ch["input_ids"][:, 1:])          # (n, T-1), as the tracer
             n_rows = ch["input_ids"].shape[0]
             here = [(b - row0, tt) for (b, tt) in rec if row0 <= b < row0 + n_rows]
+            here, others = _split(here, rank, t["sample_idx"], row0, sample_keys)
+            coef = 1.0 / (float(out.normaliser) * len(chunks) * len(ranks))
+            terms = [float(out.weights[b, tt]) * coef * losses[b, tt] for (b, tt) in others if out.mask[b, tt]]
+            if terms:                      # the unsampled loss terms' part of traced_share: one summed backward
+                g = torch.autograd.grad(torch.stack(terms).sum(), ws, retain_graph=True)
+                traced_loss_dot += float(sum((gi.double() * Gi.double()).sum() for gi, Gi in zip(g, G)))
             stats: list[dict] = []
             _stats_rows(stats, out, ch, rank, t["sample_idx"], row0, here)
             for (b, tt), st in zip(here, stats):
                 g = torch.autograd.grad(losses[b, tt], ws, retain_graph=True)       # one backward per token
                 sq = 0.0
                 d = 0.0
-                for s, gi, Gi in zip(sites, g, G):
+                inf = 0.0
+                for j, (s, gi, Gi) in enumerate(zip(sites, g, G)):
                     gd = gi.double()
                     dm, sm = float((gd * Gi.double()).sum()), float(gd.square().sum())
                     d, sq = d + dm, sq + sm
-                    mod.append({"rank": rank, "sample_idx": st["sample_idx"], "position": tt, "layer": s["layer"],
-                                "module": s["module"], "part": s["part"], "dot": dm, "magnitude": np.sqrt(sm)})
+                    row_m = {"rank": rank, "sample_idx": st["sample_idx"], "position": tt, "layer": s["layer"],
+                             "module": s["module"], "part": s["part"], "dot": dm, "magnitude": np.sqrt(sm)}
+                    if E is not None:
+                        row_m["influence"] = float((gd * E[j].double()).sum())
+                        inf += row_m["influence"]
+                    mod.append(row_m)
                 if out.mask[b, tt]:
                     traced_loss_dot += float(out.weights[b, tt]) * d / (float(out.normaliser) * len(chunks)
                                                                         * len(ranks))
                 row = dict(st, dot=d, magnitude=float(np.sqrt(sq)), magnitude_exact=float(np.sqrt(sq)))
+                if E is not None:
+                    row["influence"] = inf
                 if dirs is not None:
                     flat = torch.cat([gi.reshape(-1) for gi in g]).double()
                     row["magnitude"] = float(torch.stack([flat @ v for v in dirs]).square().mean().sqrt())
@@ -316,6 +421,14 @@ def compare(ours_tokens: pd.DataFrame, ours_modules: pd.DataFrame | None, ref: d
     _errors(errs, "", m, g_norm=g)
     for k in ("loss", "prob", "entropy", "weight"):
         errs[k] = _maxf((m[k] - m[k + "_ref"]).abs() / (1 + m[k + "_ref"].abs()))
+    if "influence_ref" in m and "influence" in m:
+        col = "magnitude_exact" if "magnitude_exact" in m else "magnitude_ref"
+        e = ref["checks"]["eval_grad_norm"]
+        errs["influence"] = _maxf(((m["influence"] - m["influence_ref"]).abs()
+                                   / (m[col] * e).clip(lower=1e-30)).fillna(np.inf))
+        errs["influence_alignment"] = _maxf((m["influence_alignment"] - m["influence_alignment_ref"]).abs()
+                                            .where(~(m["influence_alignment"].isna()
+                                                     & m["influence_alignment_ref"].isna()), 0.0).fillna(np.inf))
     if ours_modules is not None and len(ours_modules):
         rm = ref["modules"]
         mm = rm.merge(ours_modules, on=MODULE_KEY, how="outer", suffixes=("_ref", ""), indicator=True)
@@ -332,6 +445,10 @@ def compare(ours_tokens: pd.DataFrame, ours_modules: pd.DataFrame | None, ref: d
         tiny = mm["magnitude_ref"] < 10 * floor
         mm.loc[tiny & mm["alignment"].isna(), "alignment_ref"] = np.nan
         _errors(errs, "module_", mm, g_norm=mm["g_norm"], mag_ref=mm["magnitude_floor"])
+        if "influence_ref" in mm and "influence" in mm:
+            errs["module_influence"] = _maxf(((mm["influence"] - mm["influence_ref"]).abs()
+                                              / (mm["magnitude_floor"] * mm["e_norm"]).clip(lower=1e-30))
+                                             .fillna(np.inf))
     return errs
 
 
@@ -388,8 +505,9 @@ def load_run_model(run_path: Path, adapter: dict[str, torch.Tensor], device: str
 def _read_ours(run_path: Path, step: int, table: str) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
-    from backend.trace.store import MODULES_DIR, TOKENS_DIR
-    sub = TOKENS_DIR if table == "tokens" else MODULES_DIR
+    from backend.trace.store import INFLUENCE_DIR, INFLUENCE_MODULES_DIR, MODULES_DIR, TOKENS_DIR
+    sub = {"tokens": TOKENS_DIR, "token_modules": MODULES_DIR, "influence": INFLUENCE_DIR,
+           "influence_modules": INFLUENCE_MODULES_DIR}[table]
     files = sorted((Path(run_path) / sub).glob(f"step_{step:06d}.rank*.parquet"))
     if not files:
         raise ValueError(f"{run_path}: no {table} shards for step {step}")
@@ -401,20 +519,60 @@ def _read_ours(run_path: Path, step: int, table: str) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def verify_step(run_path: Path, step: int, device: str = "cpu") -> dict[str, Any]:
-    """Recompute ``step`` of the run naively; {"errors", "checks_recorded", "checks_reference", "rows", ...}."""
+def verify_step(run_path: Path, step: int, device: str = "cpu", sample_tokens: int | None = None,
+                seed: int = 0) -> dict[str, Any]:
+    """Recompute ``step`` of the run naively; {"errors", "checks_recorded", "checks_reference", "rows", ...}.
+
+    ``sample_tokens``: recompute that many of the recorded tokens, drawn with ``seed`` (``choose_sample``; the
+    report's ``sample`` lists them), instead of every one (None). Every recorded token must still have its
+    row (``token_rows_unmatched``), and ``traced_share`` is still checked over all of them.
+    """
     from backend.trace.store import load_step_state
     state = load_step_state(run_path, step)
     model, _ = load_run_model(run_path, state["adapter"], device)
-    ref = reference(model, state["ranks"])
+    expected = recorded_tokens(state["ranks"])
+    sample = choose_sample(expected, sample_tokens, seed)
+    ref = reference(model, state["ranks"], sample=sample)
     tokens = _read_ours(run_path, step, "tokens")
     modules = _read_ours(run_path, step, "token_modules")
+    if "eval_input_ids" in state["ranks"][0]["tensors"]:         # influence: joined to the rows it belongs to
+        infl = _read_ours(run_path, step, "influence").drop(columns=["run_id", "step"])
+        tokens = tokens.merge(infl, on=TOKEN_KEY, how="left")
+        if len(modules):
+            im = _read_ours(run_path, step, "influence_modules").drop(columns=["run_id", "step"])
+            modules = modules.merge(im, on=MODULE_KEY, how="left")
+    unmatched = 0.0
+    if sample is not None:
+        ours = set(zip(tokens["rank"], tokens["sample_idx"], tokens["position"]))
+        unmatched = float(len(ours ^ set(expected)))          # rows missing or extra, sampled or not
+        keys = pd.DataFrame(sample, columns=TOKEN_KEY)
+        tokens_s, modules_s = tokens.merge(keys, on=TOKEN_KEY), modules.merge(keys, on=TOKEN_KEY)
+    else:
+        tokens_s, modules_s = tokens, modules
+    errors = compare(tokens_s, modules_s, ref)
+    errors["token_rows_unmatched"] = max(errors["token_rows_unmatched"], unmatched)
     meta = state["ranks"][0]["meta"]
     return {"step": step, "mode": meta["mode"], "rows": len(tokens), "module_rows": len(modules),
             "dtype": meta["dtype"], "model_dtype": meta.get("model_dtype", meta["dtype"]),
-            "autocast": meta["trace_config"].get("autocast"),
-            "errors": compare(tokens, modules, ref),
+            "autocast": meta["trace_config"].get("autocast"), "tokens_recorded": len(expected),
+            "sample": [list(k) for k in sample] if sample is not None else None, "sample_seed": seed,
+            "errors": errors,
             "checks_recorded": meta.get("checks", {}), "checks_reference": ref["checks"]}
+
+
+def describe_sample(report: dict) -> str:
+    """One line naming what was recomputed: every token, or the sample by sequence: 'seq 12 (rank 0): 3 5 9'."""
+    n = report["tokens_recorded"]
+    if report["sample"] is None:
+        return f"checked every one of the {n} recorded tokens"
+    by_seq: dict[tuple[int, int], list[int]] = {}
+    for rank, sidx, pos in report["sample"]:
+        by_seq.setdefault((rank, sidx), []).append(pos)
+    multi = len({r for r, _ in by_seq}) > 1
+    seqs = "; ".join(f"seq {sidx}{f' (rank {r})' if multi else ''}: {' '.join(map(str, ps))}"
+                     for (r, sidx), ps in sorted(by_seq.items()))
+    return (f"checked {len(report['sample'])} of {n} recorded tokens, drawn with seed {report['sample_seed']} "
+            f"(--all checks every one): {seqs}")
 
 
 def failures(report: dict, tol: float) -> list[str]:
@@ -439,9 +597,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
     ap.add_argument("--tol", type=float, default=None, help=f"max allowed error (default {TOL} for float32 runs)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--sample-tokens", type=int, default=SAMPLE_TOKENS,
+                    help=f"recompute this many recorded tokens, drawn at random (default {SAMPLE_TOKENS}); the "
+                         "naive reference costs a backward per token, so every token of a real model's step takes "
+                         "hours")
+    ap.add_argument("--all", action="store_true", help="recompute every recorded token")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the token sample (default 0)")
     args = ap.parse_args(argv)
+    if args.sample_tokens < 1:
+        print(f"verify: --sample-tokens must be >= 1, got {args.sample_tokens} (--all checks every token)",
+              file=sys.stderr)
+        return 2
     try:
-        report = verify_step(Path(args.run_dir), args.step, args.device)
+        report = verify_step(Path(args.run_dir), args.step, args.device,
+                             sample_tokens=None if args.all else args.sample_tokens, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
         print(f"verify: {e}", file=sys.stderr)
         return 2
@@ -456,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{report['dtype']}  tolerance {tol:g}  autocast "
               f"{report['autocast'] or 'off'}  rows {report['rows']}  "
               f"module rows {report['module_rows']}")
+        print(f"  {describe_sample(report)}")
         for k, v in report["errors"].items():
             print(f"  {k:<28} {v:.3g}")
         for name in ("checks_recorded", "checks_reference"):
