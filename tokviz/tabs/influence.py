@@ -4,7 +4,6 @@ most (a row click opens the token in Inspect), influence by category, the aligne
 same over training. A run without influence gets a line saying how to record it."""
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -18,8 +17,7 @@ from tokviz import concurrency
 from tokviz.common import At, ExportRow, empty_figure, export_zip, for_display, require_run_step, user_errors
 from tokviz.context import AppContext
 from tokviz.header import Page
-from tokviz.overlay import show_token, token_html
-from tokviz.tabs.tokens import TABLE_CSS, TABLE_JS, _cell
+from tokviz.tabs.tokens import TABLE_CSS, TABLE_JS, context_table
 
 NAMES = ("influence_over_training", "influence_quadrants", "influence_by_category", "influence_tokens")
 SIGN = ("Influence = ⟨the token's part of the update, G_eval⟩, G_eval the gradient of the mean held-out loss: "
@@ -95,30 +93,11 @@ def summary_md(steps: pd.DataFrame, step: int) -> str:
 
 
 def table_html(df: pd.DataFrame) -> str:
-    """The tokens that help most, then those that hurt most, each in its context (text escaped); a row carries
-    its sample and position, and a click opens it in Inspect."""
-    if df.empty:
-        return '<div class="tv-surprise-box">no response token with a non-zero influence at this step</div>'
-    head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in COLS)
-    what = {"helps": "help most (largest influence: lower the eval loss)",
-            "hurts": "hurt most (most negative influence: raise the eval loss)"}
-    rows = []
-    for kind, g in df.groupby("kind", sort=False):
-        rows.append(f'<tr class="kind"><td colspan="{len(COLS)}">{html.escape(what.get(kind, kind))}</td></tr>')
-        for r in g.itertuples(index=False):
-            cells = []
-            for _, col, fmt in COLS:
-                if col == "token":
-                    cells.append(f'<td class="ctx">{token_html(str(r.context_before))}<b>'
-                                 f'{html.escape(show_token(str(r.token)), quote=True)}</b>'
-                                 f'{token_html(str(r.context_after))}</td>')
-                else:
-                    cells.append(f'<td class="{"" if fmt is None else "n"}">{_cell(getattr(r, col), fmt)}</td>')
-            rows.append(f'<tr data-sample="{int(r.sample_idx)}" data-pos="{int(r.position)}">{"".join(cells)}</tr>')
-    return ('<div class="tv-surprise-cap">Training tokens that help and hurt the held-out loss most: click a row '
-            'to open the token in Inspect.</div>'
-            f'<div class="tv-surprise-box"><table class="tv-surprise"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table></div>')
+    """The tokens that help most, then those that hurt most, each in its context (``tokens.context_table``)."""
+    return context_table(df, COLS, {"helps": "help most (largest influence: lower the eval loss)",
+                                    "hurts": "hurt most (most negative influence: raise the eval loss)"},
+                         "Training tokens that help and hurt the held-out loss most: click a row to open the token "
+                         "in Inspect.", "no response token with a non-zero influence at this step")
 
 
 def render(run_id: str | None, step: int | None) -> tuple[list, dict]:

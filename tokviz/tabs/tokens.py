@@ -111,20 +111,20 @@ def _cell(v: object, fmt: str | None) -> str:
     return format(int(v), fmt) if fmt == "d" else format(float(v), fmt)
 
 
-def surprising_html(df: pd.DataFrame) -> str:
-    """The surprising tokens as an HTML table, opposing then aligned; the token shown in its context (the
-    tokens before it and the next three), every text escaped; a row carries its sample and position."""
+def context_table(df: pd.DataFrame, cols: list, groups: dict[str, str], caption: str, empty: str) -> str:
+    """Listed tokens as an HTML table, grouped by ``df.kind`` (a labelled row per group, labels from
+    ``groups``), each token shown in its context (the tokens before it and the next three), every text escaped;
+    a row carries its sample and position (a click opens it in Inspect). ``cols``: (header, column, number
+    format or None for text)."""
     if df.empty:
-        return '<div class="tv-surprise-box">no response tokens with an alignment at this step</div>'
-    head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in SURPRISE_COLS)
+        return f'<div class="tv-surprise-box">{html.escape(empty)}</div>'
+    head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in cols)
     rows = []
-    what = {"opposing": "most opposing (lowest alignment)", "aligned": "most aligned (highest alignment)"}
     for kind, g in df.groupby("kind", sort=False):
-        label = html.escape(what.get(kind, kind))
-        rows.append(f'<tr class="kind"><td colspan="{len(SURPRISE_COLS)}">{label}</td></tr>')
+        rows.append(f'<tr class="kind"><td colspan="{len(cols)}">{html.escape(groups.get(kind, kind))}</td></tr>')
         for r in g.itertuples(index=False):
             cells = []
-            for _, col, fmt in SURPRISE_COLS:
+            for _, col, fmt in cols:
                 if col == "token":
                     cells.append(f'<td class="ctx">{token_html(str(r.context_before))}<b>'
                                  f'{html.escape(show_token(str(r.token)), quote=True)}</b>'
@@ -132,10 +132,17 @@ def surprising_html(df: pd.DataFrame) -> str:
                 else:
                     cells.append(f'<td class="{"" if fmt is None else "n"}">{_cell(getattr(r, col), fmt)}</td>')
             rows.append(f'<tr data-sample="{int(r.sample_idx)}" data-pos="{int(r.position)}">{"".join(cells)}</tr>')
-    return ('<div class="tv-surprise-cap">Most opposing and most aligned response tokens: click a row to open '
-            'the token in Inspect.</div>'
+    return (f'<div class="tv-surprise-cap">{html.escape(caption)}</div>'
             f'<div class="tv-surprise-box"><table class="tv-surprise"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div>')
+
+
+def surprising_html(df: pd.DataFrame) -> str:
+    """The surprising tokens: opposing then aligned, in context (``context_table``)."""
+    return context_table(df, SURPRISE_COLS, {"opposing": "most opposing (lowest alignment)",
+                                             "aligned": "most aligned (highest alignment)"},
+                         "Most opposing and most aligned response tokens: click a row to open the token in Inspect.",
+                         "no response tokens with an alignment at this step")
 
 
 def render(run_id: str | None, step: int | None, table_controls: list | None = None) -> tuple[list, dict]:
