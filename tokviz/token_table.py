@@ -8,18 +8,15 @@ with the surprising tokens' click: the table's rows carry ``data-sample`` / ``da
 from __future__ import annotations
 
 import html
-import math
 from dataclasses import dataclass
 
 import gradio as gr
-import pandas as pd
 
 from backend.index import token_table as tt
 from backend.lm.categories import CATEGORIES
-from tokviz import concurrency
+from tokviz import concurrency, tables
 from tokviz.common import require_run_step, user_errors
 from tokviz.header import Page
-from tokviz.overlay import show_token, token_html
 
 TITLE = "All response tokens: sort, filter and page them; click a row to open the token in Inspect"
 SORT_LABELS = {"sample": "sample, position"} | {m: m for m in tt.METRICS}
@@ -101,14 +98,6 @@ def query_of(sort: str | None, descending: bool | None, categories: list[str] | 
                          ranges=ranges, text=(text or "").strip(), page=n - 1, page_size=int(size or 50))
 
 
-def _cell(v: object, fmt: str | None) -> str:
-    if fmt is None:
-        return html.escape(str(v), quote=True)
-    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    return format(int(v), fmt) if fmt == "d" else format(float(v), fmt)
-
-
 def page_html(p: tt.TokenPage) -> str:
     """A page as an HTML table (every text escaped); a row carries its sample and position for the click."""
     q = p.query
@@ -117,21 +106,8 @@ def page_html(p: tt.TokenPage) -> str:
            f'sorted by {html.escape(order)}')
     if p.rows.empty:
         return f'<div class="tv-surprise-cap" data-total="{p.total}">{cap}</div><div>no tokens match</div>'
-    head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in COLS)
-    rows = []
-    for r in p.rows.itertuples(index=False):
-        cells = []
-        for _, col, fmt in COLS:
-            if col == "token":
-                cells.append(f'<td class="ctx">{token_html(str(r.context_before))}<b>'
-                             f'{html.escape(show_token(str(r.token)), quote=True)}</b>'
-                             f'{token_html(str(r.context_after))}</td>')
-            else:
-                cells.append(f'<td class="{"" if fmt is None else "n"}">{_cell(getattr(r, col), fmt)}</td>')
-        rows.append(f'<tr data-sample="{int(r.sample_idx)}" data-pos="{int(r.position)}">{"".join(cells)}</tr>')
-    return (f'<div class="tv-surprise-cap" data-total="{p.total}" data-page="{p.page + 1}">{cap}</div>'
-            f'<div class="tv-surprise-box"><table class="tv-surprise tv-token-table"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table></div>')
+    return tables.table(COLS, tables.token_rows(p.rows, COLS), cap, cls="tv-surprise tv-token-table",
+                        cap_attrs=f' data-total="{p.total}" data-page="{p.page + 1}"')
 
 
 def render(run_id: str | None, step: int | None, *values: object) -> tuple[str, int]:

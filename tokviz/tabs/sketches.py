@@ -15,12 +15,11 @@ import pandas as pd
 
 from backend.analysis import analyses, sketches
 from backend.index import queries
-from tokviz import concurrency
+from tokviz import concurrency, tables
 from tokviz.common import At, as_int, empty_figure, for_display, require_run_step, user_errors
 from tokviz.context import AppContext
 from tokviz.header import Page
-from tokviz.overlay import show_token, token_html
-from tokviz.tabs.tokens import TABLE_CSS, TABLE_JS, _cell
+from tokviz.tabs.tokens import TABLE_CSS, TABLE_JS
 
 COLS = [("", "rank", "d"), ("sample", "sample_idx", "d"), ("position", "position", "d"),
         ("token in context", "token", None), ("category", "category", None), ("cosine", "cosine", "+.3f"),
@@ -83,23 +82,10 @@ def neighbours_html(df: pd.DataFrame, sample: int, position: int) -> str:
     """The neighbours, each token in its context (text escaped); a row click opens it in Inspect."""
     if df.empty:
         return '<div class="tv-surprise-box">no other traced position with a sketch at this step</div>'
-    head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in COLS)
-    rows = []
-    for rank, r in enumerate(df.itertuples(index=False), start=1):
-        cells = []
-        for _, col, fmt in COLS:
-            if col == "rank":
-                cells.append(f'<td class="n">{rank}</td>')
-            elif col == "token":
-                cells.append(f'<td class="ctx">{token_html(str(r.context_before))}<b>'
-                             f'{html.escape(show_token(str(r.token)), quote=True)}</b></td>')
-            else:
-                cells.append(f'<td class="{"" if fmt is None else "n"}">{_cell(getattr(r, col), fmt)}</td>')
-        rows.append(f'<tr data-sample="{int(r.sample_idx)}" data-pos="{int(r.position)}">{"".join(cells)}</tr>')
-    return (f'<div class="tv-surprise-cap">Tokens whose gradient piece points most like that of sample {sample}, '
-            f'position {position} (cosine of the sketches): click a row to open the token in Inspect.</div>'
-            f'<div class="tv-surprise-box"><table class="tv-surprise"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table></div>')
+    caption = (f"Tokens whose gradient piece points most like that of sample {sample}, position {position} "
+               "(cosine of the sketches): click a row to open the token in Inspect.")
+    rows = tables.token_rows(df.assign(rank=range(1, len(df) + 1)), COLS)
+    return tables.table(COLS, rows, html.escape(caption))
 
 
 def render(run_id: str | None, step: int | None, color: str = "category") -> tuple[list, dict]:

@@ -4,7 +4,6 @@ on the server: ``tokviz.token_table``). A row click in either table opens that t
 from __future__ import annotations
 
 import html
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -13,11 +12,10 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from backend.analysis import analyses, figures
-from tokviz import concurrency, token_table
+from tokviz import concurrency, tables, token_table
 from tokviz.common import At, ExportRow, export_zip, for_display, require_run_step, user_errors
 from tokviz.context import AppContext
 from tokviz.header import Page
-from tokviz.overlay import show_token, token_html
 
 NAMES = ("category_breakdown", "magnitude_alignment", "autocorrelation", "positional_decay")
 # the surprising-tokens table: (header, column, number format or None for text)
@@ -103,38 +101,16 @@ def compute(run_id: str, step: int) -> tuple[dict[str, go.Figure], pd.DataFrame]
     return figs, results["surprising_tokens"]["tokens"]
 
 
-def _cell(v: object, fmt: str | None) -> str:
-    if fmt is None:
-        return html.escape(str(v), quote=True)
-    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    return format(int(v), fmt) if fmt == "d" else format(float(v), fmt)
-
-
 def context_table(df: pd.DataFrame, cols: list, groups: dict[str, str], caption: str, empty: str) -> str:
-    """Listed tokens as an HTML table, grouped by ``df.kind`` (a labelled row per group, labels from
-    ``groups``), each token shown in its context (the tokens before it and the next three), every text escaped;
-    a row carries its sample and position (a click opens it in Inspect). ``cols``: (header, column, number
-    format or None for text)."""
+    """Listed tokens in context (``tokviz.tables``), grouped by ``df.kind``: a labelled row per group (labels from
+    ``groups``); ``empty``: what to say when there is none."""
     if df.empty:
         return f'<div class="tv-surprise-box">{html.escape(empty)}</div>'
-    head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in cols)
     rows = []
     for kind, g in df.groupby("kind", sort=False):
         rows.append(f'<tr class="kind"><td colspan="{len(cols)}">{html.escape(groups.get(kind, kind))}</td></tr>')
-        for r in g.itertuples(index=False):
-            cells = []
-            for _, col, fmt in cols:
-                if col == "token":
-                    cells.append(f'<td class="ctx">{token_html(str(r.context_before))}<b>'
-                                 f'{html.escape(show_token(str(r.token)), quote=True)}</b>'
-                                 f'{token_html(str(r.context_after))}</td>')
-                else:
-                    cells.append(f'<td class="{"" if fmt is None else "n"}">{_cell(getattr(r, col), fmt)}</td>')
-            rows.append(f'<tr data-sample="{int(r.sample_idx)}" data-pos="{int(r.position)}">{"".join(cells)}</tr>')
-    return (f'<div class="tv-surprise-cap">{html.escape(caption)}</div>'
-            f'<div class="tv-surprise-box"><table class="tv-surprise"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table></div>')
+        rows += tables.token_rows(g, cols)
+    return tables.table(cols, rows, html.escape(caption))
 
 
 def surprising_html(df: pd.DataFrame) -> str:
