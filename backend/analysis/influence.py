@@ -27,6 +27,7 @@ import pandas as pd
 from backend.analysis import analyses, figures
 from backend.analysis import influence_figures as figs
 from backend.analysis.analyses import AnalysisParams, Frames
+from backend.analysis.trace import in_context
 from backend.index import sql
 
 KIND = "train"      # the job kind whose runs these analyses read (backend.jobs.train lists this module)
@@ -129,21 +130,8 @@ def influence_tokens(con: duckdb.DuckDBPyConnection, run_id: str, step: int, p: 
     resp = t[t["is_response"] & t["influence"].notna()]
     picks = [("helps", resp[resp["influence"] > 0].nlargest(p.top_k, "influence")),
              ("hurts", resp[resp["influence"] < 0].nsmallest(p.top_k, "influence"))]
-    by_sample = {s: g.reset_index(drop=True) for s, g in t.groupby("sample_idx")}
-    rows = []
-    for kind, sel in picks:
-        for rank, (_, r) in enumerate(sel.iterrows(), start=1):
-            g = by_sample[r["sample_idx"]]
-            i = int(np.searchsorted(g["position"].to_numpy(), r["position"]))
-            rows.append({"kind": kind, "rank": rank, "sample_idx": int(r["sample_idx"]),
-                         "position": int(r["position"]), "resp_pos": r["resp_pos"], "token": r["token"],
-                         "category": r["category"], "alignment": r["alignment"], "influence": r["influence"],
-                         "influence_alignment": r["influence_alignment"], "loss": r["loss"], "prob": r["prob"],
-                         "context_before": "".join(g["token"].iloc[max(0, i - p.context_tokens):i]),
-                         "context_after": "".join(g["token"].iloc[i + 1:i + 4])})
-    return {"tokens": pd.DataFrame(rows, columns=[
-        "kind", "rank", "sample_idx", "position", "resp_pos", "token", "category", "alignment", "influence",
-        "influence_alignment", "loss", "prob", "context_before", "context_after"])}
+    values = ["alignment", "influence", "influence_alignment", "loss", "prob"]
+    return {"tokens": in_context(t, picks, values, p.context_tokens)}
 
 
 # ------------------------------------------------------------------------------------------------ 2

@@ -168,21 +168,26 @@ def surprising_tokens(con: duckdb.DuckDBPyConnection, run_id: str, step: int, p:
     t = _q(con, sql.ALL_TOKENS_AT_STEP, [run_id, step])
     resp = t[t["is_response"] & t["alignment"].notna()]
     picks = [("opposing", resp.nsmallest(p.top_k, "alignment")), ("aligned", resp.nlargest(p.top_k, "alignment"))]
-    rows = []
+    return {"tokens": in_context(t, picks, ["alignment", "magnitude", "loss", "prob"], p.context_tokens)}
+
+
+def in_context(t: pd.DataFrame, picks: list[tuple[str, pd.DataFrame]], values: list[str],
+               context_tokens: int) -> pd.DataFrame:
+    """Listed tokens with their context: per (kind, rows) of ``picks``, each row ranked from 1 with its sample,
+    position, resp_pos, token, category, the ``values`` columns, the text of the ``context_tokens`` records before
+    it and of the next 3 (from ``t``: every token of the step)."""
+    cols = ["sample_idx", "position", "resp_pos", "token", "category", *values]
     by_sample = {s: g.reset_index(drop=True) for s, g in t.groupby("sample_idx")}
+    rows = []
     for kind, sel in picks:
         for rank, (_, r) in enumerate(sel.iterrows(), start=1):
             g = by_sample[r["sample_idx"]]
             i = int(np.searchsorted(g["position"].to_numpy(), r["position"]))
-            rows.append({"kind": kind, "rank": rank, "sample_idx": int(r["sample_idx"]),
-                         "position": int(r["position"]), "resp_pos": r["resp_pos"], "token": r["token"],
-                         "category": r["category"], "alignment": r["alignment"], "magnitude": r["magnitude"],
-                         "loss": r["loss"], "prob": r["prob"],
-                         "context_before": "".join(g["token"].iloc[max(0, i - p.context_tokens):i]),
+            rows.append({"kind": kind, "rank": rank, **{c: r[c] for c in cols},
+                         "sample_idx": int(r["sample_idx"]), "position": int(r["position"]),
+                         "context_before": "".join(g["token"].iloc[max(0, i - context_tokens):i]),
                          "context_after": "".join(g["token"].iloc[i + 1:i + 4])})
-    return {"tokens": pd.DataFrame(rows, columns=[
-        "kind", "rank", "sample_idx", "position", "resp_pos", "token", "category", "alignment", "magnitude",
-        "loss", "prob", "context_before", "context_after"])}
+    return pd.DataFrame(rows, columns=["kind", "rank", *cols, "context_before", "context_after"])
 
 
 # ------------------------------------------------------------------------------------------------ 7
