@@ -94,11 +94,14 @@ def measure(shape: str, args: argparse.Namespace) -> dict:
         m_dot = mem(lambda: trace_batch(model, tb, scheme, {}, tok_cfg))
         res.update(token_sequences=nt, token_dot_s=t2["dot"], token_time_ratio=t2["dot"] / t2["plain"],
                    token_peak_mb=m_dot / 2**20, token_memory_ratio=m_dot / m_plain2)
-    del model
-    gc.collect()
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
     return res
+
+
+def free(device: str) -> None:
+    """After a shape: its model is out of scope; give its memory back before the next one is built."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--device cuda but no CUDA device is visible; on CPU use --smoke --device cpu")
     t0 = time.perf_counter()
     out = {"device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
-           "torch": torch.__version__, "rows": [measure(s, args) for s in args.shapes]}
+           "torch": torch.__version__, "rows": []}
+    for s in args.shapes:
+        out["rows"].append(measure(s, args))
+        free(args.device)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     if args.json:
         print(json.dumps(out).replace("NaN", "null"))

@@ -15,8 +15,10 @@ Rows (medians over --repeats, the variants interleaved so load on the machine hi
   forward + backward of the eval loss, and one more factored product per LoRA matrix); ``influence_time_ratio``
   is a traced training step with influence over one without (each = the plain step + its trace re-run),
   ``influence_trace_ratio`` the trace alone with over without;
-- position + sketch: the position trace with per-position gradient sketches (--sketch-dim, default 128);
-  ``sketch_time_ratio`` is it over the plain step, ``sketch_trace_ratio`` over the trace without sketches;
+- position + sketch: the position trace with per-position gradient sketches (--sketch-dim, default 128), once
+  per projection (``sketch_kind`` gaussian, sparse: ``sketch_<kind>_time_ratio`` etc., and the rms relative error
+  of the squared sketch norm against the exact squared magnitude, one projection draw);
+  ``sketch_time_ratio`` is the default kind's over the plain step, ``sketch_trace_ratio`` over the trace without;
 - token sketch k: sketched magnitudes, error against the exact ones (the k directions are shared by all tokens,
   so their errors are correlated: the rms over one step's tokens is one draw, not an average over draws).
 Time: wall clock on CUDA; on CPU this process's CPU time, which other jobs on a shared machine barely move.
@@ -43,6 +45,7 @@ from backend.lm.loss import forward_loss  # noqa: E402
 from backend.lm.schemes import get_scheme  # noqa: E402
 from backend.store import paths  # noqa: E402
 from backend.trace import TraceConfig, discover_lora_modules, trace_batch  # noqa: E402
+from backend.trace.config import SKETCH_KINDS  # noqa: E402
 from backend.trace.token import token_loss  # noqa: E402
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -250,19 +253,28 @@ def main(argv: list[str] | None = None) -> int:
     res.update(influence_time_ratio=step_inf / step, influence_trace_ratio=ti["influence"] / ti["position"],
                influence_eval_sequences=E)
 
-    # ---- per-position gradient sketches: the position trace with sketch_dim k ------------------------------
-    sk_cfg = TraceConfig(mode="position", max_sequences=args.batch, sketch_dim=args.sketch_dim)
-
-    def sketched():
-        trace_batch(model, pb, scheme, {}, sk_cfg, tok)
-
-    ts = timed({"plain": plain, "position": position, "sketch": sketched}, args.repeats, args.device)
-    m_sk = peak_memory(sketched, args.device)
-    rows.append(dict(mode=f"position + sketch (k={args.sketch_dim})", tokens=n_pos, time=ts["sketch"],
-                     ratio=ts["sketch"] / ts["plain"], mem=m_sk, mem_ratio=m_sk / m_plain,
-                     note=f"trace {ts['sketch'] / ts['position']:.2f}x the trace without"))
-    res.update(sketch_time_ratio=ts["sketch"] / ts["plain"], sketch_trace_ratio=ts["sketch"] / ts["position"],
-               sketch_memory_ratio=m_sk / m_plain, sketch_dim=args.sketch_dim)
+    # ---- per-position gradient sketches: the position trace with sketch_dim k, both projections -------------
+    sk_cfgs = {kind: TraceConfig(mode="position", max_sequences=args.batch, sketch_dim=args.sketch_dim,
+                                 sketch_kind=kind) for kind in SKETCH_KINDS}
+    runs = {f"sketch_{kind}": (lambda c=c: trace_batch(model, pb, scheme, {}, c, tok)) for kind, c in sk_cfgs.items()}
+    ts = timed({"plain": plain, "position": position, **runs}, args.repeats, args.device)
+    default = TraceConfig().sketch_kind
+    for kind, c in sk_cfgs.items():
+        t_k = ts[f"sketch_{kind}"]
+        m_sk = peak_memory(runs[f"sketch_{kind}"], args.device)
+        out = trace_batch(model, pb, scheme, {}, c, tok)
+        # one projection draw: the squared sketch norm against the exact squared magnitude of each piece
+        rel = (torch.as_tensor(out.sketch).double().square().sum(1)
+               / torch.as_tensor(out.tokens["magnitude"]).double().square() - 1)
+        err = float(rel.square().mean().sqrt())
+        rows.append(dict(mode=f"position + {kind} sketch (k={args.sketch_dim})", tokens=n_pos, time=t_k,
+                         ratio=t_k / ts["plain"], mem=m_sk, mem_ratio=m_sk / m_plain,
+                         note=f"trace {t_k / ts['position']:.2f}x the trace without; ||sk||^2 rms rel err {err:.3f}"))
+        res.update({f"sketch_{kind}_time_ratio": t_k / ts["plain"], f"sketch_{kind}_trace_ratio": t_k / ts["position"],
+                    f"sketch_{kind}_memory_ratio": m_sk / m_plain, f"sketch_{kind}_norm_rms_rel_err": err})
+    res.update(sketch_time_ratio=res[f"sketch_{default}_time_ratio"], sketch_kind=default,
+               sketch_trace_ratio=res[f"sketch_{default}_trace_ratio"],
+               sketch_memory_ratio=res[f"sketch_{default}_memory_ratio"], sketch_dim=args.sketch_dim)
 
     # ---- token mode ----------------------------------------------------------------------------------------
     if args.skip_token:

@@ -45,21 +45,21 @@ def traced():
     return {"model": model, "batch": batch, "sites": sites, "P": P, "res": res}
 
 
-def naive_sketch(sites, P, seed: int, k: int) -> torch.Tensor:
+def naive_sketch(sites, P, seed: int, k: int, kind: str = "gaussian") -> torch.Tensor:
     """sum over sites of a_j^T P_m b_j / sqrt(k), from the materialised pieces: (n, k) float64."""
     out = 0
     for site, Pm in zip(sites, P):
-        a, b = projection(seed, site, k)
+        a, b = projection(seed, site, k, kind=kind)
         out = out + torch.einsum("jo,noi,ji->nj", a.double(), Pm, b.double())
     return out / math.sqrt(k)
 
 
-def many_sketches(sites, P, seeds: range, k: int) -> torch.Tensor:
+def many_sketches(sites, P, seeds: range, k: int, kind: str = "gaussian") -> torch.Tensor:
     """(n, len(seeds) * k) float64: naive sketches for many seeds in one product per site, each site's rows
     a_j (x) b_j laid out as an (out * in, seeds * k) matrix."""
     out = 0
     for site, Pm in zip(sites, P):
-        ab = [projection(seed, site, k) for seed in seeds]
+        ab = [projection(seed, site, k, kind=kind) for seed in seeds]
         A = torch.cat([a for a, _ in ab]).double()                          # (S k, out)
         B = torch.cat([b for _, b in ab]).double()                          # (S k, in)
         R = (A.T[:, None, :] * B.T[None, :, :]).reshape(-1, A.shape[0])      # (out in, S k)
@@ -74,16 +74,18 @@ def _rel(a, b) -> float:
 
 # ---- the factored sketch is the projection of the piece ------------------------------------------------------
 
-@pytest.mark.parametrize("scheme,params", [("sft", {}), ("antiop", {"clip_mult": 1.0})])
-def test_factored_sketch_equals_the_projection_of_the_naive_piece(scheme, params):
+@pytest.mark.parametrize("scheme,params,kind", [("sft", {}, "gaussian"), ("antiop", {"clip_mult": 1.0}, "gaussian"),
+                                                ("sft", {}, "sparse"), ("antiop", {"clip_mult": 1.0}, "sparse")])
+def test_factored_sketch_equals_the_projection_of_the_naive_piece(scheme, params, kind):
     model = tiny_lora_model("qwen2")
     model.eval()
     batch = tiny_batch()
-    res = trace_batch(model, batch, scheme, params, TraceConfig(mode="position", sketch_dim=32, seed=5), step=1)
+    res = trace_batch(model, batch, scheme, params,
+                      TraceConfig(mode="position", sketch_dim=32, seed=5, sketch_kind=kind), step=1)
     sites, pieces = naive_position_pieces(model, batch, scheme, params)
     b = torch.as_tensor(res.tokens["sample_idx"] - 100, dtype=torch.long)
     s = torch.as_tensor(res.tokens["position"], dtype=torch.long)
-    want = naive_sketch(sites, [p[b, s].double() for p in pieces], seed=5, k=32)
+    want = naive_sketch(sites, [p[b, s].double() for p in pieces], seed=5, k=32, kind=kind)
     assert res.sketch.shape == (len(res.tokens["dot"]), 32) and res.sketch.dtype == np.float32
     assert _rel(res.sketch, want) < 1e-5
 
@@ -109,16 +111,18 @@ def test_micro_batched_subset_and_inline_sketches_equal_the_naive_projection():
 
     from backend.lm.loss import forward_loss
     from backend.lm.schemes import get_scheme
-    tr = InlineTrace(model, TraceConfig(mode="position", inline=True, sketch_dim=16), step=2)
-    with tr:
-        out = forward_loss(model, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")},
-                           get_scheme("sft"), {})
-        out.total.backward()
-    res = tr.result(batch, out, "sft", {})
-    model.zero_grad(set_to_none=True)
-    b = torch.as_tensor(res.tokens["sample_idx"] - 100, dtype=torch.long)
-    s = torch.as_tensor(res.tokens["position"], dtype=torch.long)
-    assert _rel(res.sketch, naive_sketch(sites, [p[b, s].double() for p in pieces], 0, 16)) < 1e-5
+    for kind in ("gaussian", "sparse"):
+        tr = InlineTrace(model, TraceConfig(mode="position", inline=True, sketch_dim=16, sketch_kind=kind), step=2)
+        with tr:
+            out = forward_loss(model, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")},
+                               get_scheme("sft"), {})
+            out.total.backward()
+        res = tr.result(batch, out, "sft", {})
+        model.zero_grad(set_to_none=True)
+        b = torch.as_tensor(res.tokens["sample_idx"] - 100, dtype=torch.long)
+        s = torch.as_tensor(res.tokens["position"], dtype=torch.long)
+        want = naive_sketch(sites, [p[b, s].double() for p in pieces], 0, 16, kind=kind)
+        assert _rel(res.sketch, want) < 1e-5, kind
 
 
 # ---- statistics over projection seeds (fixed seeds: deterministic) --------------------------------------------
@@ -169,6 +173,106 @@ def test_variance_formula_against_a_hand_computed_single_site_case():
     assert torch.allclose(var[0, 1], torch.tensor(n1 * n2 / 4, dtype=torch.float64))
 
 
+def test_sparse_micro_batched_subset_sketch_equals_the_naive_projection():
+    """sketch_kind="sparse" on the given-G path (micro-batches, lora_A sites one at a time), 3 of 4 sequences."""
+    model = tiny_lora_model("qwen2")
+    model.eval()
+    batch = tiny_batch()
+    cfg = TraceConfig(mode="position", sketch_dim=16, micro_batch_size=2, max_sequences=3, sketch_kind="sparse")
+    res = trace_batch(model, batch, "sft", {}, cfg, step=2)
+    halves = [naive_position_pieces(model, {k: v[i:i + 2] for k, v in batch.items()}, "sft", {}) for i in (0, 2)]
+    sites = halves[0][0]
+    pieces = [torch.cat([h0, h1]) / 2 for h0, h1 in zip(halves[0][1], halves[1][1])]
+    b = torch.as_tensor(res.tokens["sample_idx"] - 100, dtype=torch.long)
+    s = torch.as_tensor(res.tokens["position"], dtype=torch.long)
+    assert _rel(res.sketch, naive_sketch(sites, [p[b, s].double() for p in pieces], 0, 16, "sparse")) < 1e-5
+
+
+def test_sparse_projection_is_a_count_sketch_of_the_wide_side():
+    """Each wide-side coordinate (in for lora_A, out for lora_B) has exactly one nonzero, +-sqrt(k), across the
+    k rows; the narrow side is dense. E over rows of b_j b_j^T / ... is checked by the unbiasedness test."""
+    sites = discover_lora_modules(tiny_lora_model("qwen2"))
+    for site in (next(s for s in sites if s.part == "lora_A"), next(s for s in sites if s.part == "lora_B")):
+        a, b = projection(3, site, 16, kind="sparse")
+        out_f, in_f = site.param.shape
+        assert a.shape == (16, out_f) and b.shape == (16, in_f)
+        wide, narrow = (b, a) if in_f >= out_f else (a, b)
+        assert bool(((wide != 0).sum(0) == 1).all())
+        assert torch.allclose(wide.abs().sum(0), torch.full((wide.shape[1],), 4.0))             # sqrt(k)
+        assert bool((narrow != 0).all())
+
+
+def test_sparse_dense_product_path_used_on_cuda_equals_the_scatter_add():
+    """Off the CPU the sparse Sketcher multiplies by the dense +-1 count-sketch matrix (index_add_ is not
+    deterministic on CUDA); forced here on the CPU, it gives the scatter-add's sketches, and both the naive one."""
+    from backend.trace.sketch import Sketcher
+    sites = discover_lora_modules(tiny_lora_model("qwen2"))
+    scatter, dense = Sketcher(sites, 16, 4, kind="sparse"), Sketcher(sites, 16, 4, kind="sparse")
+    dense.cdense = [torch.zeros(h.shape[0], 16).index_put_((torch.arange(h.shape[0]), h), sign)
+                    for _, h, sign in dense.proj]
+    gen = torch.Generator().manual_seed(0)
+    pieces = []
+    for i, site in enumerate(sites):
+        out_f, in_f = site.param.shape
+        u, g = torch.randn(6, in_f, generator=gen), torch.randn(6, out_f, generator=gen)
+        scatter.add(0, i, u, g)
+        dense.add(0, i, u, g)
+        pieces.append(torch.einsum("no,ni->noi", g, u).double())                        # (6, out, in)
+    assert _rel(dense.result(), scatter.result()) < 1e-6
+    assert _rel(scatter.result().T, naive_sketch(sites, pieces, 4, 16, "sparse")) < 1e-5
+
+
+@pytest.mark.parametrize("k,n_seeds", [(128, 100)])
+def test_sparse_sketch_inner_products_are_unbiased_with_the_stated_variance(traced, k, n_seeds):
+    """As the gaussian test, for sketch_kind="sparse": unbiased, empirical variance = predicted_variance(kind=
+    "sparse"), rms relative error as predicted; and the sparse error is at least the gaussian one's (its variance
+    adds a non-negative term for k >= 5)."""
+    sites, P = traced["sites"], traced["P"]
+    n = P[0].shape[0]
+    flat = torch.cat([p.reshape(n, -1) for p in P], 1)
+    exact = flat @ flat.T
+    norm = flat.norm(dim=1)
+    scale = norm[:, None] * norm[None, :]
+    sk = many_sketches(sites, P, range(n_seeds), k, "sparse").view(n, n_seeds, k).transpose(0, 1)   # (S, n, k)
+    est = sk @ sk.transpose(1, 2)
+    var = predicted_variance(P, k, "sparse")
+    iu = torch.triu_indices(n, n)
+
+    def pick(m: torch.Tensor) -> torch.Tensor:
+        return m[..., iu[0], iu[1]]
+
+    z = pick((est.mean(0) - exact) / (var.sqrt() / math.sqrt(n_seeds)))
+    assert abs(float(z.mean())) < 0.15 and 0.8 < float(z.square().mean().sqrt()) < 1.25
+    assert float(z.abs().max()) < 6.0
+    ratio = pick(est.var(0) / var)
+    assert 0.85 < float(ratio.mean()) < 1.15
+    rms = float(pick((est - exact) / scale).square().mean().sqrt())
+    predicted = float(pick(var / scale.square()).mean().sqrt())
+    assert abs(rms / predicted - 1) < 0.1
+    assert bool((var >= predicted_variance(P, k) - 1e-12 * scale.square()).all())
+
+
+def test_sparse_variance_formula_against_hand_computed_cases():
+    """One site, P = P' = g u^T with u on one coordinate: the sketch has one nonzero (a.g) u_0 sign, so
+    Var ||sk||^2 = 2 ||P||^4 whatever k. And k = 1 (one bucket: a Rademacher vector on the wide side, a Gaussian
+    on the narrow side): Var <sk(P), sk(P')> = (G + 2 gam^2)(U + 2 mu^2 - 2 D) - gam^2 mu^2 by Isserlis and the
+    Rademacher 4th moment, G = |g|^2 |g'|^2, gam = g.g', U = |u|^2 |u'|^2, mu = u.u', D = sum_i u_i^2 u'_i^2."""
+    g, u = torch.tensor([1.0, -2.0], dtype=torch.float64), torch.tensor([0.0, 3.0, 0.0, 0.0], dtype=torch.float64)
+    P = torch.outer(g, u)[None]                                               # (1, 2, 4): wide side = in
+    for k in (4, 64):
+        assert torch.allclose(predicted_variance([P], k, "sparse")[0, 0], torch.tensor(2 * 45.0 ** 2,
+                                                                                       dtype=torch.float64))
+    g2, u2 = torch.tensor([0.5, 1.0], dtype=torch.float64), torch.tensor([1.0, 1.0, -2.0, 0.5], dtype=torch.float64)
+    u = torch.tensor([2.0, 3.0, 1.0, -1.0], dtype=torch.float64)
+    P = torch.stack([torch.outer(g, u), torch.outer(g2, u2)])
+    G, gam = float(g @ g * (g2 @ g2)), float(g @ g2)
+    U, mu, D = float(u @ u * (u2 @ u2)), float(u @ u2), float((u ** 2 * u2 ** 2).sum())
+    want = (G + 2 * gam ** 2) * (U + 2 * mu ** 2 - 2 * D) - gam ** 2 * mu ** 2
+    assert abs(float(predicted_variance([P], 1, "sparse")[0, 1]) - want) < 1e-9 * want
+    # the wide side of a lora_B piece is out: the same formula with P transposed
+    assert torch.allclose(predicted_variance([P.transpose(1, 2)], 1, "sparse"), predicted_variance([P], 1, "sparse"))
+
+
 # ---- projections depend on (seed, layer, module, part) only ----------------------------------------------------
 
 def test_same_model_and_seed_give_identical_sketches_across_calls_steps_and_model_objects():
@@ -190,6 +294,17 @@ def test_same_model_and_seed_give_identical_sketches_across_calls_steps_and_mode
     a1, b1 = projection(7, site, 24)
     a2, b2 = projection(7, site, 24, dtype=torch.float64)
     assert torch.equal(a1.double(), a2) and torch.equal(b1.double(), b2)
+    # sparse: the same per (seed, site) after the cache is dropped, and not the gaussian numbers
+    sp = [projection(7, site, 24, kind="sparse") for _ in range(2)]
+    sketch_mod._CACHE.clear()
+    sketch_mod._CACHE_SIZE[0] = 0
+    again = projection(7, site, 24, kind="sparse")
+    assert all(torch.equal(x, y) for x, y in zip(sp[0], again)) and not torch.equal(sp[0][0], a1[:, :sp[0][0].shape[1]])
+    s1 = trace_batch(m2, batch, "sft", {}, TraceConfig(mode="position", sketch_dim=24, seed=7, sketch_kind="sparse"),
+                     step=1)
+    s2 = trace_batch(m1, batch, "sft", {}, TraceConfig(mode="position", sketch_dim=24, seed=7, sketch_kind="sparse"),
+                     step=5)
+    assert np.array_equal(s1.sketch, s2.sketch)
 
 
 def test_sketches_off_leave_every_other_output_bit_identical():
@@ -217,6 +332,10 @@ def test_sketch_dim_is_refused_outside_position_mode_and_validated():
         TraceConfig(mode="token", sketch_dim=16)
     with pytest.raises(ValueError, match=r"sketch_dim=-1 must be an integer in \[0, 65536\]"):
         TraceConfig(sketch_dim=-1)
+    with pytest.raises(ValueError, match="sketch_kind='dense' is not allowed; choose one of: gaussian, sparse"):
+        TraceConfig(sketch_kind="dense")
+    with pytest.raises(ValueError, match="sketch kind 'dense' is not allowed"):
+        projection(0, discover_lora_modules(tiny_lora_model("qwen2"))[0], 4, kind="dense")
     with pytest.raises(ValueError, match="trace_sketch_dim > 0 needs trace_mode 'position'"):
         TrainConfig(trace_every=1, trace_mode="token", trace_sketch_dim=16).validate()
     tc = TrainConfig(trace_every=1, trace_sketch_dim=16)

@@ -14,6 +14,7 @@ TRACE_LOSSES = ("scheme", "ce")
 MAGNITUDES = ("exact", "sketch", "none")
 TOKEN_POSITIONS = ("all", "response")
 AUTOCAST_DTYPES = ("bfloat16", "float16")
+SKETCH_KINDS = ("gaussian", "sparse")      # backend.trace.sketch: dense rows | count sketch on the wide side
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -55,10 +56,13 @@ class TraceConfig:
     sketch_dim: int = _f(0, "position mode: keep a k-dimensional random projection of each position's piece "
                             "(backend.trace.sketch; inner products estimate the pieces' within ~sqrt(8/k) of "
                             "||P|| ||P'||); 0: off")
+    sketch_kind: str = _f("gaussian", "position mode, sketch_dim > 0: the projection (docs/sketches.md): gaussian "
+                                      "(dense rows, error std <= sqrt(8/k)) or sparse (count sketch of the hidden "
+                                      "side: cheaper, error grows with activations concentrated on few coordinates)")
 
     def __post_init__(self) -> None:
         for name, allowed in (("mode", MODES), ("trace_loss", TRACE_LOSSES), ("magnitude", MAGNITUDES),
-                              ("token_positions", TOKEN_POSITIONS)):
+                              ("token_positions", TOKEN_POSITIONS), ("sketch_kind", SKETCH_KINDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; choose one of: "
                                  f"{', '.join(allowed)}")
@@ -123,7 +127,8 @@ class TraceConfig:
         magnitude = "exact" if tc.trace_magnitude == AUTO else tc.trace_magnitude
         d = dict(mode=tc.trace_mode, trace_loss=tc.trace_loss, magnitude=magnitude,
                  sketch_k=tc.trace_sketch_k, max_sequences=tc.trace_sequences, inline=tc.trace_inline,
-                 seed=tc.seed, sketch_dim=tc.trace_sketch_dim)
+                 seed=tc.seed, sketch_dim=tc.trace_sketch_dim,
+                 sketch_kind=tc.trace_sketch_kind)
         d.update(overrides)
         return cls(**d)
 

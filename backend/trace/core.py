@@ -374,7 +374,8 @@ class InlineTrace:
                                          dropout=True)
         self.hooks = PositionHooks(self.sites, G=None, piece_scale=1.0 / self.W, world_size=self.W, check=check,
                                    extra=self.ev.G if self.ev is not None else None,
-                                   sketch=Sketcher(self.sites, self.cfg.sketch_dim, self.cfg.seed, 1.0 / self.W)
+                                   sketch=Sketcher(self.sites, self.cfg.sketch_dim, self.cfg.seed, 1.0 / self.W,
+                                                  kind=self.cfg.sketch_kind)
                                    if self.cfg.sketch_dim else None)
         self._ctx = attached(self.hooks.forward_hooks(), self.hooks.grad_hooks())
         self._ctx.__enter__()

@@ -92,7 +92,7 @@ def run_position(model: torch.nn.Module, tb: TracedBatch, sites: list[LoraSite],
     # sketches of the traced sequences only (a prefix of every processed micro-batch's rows)
     starts = [sum(tb.chunk_sizes[:k]) for k in range(K)]
     sk_rows = [max(0, min(s, tb.n_traced - a)) * T for s, a in zip(tb.chunk_sizes, starts)]
-    sk = (Sketcher(sites, cfg.sketch_dim, cfg.seed, 1.0 / (K * world_size), sk_rows)
+    sk = (Sketcher(sites, cfg.sketch_dim, cfg.seed, 1.0 / (K * world_size), sk_rows, kind=cfg.sketch_kind)
           if cfg.sketch_dim else None)
     if K == 1:
         hooks = PositionHooks(sites, G=None, piece_scale=1.0 / world_size, world_size=world_size,
