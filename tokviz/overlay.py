@@ -232,18 +232,19 @@ def levels(t: np.ndarray) -> np.ndarray:
 
 
 def render(tokens: pd.DataFrame, metric: Metric, selected: int | None = None, what_if: pd.Series | None = None,
-           note: str = "", key: tuple[str, int, int] | None = None) -> str:
+           note: str = "", key: tuple[str, int, int] | None = None, scale: Scale | None = None) -> str:
     """The overlay of one sample. ``tokens``: rows of ``queries.sample_tokens``; ``what_if``: the metric's
     values when they are not a column (aligned with ``tokens``); ``key`` (run, step, sample) is written into
     the HTML: the tooltip script asks the server for the numbers of that sample (once, on the first hover),
-    and a browser test can tell which sample is painted."""
+    and a browser test can tell which sample is painted. ``scale``: a colour scale to use instead of the
+    sample's own (two overlays on one scale: the Run vs run tab)."""
     if tokens.empty:
         return '<div class="tv-empty">no tokens</div>'
     if what_if is None and (metric.column not in tokens or tokens[metric.column].isna().all()) and metric.missing:
         return f'<div class="tv-empty tv-missing">{html.escape(metric.missing)}</div>'
     values = what_if if what_if is not None else tokens[metric.column]
     v = np.asarray(values, dtype=np.float64)
-    scale = scale_for(metric, pd.Series(v), tokens["is_response"])
+    scale = scale or scale_for(metric, pd.Series(v), tokens["is_response"])
     lev = levels(scale.position(v))
     if metric.trained_only:                       # the loss never trains on prompt tokens: no colour for them
         lev = np.where(tokens["is_response"].to_numpy(dtype=bool), lev, -1)

@@ -101,6 +101,8 @@ class Views:
     def __init__(self, page: Page, built: list[Built]) -> None:
         self.page = page
         self.tabs = {b.spec.name: b for b in built if b.spec.render is not None}
+        # tabs that do not render for a run but whose link carries a choice (the SQL console's text)
+        self.others = {b.spec.name: b for b in built if b.spec.render is None and b.spec.link is not None}
         self.inputs = {c for b in self.tabs.values() for c in b.t.inputs}       # what any render reads
         self.outputs = unique(c for b in self.tabs.values() for c in b.t.outputs)
 
@@ -152,15 +154,23 @@ class Views:
         if Focus.from_query(dict(parse_qsl(str(got[self.page.header.query] or "").lstrip("?")))).tab == name:
             return gr.skip()
         b = self.tabs[name]
-        fields = {f: as_int(got[c], f) for f, c in b.spec.link(b.t).items()} if b.spec.link and shown.run else {}
-        return Focus(name, shown.run, shown.step, **fields).query()
+        return link_of(b, shown, got) if shown.run else Focus(name, shown.run, shown.step).query()
 
     def link_inputs(self, focus: Focus) -> dict:
-        """The inputs a deep link sets on the tab it names (Inspect: sample and token)."""
-        b = self.tabs.get(focus.tab)
+        """The inputs a deep link sets on the tab it names (Inspect: sample, token, metric and view; Compare:
+        the runs; SQL: the console's text)."""
+        b = self.tabs.get(focus.tab) or self.others.get(focus.tab)
         if b is None or b.spec.link is None:
             return {}
         return {c: getattr(focus, f) for f, c in b.spec.link(b.t).items()}
+
+
+def link_of(b: Built, shown: Shown, got: Mapping[Any, Any]) -> str:
+    """The link of tab ``b`` as its controls hold it (``got``): each choice of its link that is not the
+    control's initial value (the view a page opens with anyway: links stay short)."""
+    fields = {f: Focus.field(f, got[c]) for f, c in (b.spec.link(b.t) if b.spec.link else {}).items()
+              if got[c] != c.value}
+    return Focus(b.spec.name, shown.run, shown.step, **fields).query()
 
 
 def before_load(page: Page, got: Mapping[Any, Any]) -> bool:
@@ -207,20 +217,22 @@ def wire_tab_switching(page: Page, views: Views, built: list[Built]) -> None:
                          [h.query, h.notice, *b.t.outputs], api_visibility="private", show_progress="minimal",
                          queue=False, **concurrency.RENDER)
         else:
-            def opened_other(got: dict, _name: str = b.spec.name) -> object:
+            def opened_other(got: dict, _b: Built = b) -> object:
                 if before_load(page, got):
                     return gr.skip()
                 shown = got[page.shown]
-                shown.tab = _name
-                return Focus(_name, shown.run, shown.step).query()
+                shown.tab = _b.spec.name
+                return link_of(_b, shown, got)
 
-            b.tab.select(opened_other, {page.shown, h.query}, h.query, api_visibility="private",
+            linked = set(b.spec.link(b.t).values()) if b.spec.link else set()
+            b.tab.select(opened_other, {page.shown, h.query, *linked}, h.query, api_visibility="private",
                          show_progress="hidden", **concurrency.UI)
 
 
 def wire_deep_link(demo: gr.Blocks, page: Page, views: Views, ins: Built) -> None:
-    """On load, the page's query string picks the tab, run and step (and Inspect's sample and token); every
-    run list gets its choices."""
+    """On load, the page's query string picks the tab, run and step (and the choices of the tab it names:
+    Inspect's sample, token, metric and view, Compare's runs, the SQL console's text, which is only put in the
+    editor); every run list gets its choices."""
     ctx, h = page.ctx, page.header
 
     def on_load(got: dict, request: gr.Request) -> dict:
@@ -235,21 +247,29 @@ def wire_deep_link(demo: gr.Blocks, page: Page, views: Views, ins: Built) -> Non
         step = pick_step(run_id, focus.step)
         gen = ctx.generation
         shown = got[page.shown]
+        fixed = views.link_inputs(focus)
         with shown.lock:
             shown.tab = focus.tab
             shown.moved(run_id, step)
-            out = views.draw(shown, focus.tab, gen, {**got, **views.link_inputs(focus)})
+            out = views.draw(shown, focus.tab, gen, {**got, **fixed})
+        if focus.tab in views.others:       # no render: the link's choices go straight into their controls
+            out.update({c: v for c, v in fixed.items() if v is not None})
+            out[h.query] = focus.with_(run=run_id, step=step).query()
         if focus.run and focus.run not in ids:
             out[h.notice] = (f"⚠️ run {focus.run!r} from the link is not in the index; showing {run_id!r} "
                              f"instead. {out[h.notice]}")
+        if ins.t.overlay not in out and (focus.tab == ins.spec.name or run_id is None):
+            out[ins.t.overlay] = ""       # nothing to draw (the notice says why): no "loading" left behind
         return {**run_lists(page, choices, traced), h.run: gr.update(choices=choices, value=run_id),
                 h.step: gr.update(choices=step_choices(run_id), value=step), h.info: header_mod.run_info_md(run_id),
                 page.tabs: gr.Tabs(selected=focus.tab), page.generation: gen, **out}
 
+    others = [c for b in views.others.values() for c in b.spec.link(b.t).values()]
     outputs = unique([h.run, h.step, h.info, h.notice, page.tabs, page.generation, h.query,
-                      *(d for d, _ in page.run_lists), *views.outputs])
+                      *(d for d, _ in page.run_lists), *views.outputs, *others])
+    # "minimal": a spinner while the first view renders (the overlay says "loading the sample…" meanwhile)
     loaded = demo.load(on_load, {page.shown, *views.inputs}, outputs, api_visibility="private",
-                       show_progress="hidden", queue=False, **concurrency.RENDER)
+                       show_progress="minimal", queue=False, **concurrency.RENDER)
     # Once the first view is painted, draw the (empty) token breakdown: the browser then loads the plotting
     # library while the reader looks at the page, not on the first click of a token or a tab.
     loaded.then(lambda token: inspect_tab.breakdown_placeholder() if token is None else gr.skip(), ins.t.token,

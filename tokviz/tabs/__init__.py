@@ -33,6 +33,7 @@ from tokviz.tabs import (
     layers,
     probes,
     publish_panel,
+    runvsrun,
     schemes,
     sketches,
     sql_console,
@@ -76,11 +77,12 @@ TABS: tuple[TabSpec, ...] = (      # in the order the tab strip shows them
     TabSpec("influence", "Influence", influence.build, influence.wire, influence.render_tab),
     TabSpec("sketches", "Sketches", sketches.build, sketches.wire, sketches.render_tab),
     TabSpec("training", "Training", training.build, training.wire, training.render_tab),
-    TabSpec("compare", "Compare runs", compare.build, compare.wire, compare.render_tab),
+    TabSpec("runvsrun", "Run vs run", runvsrun.build, runvsrun.wire, runvsrun.render_tab, runvsrun.link_inputs),
+    TabSpec("compare", "Compare runs", compare.build, compare.wire, compare.render_tab, compare.link_inputs),
     TabSpec("activations", "Activations", activations.build, activations.wire, activations.render_tab),
     TabSpec("probes", "Probes", probes.build, probes.wire, probes.render_tab),
     TabSpec("schemes", "Schemes", schemes.build, schemes.wire),
     TabSpec("launch", "Launch", launch.build, wire_launch),
-    TabSpec("sql", "SQL", sql_console.build, sql_console.wire),
+    TabSpec("sql", "SQL", sql_console.build, sql_console.wire, link=sql_console.link_inputs),
 )
 assert len({t.name for t in TABS}) == len(TABS), "tab names must be unique: deep links name tabs by them"

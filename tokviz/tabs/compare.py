@@ -23,6 +23,7 @@ from tokviz import concurrency
 from tokviz.common import At, ExportRow, export_zip, user_errors
 from tokviz.context import AppContext
 from tokviz.header import Page
+from tokviz.links import Focus
 
 
 @dataclass
@@ -127,12 +128,25 @@ def _fmt(v: object) -> str:
 
 def render(run_id: str | None, step: int | None, runs: list[str] | None, choices: list[tuple[str, str]]
            ) -> tuple[list, dict]:
-    runs = [r for r in (runs or []) if r in {v for _, v in choices}] or default_runs(run_id, choices)
+    ids = {v for _, v in choices}
+    unknown = [r for r in (runs or []) if r not in ids]       # a deep link's, or a run no longer indexed
+    runs = [r for r in (runs or []) if r in ids]
+    if len(runs) < 2:
+        runs = default_runs(run_id, choices) if not runs else runs + [
+            r for r in default_runs(run_id, choices) if r not in runs][: 2 - len(runs)]
+    shown = html.escape(", ".join(map(repr, unknown)), quote=False)      # the notice is Markdown
+    note = f"⚠️ Compare: no traced run {shown} in the index; comparing {', '.join(runs)}." if unknown else ""
     if len(runs) < 2:
         return [gr.update(choices=choices, value=runs), gr.skip(), ""], \
             {"notice": "⚠️ Compare runs needs at least two runs with traced steps"}
     figs, tbl, flags = compare(runs)
-    return [gr.update(choices=choices, value=runs), grid_figure(figs), summary_html(tbl, flags)], {}
+    return [gr.update(choices=choices, value=runs), grid_figure(figs), summary_html(tbl, flags)], \
+        {"runs": tuple(runs), **({"notice": note} if note else {})}
+
+
+def link_inputs(t: CompareTab) -> dict[str, gr.components.Component]:
+    """The deep link's runs are the runs chosen."""
+    return {"runs": t.runs}
 
 
 def render_tab(t: CompareTab, at: At, got: Mapping[Any, Any]) -> tuple[list, dict]:
@@ -148,6 +162,10 @@ def wire(t: CompareTab, page: Page) -> None:
         return grid_figure(figs), summary_html(tbl, flags)
 
     t.button.click(go, [t.runs], [t.grid, t.summary], api_name="compare_runs", **concurrency.RENDER)
+    # the address bar follows the runs chosen (they are drawn on "Compare")
+    t.runs.input(lambda run, step, runs: Focus("compare", run, step, runs=Focus.field("runs", runs)).query(),
+                 [page.header.run, page.header.step, t.runs], page.header.query, api_visibility="private",
+                 show_progress="hidden", queue=False, **concurrency.UI)
 
     @user_errors
     def export(runs):

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from html import escape
 from typing import Any, Mapping
+from urllib.parse import parse_qsl
 
 import gradio as gr
 import numpy as np
@@ -30,14 +32,16 @@ from tokviz.common import (
 )
 from tokviz.context import AppContext
 from tokviz.header import Page, Shown
-from tokviz.links import Focus
+from tokviz.links import DEFAULT_METRIC, VIEW_KEYS, Focus
 
-VIEWS = ("heatmap: dot", "heatmap: alignment", "heatmap: magnitude", "bars: dot per layer")
+VIEWS = tuple(VIEW_KEYS.values())       # "heatmap: dot", ..., "bars: dot per layer"; a link names them short
 NEIGHBOURS = 6
 NEIGHBOUR_COLS = ["", "position", "token", "category", "alignment", "share", "magnitude", "loss", "prob", "entropy",
                   "weight"]
 SEARCH_COLS = ["step", "sample_idx", "n_tokens", "mean_alignment", "match"]
 HINT = "*Click a token to see its gradient per layer and module, and its neighbours.*"
+# what the overlay holds until the page's first render replaces it (the page is not blank meanwhile)
+LOADING = '<div class="tv-empty tv-loading">⏳ loading the sample…</div>'
 
 
 def metric_choices() -> list[tuple[str, str]]:
@@ -68,12 +72,14 @@ class InspectTab:
 
     @property
     def outputs(self) -> list:
-        return [self.sample, self.overlay, self.token, self.title, self.breakdown, self.neighbours]
+        return [self.sample, self.overlay, self.token, self.title, self.breakdown, self.neighbours, self.metric,
+                self.view]
 
 
 def link_inputs(t: InspectTab) -> dict[str, gr.components.Component]:
-    """The deep link's sample and token are the tab's sample and selected token."""
-    return {"sample": t.sample, "token": t.token}
+    """The deep link's sample, token, metric and view are the tab's sample, selected token, colour metric and
+    breakdown kind."""
+    return {"sample": t.sample, "token": t.token, "metric": t.metric, "view": t.view}
 
 
 def build(ctx: AppContext) -> InspectTab:
@@ -81,14 +87,14 @@ def build(ctx: AppContext) -> InspectTab:
         sample = gr.Dropdown(label="Sample", choices=[], elem_id="tv-sample", scale=4, allow_custom_value=True)
         prev = gr.Button("◀ Previous", size="sm", elem_id="tv-prev", scale=0, min_width=110)
         nxt = gr.Button("Next ▶", size="sm", elem_id="tv-next", scale=0, min_width=110)
-        metric = gr.Dropdown(label="Colour tokens by", choices=metric_choices(), value="alignment",
+        metric = gr.Dropdown(label="Colour tokens by", choices=metric_choices(), value=DEFAULT_METRIC,
                              elem_id="tv-metric", scale=3)
     with gr.Accordion("Search samples by text", open=False):
         search = gr.Textbox(label="Text to find (case-insensitive, all traced steps)", elem_id="tv-search",
                             submit_btn="Search")
         results = gr.Dataframe(headers=SEARCH_COLS, interactive=False, max_height=220, elem_id="tv-results",
                                label="Matches: click a row to open it")
-    ov = gr.HTML("", css_template=overlay.CSS, js_on_load=overlay.JS, elem_id="tv-overlay", min_height=120,
+    ov = gr.HTML(LOADING, css_template=overlay.CSS, js_on_load=overlay.JS, elem_id="tv-overlay", min_height=120,
                  server_functions=[token_numbers])
     with gr.Row():
         token = gr.Number(label="Selected token (position): click a token above", precision=0, minimum=0,
@@ -211,13 +217,26 @@ def render(run_id: str | None, step: int | None, sample: int | None, metric: str
     asked = sample
     if sample not in ids:
         sample, token = ids[0], None
-    html = overlay_html(run_id, step, sample, metric or "alignment", token, generation)
-    title, fig, near = token_views(run_id, step, sample, token, view or VIEWS[0])
-    values = [gr.update(choices=choices, value=sample), html, token, title, fig, near]
-    focus: dict = {"sample": sample, "token": token}
+    notes = []
     if asked is not None and asked != sample:
-        focus["notice"] = (f"ℹ️ Inspect: sample #{asked} was not traced at step {step} of {run_id}; showing "
-                           f"sample #{sample}.")
+        notes.append(f"ℹ️ Inspect: sample #{asked} was not traced at step {step} of {run_id}; showing "
+                     f"sample #{sample}.")
+    # a deep link's metric and view are anyone's text: an unknown one falls back to the default, and says so
+    metric, view = metric or DEFAULT_METRIC, view or VIEWS[0]
+    if metric not in {m for _, m in metric_choices()}:
+        notes.append(f"⚠️ Inspect: no colour metric {escape(repr(metric), quote=False)}; showing "
+                     f"{DEFAULT_METRIC}.")
+        metric = DEFAULT_METRIC
+    if view not in VIEWS:
+        notes.append(f"⚠️ Inspect: no breakdown {escape(repr(view), quote=False)} (one of "
+                     f"{', '.join(VIEW_KEYS)}); showing {VIEWS[0]}.")
+        view = VIEWS[0]
+    html = overlay_html(run_id, step, sample, metric, token, generation)
+    title, fig, near = token_views(run_id, step, sample, token, view)
+    values = [gr.update(choices=choices, value=sample), html, token, title, fig, near, metric, view]
+    focus: dict = {"sample": sample, "token": token, "metric": metric, "view": view}
+    if notes:
+        focus["notice"] = " ".join(notes)
     return values, focus
 
 
@@ -230,6 +249,16 @@ def render_tab(t: InspectTab, at: At, got: Mapping[Any, Any]) -> tuple[list, dic
 # what the tab now shows: the header's query).
 def link(run_id: str | None, step: int | None, sample: int | None, token: int | None) -> str:
     return Focus("inspect", run_id, step, sample, token).query()
+
+
+def keep_choices(query: str | None, metric: str | None, view: str | None) -> object:
+    """The deep link an Inspect event just set, with the colour metric and breakdown the tab shows (the public
+    events' own link leaves them out: their inputs are part of the API). Unchanged: skipped."""
+    focus = Focus.from_query(dict(parse_qsl(str(query or "").lstrip("?"))))
+    if focus.tab != "inspect":
+        return gr.skip()
+    new = focus.with_(metric=Focus.field("metric", metric), view=Focus.field("view", view)).query()
+    return new if new != query else gr.skip()
 
 
 @user_errors
@@ -341,14 +370,19 @@ def wire(t: InspectTab, page: Page) -> None:
     token_in = [run, step, t.sample, t.token, t.view]
     token_out = [t.token, t.title, t.breakdown, t.neighbours, query]
 
-    t.sample.input(show_sample, sample_in, sample_out, api_name="inspect_sample", **fast)
-    t.prev.click(previous_sample, sample_in, [t.sample, *sample_out], api_name="previous_sample", **fast)
-    t.next.click(next_sample, sample_in, [t.sample, *sample_out], api_name="next_sample", **fast)
-    t.metric.input(recolour, sample_in, t.overlay, api_name="recolour", **fast)
-    t.token.submit(select_token, token_in, token_out, api_name="inspect_token", **fast)
-    t.view.input(select_token, token_in, token_out, api_visibility="private", **fast)
-    t.overlay.click(click_token, [run, step, t.sample, t.view], token_out, api_visibility="private", **fast)
+    # after each event that sets the link (or changes the metric or view): the link gets the metric and view
+    keep = {"fn": keep_choices, "inputs": [query, t.metric, t.view], "outputs": query,
+            "api_visibility": "private", "show_progress": "hidden", "queue": False, **concurrency.UI}
+
+    t.sample.input(show_sample, sample_in, sample_out, api_name="inspect_sample", **fast).then(**keep)
+    t.prev.click(previous_sample, sample_in, [t.sample, *sample_out], api_name="previous_sample", **fast).then(**keep)
+    t.next.click(next_sample, sample_in, [t.sample, *sample_out], api_name="next_sample", **fast).then(**keep)
+    t.metric.input(recolour, sample_in, t.overlay, api_name="recolour", **fast).then(**keep)
+    t.token.submit(select_token, token_in, token_out, api_name="inspect_token", **fast).then(**keep)
+    t.view.input(select_token, token_in, token_out, api_visibility="private", **fast).then(**keep)
+    t.overlay.click(click_token, [run, step, t.sample, t.view], token_out, api_visibility="private",
+                    **fast).then(**keep)
     t.search.submit(search, [run, t.search], t.results, api_name="search_samples", **concurrency.RENDER)
     t.results.select(open_result, [run, t.results, t.metric, gen, page.shown], [step, *t.outputs, query],
-                     api_visibility="private", **concurrency.RENDER)
+                     api_visibility="private", **concurrency.RENDER).then(**keep)
     t.export.button.click(export, token_in, t.export.file, api_visibility="private", **concurrency.EXPORT)

@@ -18,6 +18,7 @@ from tokviz import concurrency
 from tokviz.common import table, user_errors
 from tokviz.context import AppContext
 from tokviz.header import Page
+from tokviz.links import Focus
 
 EXAMPLES = {
     "Tables and columns": "SELECT table_name, column_name, data_type FROM information_schema.columns\n"
@@ -67,6 +68,11 @@ def build(ctx: AppContext) -> SqlTab:
     return SqlTab(tables, example, query, limit, run, message, result, download)
 
 
+def link_inputs(t: SqlTab) -> dict[str, gr.components.Component]:
+    """The deep link's SQL text is the console's (put in the editor on load, never run)."""
+    return {"sql": t.query}
+
+
 def tables_html(columns: pd.DataFrame) -> str:
     """The index's tables, one line each: its name, then every column's name and type (all text escaped)."""
     if columns.empty:
@@ -94,8 +100,15 @@ def run_query(query: str, limit: float | None, run_files: bool = False) -> tuple
 
 
 def wire(t: SqlTab, page: Page) -> None:
+    h = page.header
+    # the address bar follows the console's text (on leaving the editor, and on picking an example); the
+    # default text is left out of the link
+    link = {"fn": lambda run, step, text: Focus("sql", run, step, sql=None if text == DEFAULT else text).query(),
+            "inputs": [h.run, h.step, t.query], "outputs": h.query, "api_visibility": "private",
+            "show_progress": "hidden", "queue": False, **concurrency.UI}
     t.example.input(lambda name: EXAMPLES.get(name, ""), t.example, t.query, api_visibility="private",
-                    **concurrency.UI)
+                    **concurrency.UI).then(**link)
+    t.query.blur(**link)
 
     run_files = not page.ctx.settings.readonly      # a hosted Space's visitors read no file at all
 
