@@ -28,6 +28,8 @@ TABS = {
     "layers": (f"?tab=layers&run={RUN}", "#tv-tab-layers .js-plotly-plot .main-svg"),
     "tokens": (f"?tab=tokens&run={RUN}", "#tv-surprising tr[data-pos]"),
     "training": (f"?tab=training&run={RUN}", "#tv-tab-training .js-plotly-plot .main-svg"),
+    "influence": (f"?tab=influence&run={RUN}&step=60", "#tv-infl-quadrants .js-plotly-plot .main-svg"),
+    "runvsrun": (f"?tab=runvsrun&run={RUN}&step=60&runs={OTHER}&metric=weight", "#tv-rvr-diff .t"),
     "compare": (f"?tab=compare&run={RUN}", "#tv-cmp-summary table"),
     "launch": ("?tab=launch", "#tv-tab-launch button"),
 }

@@ -72,7 +72,7 @@ def influence_by_category(categories: pd.DataFrame) -> go.Figure:
     for col, sec in (("influence_sum", False), ("mean_influence", True)):
         m = float(np.nanmax(np.abs(g[col].to_numpy(dtype=np.float64)))) * 1.1 or 1.0
         fig.update_yaxes(range=[-m, m], secondary_y=sec)
-    fig.update_yaxes(title_text="mean influence per token", secondary_y=True, showgrid=False, tickformat=".3g")
+    fig.update_yaxes(title_text="mean influence per token", secondary_y=True, showgrid=False, tickformat="~s")
     return fig
 
 
