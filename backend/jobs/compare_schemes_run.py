@@ -99,15 +99,20 @@ def run(cfg, progress: bool = True) -> Path:
         _write_runs(rd, children)
         rd.finish(manifest)
         return rd.path
-    except BaseException as e:
-        _stop(children)
-        if children:
-            _write_runs(rd, children)
-        rd.fail(e)
+    except BaseException as e:                   # a failure, a cancel (SIGINT / SIGTERM): recorded, then re-raised
+        _close_failed(rd, children, e)
         raise
     finally:
         if on_term is not None:
             signal.signal(signal.SIGTERM, on_term)
+
+
+def _close_failed(rd: RunDir, children: list[Child], e: BaseException) -> None:
+    """Stop the children still running, write their states and mark the comparison failed with ``e``."""
+    _stop(children)
+    if children:
+        _write_runs(rd, children)
+    rd.fail(e)
 
 
 def _interrupt_on_sigterm():
