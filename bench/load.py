@@ -5,16 +5,21 @@ Layers, Compare, search) and SQL console queries through the app's public API, w
 requests, for ``--seconds``: over plain HTTP (Gradio's ``/call`` API, default) or gradio_client
 (``--client gradio``); both go through Gradio's queue, as any API client does.
 The app is started the way a user starts it (``python app.py`` with TOKVIZ_HOME set to a data root of
-synthetic runs), on loopback only, and stopped at the end.
+synthetic runs), on loopback only, afresh for each phase (neither phase finds the other's cached views), and
+stopped at the end. Each client keeps one session (a session hash), as a browser tab or gradio_client does:
+a call without one makes Gradio build a session state from the config of every component (~45 ms of CPU).
 
     python bench/load.py                          # 20 clients vs 1, 60 s each; a table
     python bench/load.py --clients 15 --seconds 30 --json
+    python bench/load.py --view-cache both        # with the app's view caches and without, side by side
     python bench/load.py --app-dir /tmp/load-old  # the app of another checkout (a git worktree), same data
 
 Printed: p50 / p95 latency per request (all kinds, and Inspect alone), errors (an app error or a request
-without an answer within ``--timeout`` s), requests done, the app's RSS; ``p95_ratio`` is the N-client p95
-over the single-client p95 (target <= 5, with zero errors). Timings on a machine whose cores are busy
-elsewhere vary: compare runs on one machine only, side by side.
+without an answer within ``--timeout`` s), requests done, the app's RSS and CPU per request, and ``repeats``:
+the fraction of requests identical to an earlier one of the phase (an upper bound on the view caches' hit
+rate: the sessions share a few runs, as a Space's visitors do, and so the caches); ``p95_ratio`` is the
+N-client p95 over the single-client p95 (target <= 5, with zero errors). Timings on a machine whose cores are
+busy elsewhere vary: compare runs on one machine only, side by side.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,10 +80,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(app_dir: Path, home: Path, port: int) -> subprocess.Popen:
-    """``python app.py`` in ``app_dir`` serving ``home`` on 127.0.0.1:``port``, once it answers."""
+def start_app(app_dir: Path, home: Path, port: int, view_cache: bool = True) -> subprocess.Popen:
+    """``python app.py`` in ``app_dir`` serving ``home`` on 127.0.0.1:``port``, once it answers; ``view_cache``
+    False: with ``TOKVIZ_VIEW_CACHE=0`` (every view computed, backend.index.memo)."""
     env = {**os.environ, "TOKVIZ_HOME": str(home), "GRADIO_SERVER_PORT": str(port),
            "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(app_dir)}
+    if not view_cache:
+        env["TOKVIZ_VIEW_CACHE"] = "0"
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=app_dir, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.STDOUT)
     deadline = time.time() + 300
@@ -127,6 +136,9 @@ class HttpClient:
     def __init__(self, url: str, timeout_s: float) -> None:
         u = urllib.parse.urlsplit(url)
         self.host, self.port, self.timeout_s = u.hostname, u.port, timeout_s
+        # one session per client, as a browser tab or gradio_client keeps: without a session hash Gradio builds
+        # a fresh session state (the config of every component of the app, ~45 ms of CPU) for every request
+        self.session_hash = uuid.uuid4().hex[:12]
 
     def predict(self, *args: object, api_name: str) -> list:
         """The outputs of one call; TimeoutError past the timeout, RuntimeError for an app error."""
@@ -134,7 +146,7 @@ class HttpClient:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
         try:
             path = f"/gradio_api/call/{api_name.lstrip('/')}"
-            conn.request("POST", path, json.dumps({"data": list(args)}), {"Content-Type": "application/json"})
+            conn.request("POST", path, json.dumps({"data": list(args), "session_hash": self.session_hash}), {"Content-Type": "application/json"})
             resp = conn.getresponse()
             body = resp.read()
             if resp.status != 200:
@@ -212,6 +224,8 @@ def request(kind: str, rng: random.Random, samples: Samples) -> tuple[tuple, str
 class Result:
     latencies: list[tuple[str, float]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    seen: set = field(default_factory=set)          # (endpoint, arguments) of every request sent so far
+    repeats: int = 0                                # requests identical to an earlier one of the phase
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -242,6 +256,10 @@ def client_loop(kind_of_client: str, url: str, seed: int, deadline: float, think
         while time.time() < deadline:
             kind = rng.choices(kinds, weights)[0]
             args, api = request(kind, rng, samples)
+            key = (api, json.dumps(args))
+            with out.lock:
+                out.repeats += key in out.seen
+                out.seen.add(key)
             t0 = time.perf_counter()
             try:
                 call(client, args, api, timeout_s)
@@ -285,6 +303,9 @@ def phase(kind_of_client: str, url: str, n_clients: int, seconds: float, think_s
     lat = np.array([s for _, s in out.latencies]) if out.latencies else np.array([np.nan])
     ins = np.array([s for k, s in out.latencies if k.startswith("inspect")] or [np.nan])
     return {"clients": n_clients, "requests": len(out.latencies), "errors": len(out.errors) + stuck,
+            "repeat_fraction": out.repeats / max(1, len(out.latencies) + len(out.errors)),
+            "by_kind": {k: {"n": len(v), "p50_s": float(np.percentile(v, 50)), "p95_s": float(np.percentile(v, 95))}
+                        for k in dict(MIX) if (v := [s for kk, s in out.latencies if kk == k])},
             "error_examples": sorted(set(out.errors))[:5], "p50_s": float(np.percentile(lat, 50)),
             "p95_s": float(np.percentile(lat, 95)), "inspect_p50_s": float(np.percentile(ins, 50)),
             "inspect_p95_s": float(np.percentile(ins, 95)), "rss_mb": rss_bytes(pid) / 2**20,
@@ -294,19 +315,48 @@ def phase(kind_of_client: str, url: str, n_clients: int, seconds: float, think_s
 
 def table(r: dict) -> str:
     head = f"{'clients':>7} {'requests':>8} {'p50 s':>7} {'p95 s':>7} {'Inspect p50':>11} {'Inspect p95':>11} " \
-           f"{'errors':>6} {'RSS MB':>7} {'peak MB':>7} {'app CPU ms/req':>14} {'app cores':>9} {'client cores':>12}"
+           f"{'errors':>6} {'RSS MB':>7} {'peak MB':>7} {'app CPU ms/req':>14} {'app cores':>9} {'client cores':>12} " \
+           f"{'repeats':>7}"
     lines = [head]
     for p in (r["single"], r["loaded"]):
         lines.append(f"{p['clients']:>7} {p['requests']:>8} {p['p50_s']:>7.3f} {p['p95_s']:>7.3f} "
                      f"{p['inspect_p50_s']:>11.3f} {p['inspect_p95_s']:>11.3f} {p['errors']:>6} "
                      f"{p['rss_mb']:>7.0f} {p['rss_peak_mb']:>7.0f} {p['app_cpu_ms_per_request']:>14.0f} "
-                     f"{p['app_cores_busy']:>9.2f} {p['clients_cores_busy']:>12.2f}")
+                     f"{p['app_cores_busy']:>9.2f} {p['clients_cores_busy']:>12.2f} {p['repeat_fraction']:>7.0%}")
     ok = r["p95_ratio"] <= TARGETS["p95_ratio"] and r["errors"] == 0
     lines.append(f"p95_ratio {r['p95_ratio']:.2f} (target <= {TARGETS['p95_ratio']:g}), errors {r['errors']} "
                  f"(target 0): {'ok' if ok else 'NOT MET'}")
+    for p in (r["single"], r["loaded"]):
+        lines.append(f"  {p['clients']} client(s), p50/p95 by kind: " + ", ".join(
+            f"{k} {v['p50_s']:.3f}/{v['p95_s']:.3f}" for k, v in p["by_kind"].items()))
     for e in r["loaded"]["error_examples"]:
         lines.append(f"  error: {e}")
     return "\n".join(lines)
+
+
+def run_pair(args: argparse.Namespace, home: Path, view_cache: bool) -> dict:
+    """The single-client and the N-client phase, each against a freshly started app (so neither finds the
+    other's cached views; within a phase, sessions share the app's caches as a Space's visitors do)."""
+    out: dict = {}
+    for name, n, seed in (("single", 1, args.seed), ("loaded", args.clients, args.seed + 1000)):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}/"
+        proc = start_app(args.app_dir.resolve(), home, port, view_cache)
+        try:
+            c = make_client(args.client, url, args.timeout)
+            try:
+                samples = Samples.of(c)
+            finally:
+                c.close()
+            out.setdefault("rss_idle_mb", rss_bytes(proc.pid) / 2**20)
+            out[name] = phase(args.client, url, n, args.seconds, args.think, args.timeout, samples, proc.pid, seed)
+        finally:
+            stop(proc)
+    single, loaded = out["single"], out["loaded"]
+    return {**out, "p95_ratio": loaded["p95_s"] / single["p95_s"], "p50_ratio": loaded["p50_s"] / single["p50_s"],
+            "errors": single["errors"] + loaded["errors"], "app_dir": str(args.app_dir), "cpus": os.cpu_count(),
+            "seconds": args.seconds, "think_s": args.think, "client": args.client, "clients": args.clients,
+            "view_cache": view_cache, "targets": TARGETS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--app-dir", type=Path, default=ROOT, help="the checkout whose app.py to start")
     ap.add_argument("--client", choices=("http", "gradio"), default="http",
                     help="plain HTTP (Gradio's /call API; light) or gradio_client (heavier on the client side)")
+    ap.add_argument("--view-cache", choices=("on", "off", "both"), default="on",
+                    help="the app's view caches (TOKVIZ_VIEW_CACHE): on (as shipped), off, or both side by side")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
@@ -327,34 +379,24 @@ def main(argv: list[str] | None = None) -> int:
     home = args.home or Path(tempfile.mkdtemp(prefix="tokviz-load-"))
     home.mkdir(parents=True, exist_ok=True)
     build_data(home)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/"
-    proc = start_app(args.app_dir.resolve(), home, port)
+    caches = {"on": [True], "off": [False], "both": [True, False]}[args.view_cache]
+    results = {}
     try:
-        c = make_client(args.client, url, args.timeout)
-        try:
-            samples = Samples.of(c)
-        finally:
-            c.close()
-        idle_rss = rss_bytes(proc.pid) / 2**20
-        single = phase(args.client, url, 1, args.seconds, args.think, args.timeout, samples, proc.pid, args.seed)
-        loaded = phase(args.client, url, args.clients, args.seconds, args.think, args.timeout, samples, proc.pid,
-                       args.seed + 1000)
+        for cache in caches:
+            results["on" if cache else "off"] = run_pair(args, home, cache)
     finally:
-        stop(proc)
         if args.home is None:
             shutil.rmtree(home, ignore_errors=True)
-    result = {"single": single, "loaded": loaded, "p95_ratio": loaded["p95_s"] / single["p95_s"],
-              "p50_ratio": loaded["p50_s"] / single["p50_s"], "errors": single["errors"] + loaded["errors"],
-              "rss_idle_mb": idle_rss, "app_dir": str(args.app_dir), "cpus": os.cpu_count(),
-              "seconds": args.seconds, "think_s": args.think, "client": args.client, "clients": args.clients,
-              "targets": TARGETS}
+    result = results[args.view_cache if args.view_cache != "both" else "on"]
+    if args.view_cache == "both":
+        result = {**result, "without_view_cache": results["off"]}
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
-        print(f"app {args.app_dir}, {args.client} clients, {os.cpu_count()} cpus, {args.seconds:g} s per phase, "
-              f"think {args.think:g} s, idle RSS {idle_rss:.0f} MB")
-        print(table(result))
+        for name, r in results.items():
+            print(f"app {args.app_dir}, view caches {name}, {args.client} clients, {os.cpu_count()} cpus, "
+                  f"{args.seconds:g} s per phase, think {args.think:g} s, idle RSS {r['rss_idle_mb']:.0f} MB")
+            print(table(r))
     return 0
 
 

@@ -12,7 +12,7 @@ import threading
 import pytest
 from gradio_client import Client
 
-from backend.index import queries
+from backend.index import memo, queries
 from tests.conftest import app_server, wait_for
 from tokviz import concurrency
 from tokviz.context import AppContext
@@ -134,6 +134,7 @@ def test_inspect_renders_of_two_sessions_run_side_by_side(server, monkeypatch):
     first, second = samples_of(b)[:2]
     gate = Gate(queries.sample_tokens, lambda run_id, step, sample_idx, *args, **kw: sample_idx == first)
     monkeypatch.setattr(queries, "sample_tokens", gate)
+    memo.clear()            # a render cached by an earlier test would answer without reaching the gate
     job = a.submit(*inspect_args(first), api_name="/inspect_sample")
     out = held_while(gate, job, lambda: b.predict(*inspect_args(second), api_name="/inspect_sample"))
     assert f"data-sample=\"synth-sft/10/{second}\"" in out[0]

@@ -84,6 +84,11 @@ def serve(demo: gr.Blocks, **launch_kwargs: object) -> object:
     """``demo.launch`` with the app's options (``LAUNCH_OPTIONS``); keyword arguments are passed on. Every
     event names its concurrency group (``tokviz.concurrency``); the queue's default limit only covers one that
     does not (Gradio's own default is 1: one such event at a time across all sessions)."""
+    # Gradio recomputes its per-function latency summary (a DataFrame of the last 10,000 events, grouped, with
+    # percentiles) after every event by default: 17-45 ms of CPU each, more than most of our renders. It feeds
+    # only the /monitoring page, which the app does not enable; every 1,000 events is plenty (the environment
+    # can still set it, read when the queue is made)
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
     demo.queue(default_concurrency_limit=concurrency.RENDER_LIMIT)
     return demo.launch(**{**LAUNCH_OPTIONS, **launch_kwargs})
 

@@ -104,6 +104,21 @@ def _lock_holder(message: str) -> str:
 
 _shared: dict[str, duckdb.DuckDBPyConnection] = {}
 _shared_lock = threading.Lock()
+_generation = [0]          # bumped after every committed write of this process and when a shared connection opens
+_generation_lock = threading.Lock()
+
+
+def generation() -> int:
+    """A number that changes whenever what this process reads from the index may have changed: after every
+    committed ``transaction`` (ingest, prune, rebuild, migration) and whenever a shared connection is opened or
+    closed. DuckDB lets one process write the index file, so in the process that holds it (the app) a read
+    made at one generation stays true until the number moves (``backend.index.memo`` keys on it)."""
+    return _generation[0]
+
+
+def _bump() -> None:
+    with _generation_lock:
+        _generation[0] += 1
 
 
 def shared(path: str | Path | None = None) -> duckdb.DuckDBPyConnection:
@@ -119,6 +134,7 @@ def shared(path: str | Path | None = None) -> duckdb.DuckDBPyConnection:
     with _shared_lock:
         if key not in _shared:
             _shared[key] = connect(key, allowed_dirs=[paths.runs_dir()], threads=max(1, (os.cpu_count() or 2) // 2))
+            _bump()
         return _shared[key].cursor()
 
 
@@ -133,6 +149,7 @@ def close_shared() -> None:
         for con in _shared.values():
             con.close()
         _shared.clear()
+        _bump()
 
 
 # ------------------------------------------------------------------------------------------------ schema
@@ -213,6 +230,7 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
         con.rollback()
         raise
     con.commit()
+    _bump()
 
 
 def drop_all(con: duckdb.DuckDBPyConnection) -> None:

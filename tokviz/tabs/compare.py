@@ -19,6 +19,7 @@ from gradio.components.plot import PlotData
 from plotly.graph_objects import Figure
 
 from backend.analysis import figures, report
+from backend.index import memo
 from tokviz import concurrency
 from tokviz.common import At, ExportRow, export_zip, user_errors
 from tokviz.context import AppContext
@@ -65,6 +66,13 @@ def compare(run_ids: list[str]) -> tuple[dict, pd.DataFrame]:
         raise ValueError("choose at least two runs to compare")
     figs, tbl, summaries = report.compare_indexed(list(run_ids))
     return figs, tbl.map(_fmt).reset_index(), report.comparability(summaries)
+
+
+@memo.cached(entries=16)
+def compared(runs: tuple[str, ...]) -> tuple[PlotData, str]:
+    """(the figures' grid, the summary table's HTML) of ``compare(runs)``, as the tab shows them (cached)."""
+    figs, tbl, flags = compare(list(runs))
+    return grid_figure(figs), summary_html(tbl, flags)
 
 
 def grid_figure(figs: dict[str, Figure]) -> PlotData:
@@ -139,8 +147,8 @@ def render(run_id: str | None, step: int | None, runs: list[str] | None, choices
     if len(runs) < 2:
         return [gr.update(choices=choices, value=runs), gr.skip(), ""], \
             {"notice": "⚠️ Compare runs needs at least two runs with traced steps"}
-    figs, tbl, flags = compare(runs)
-    return [gr.update(choices=choices, value=runs), grid_figure(figs), summary_html(tbl, flags)], \
+    grid, summary = compared(tuple(runs))
+    return [gr.update(choices=choices, value=runs), grid, summary], \
         {"runs": tuple(runs), **({"notice": note} if note else {})}
 
 
@@ -158,8 +166,7 @@ def wire(t: CompareTab, page: Page) -> None:
 
     @user_errors
     def go(runs):
-        figs, tbl, flags = compare(runs)
-        return grid_figure(figs), summary_html(tbl, flags)
+        return compared(tuple(runs or ()))
 
     t.button.click(go, [t.runs], [t.grid, t.summary], api_name="compare_runs", **concurrency.RENDER)
     # the address bar follows the runs chosen (they are drawn on "Compare")

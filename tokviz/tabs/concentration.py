@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from backend.analysis import analyses, figures
-from backend.index import queries
+from backend.index import memo, queries
 from tokviz import concurrency
 from tokviz.common import At, ExportRow, export_zip, for_display, require_run_step, table, user_errors
 from tokviz.context import AppContext
@@ -94,8 +94,16 @@ def render(run_id: str | None, step: int | None, steps: list[int] | None, others
     run_id, step = require_run_step(run_id, step)
     traced = queries.traced_steps(run_id)
     steps = [s for s in (steps or []) if s in traced]
-    figs, stats = make_figures(run_id, step, steps, others)
-    return [gr.update(choices=traced, value=steps)] + [for_display(f) for f in figs.values()] + [table(stats)], {}
+    figs, stats = shown(run_id, step, steps, others)
+    return [gr.update(choices=traced, value=steps)] + list(figs) + [stats], {}
+
+
+@memo.cached(entries=32)
+def shown(run_id: str, step: int, steps: list[int], others: list[str] | None
+          ) -> tuple[tuple[go.Figure, ...], pd.DataFrame]:
+    """``make_figures`` as the tab shows them (cached: shared between sessions, not to be modified)."""
+    figs, stats = make_figures(run_id, step, list(steps), list(others or []))
+    return tuple(for_display(f) for f in figs.values()), table(stats)
 
 
 def render_tab(t: ConcentrationTab, at: At, got: Mapping[Any, Any]) -> tuple[list, dict]:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from backend.analysis import figures
-from backend.index import queries
+from backend.index import memo, queries
 from backend.lm.scheme_specs import WHAT_IF, what_if_weights
 from tokviz import concurrency, overlay
 from tokviz.common import (
@@ -134,8 +134,16 @@ def _what_if_values(run_id: str, step: int, sample: int, toks: pd.DataFrame, sch
     return toks["position"].map(w)
 
 
+@memo.cached(entries=64)
+def sample_tokens(run_id: str, step: int, sample: int) -> pd.DataFrame:
+    """``queries.sample_tokens``, cached (the overlay, its tooltip numbers and a token's views read the same
+    sample): shared, not to be modified."""
+    return queries.sample_tokens(run_id, step, sample)
+
+
+@memo.cached(entries=128)
 def overlay_html(run_id: str, step: int, sample: int, metric: str, token: int | None, generation: int = 0) -> str:
-    toks = queries.sample_tokens(run_id, step, sample)
+    toks = sample_tokens(run_id, step, sample)
     key = (run_id, step, sample)
     if metric.startswith(overlay.WHAT_IF_PREFIX):
         scheme = metric[len(overlay.WHAT_IF_PREFIX):]
@@ -158,7 +166,7 @@ def token_numbers(key: list) -> str:
         raise ValueError(f"token_numbers takes [run, step, sample, metric], got {key!r}")
     run_id, step, sample, metric = key
     step, sample = as_int(step, "step"), as_int(sample, "sample")
-    toks = queries.sample_tokens(run_id, step, sample)
+    toks = sample_tokens(run_id, step, sample)
     if str(metric).startswith(overlay.WHAT_IF_PREFIX):
         scheme = metric[len(overlay.WHAT_IF_PREFIX):]
         values = _what_if_values(run_id, step, sample, toks, scheme, 0).to_numpy(dtype=np.float64)
@@ -166,12 +174,14 @@ def token_numbers(key: list) -> str:
     return overlay.tip_data(toks)
 
 
+@memo.cached(entries=128)
 def token_views(run_id: str, step: int, sample: int, token: int | None, view: str
                 ) -> tuple[str, object, pd.DataFrame]:
-    """(title, breakdown figure, neighbours table) of one token; blanks when no token is selected."""
+    """(title, breakdown figure, neighbours table) of one token; blanks when no token is selected. Cached
+    (``memo``): the figure and table are shared, not to be modified."""
     if token is None:       # no figure (not even an empty one): the page's first paint needs no plotting
         return HINT, None, pd.DataFrame(columns=NEIGHBOUR_COLS)
-    toks = queries.sample_tokens(run_id, step, sample)
+    toks = sample_tokens(run_id, step, sample)
     if token not in set(toks["position"]):
         raise ValueError(f"sample {sample} at step {step} has no token at position {token}; positions "
                          f"{int(toks['position'].min())}..{int(toks['position'].max())}")
@@ -320,20 +330,27 @@ def click_token(run_id, step, sample, view, evt: gr.EventData):
     return select_token(run_id, step, sample, int(position), view)
 
 
-@user_errors
-def search(run_id, text):
-    if not run_id:
-        raise ValueError("choose a run first")
-    df = queries.search_samples(run_id, (text or "").strip(), limit=50)
-    low = (text or "").lower()
+@memo.cached(entries=64)
+def search_table(run_id: str, text: str) -> pd.DataFrame:
+    """The samples of the run whose text contains ``text`` (50 at most), with the match in context."""
+    df = queries.search_samples(run_id, text.strip(), limit=50)
+    low = text.lower()
 
     def snippet(s: str) -> str:
         i = s.lower().find(low)
         return s[max(0, i - 40): i + len(low) + 40].replace("\n", "⏎ ")
     df["match"] = df["text"].map(snippet)
+    return table(df[SEARCH_COLS])
+
+
+@user_errors
+def search(run_id, text):
+    if not run_id:
+        raise ValueError("choose a run first")
+    df = search_table(run_id, text or "")
     if df.empty:
         gr.Info(f"no sample of this run contains {text!r}")
-    return table(df[SEARCH_COLS])
+    return df
 
 
 @user_errors

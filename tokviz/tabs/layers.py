@@ -10,7 +10,7 @@ import gradio as gr
 import plotly.graph_objects as go
 
 from backend.analysis import analyses, figures
-from backend.index import queries
+from backend.index import memo, queries
 from tokviz import concurrency
 from tokviz.common import At, ExportRow, export_zip, for_display, require_run_step, user_errors
 from tokviz.context import AppContext
@@ -74,10 +74,23 @@ def render(run_id: str | None, step: int | None, module: str | None, more_open: 
     mods = queries.module_names(run_id, step)
     if module not in mods:
         module = ALL
-    figs = make_figures(run_id, step, module, with_contribution=bool(more_open))
-    contribution = for_display(figs[SLOW]) if SLOW in figs else gr.skip()
-    return [gr.update(choices=[ALL] + mods, value=module)] + [for_display(figs[n]) for n in QUICK] + \
-        [contribution], {}
+    figs = shown(run_id, step, module, bool(more_open))
+    contribution = figs[SLOW] if SLOW in figs else gr.skip()
+    return [gr.update(choices=[ALL] + mods, value=module)] + [figs[n] for n in QUICK] + [contribution], {}
+
+
+@memo.cached(entries=32)
+def shown(run_id: str, step: int, module: str | None, with_contribution: bool) -> dict[str, go.Figure]:
+    """``make_figures`` sized for the page (cached: shared between sessions, not to be modified)."""
+    return {n: for_display(f) for n, f in make_figures(run_id, step, module, with_contribution).items()}
+
+
+@memo.cached(entries=32)
+def position_heatmap(run_id: str, step: int, module: str | None) -> go.Figure:
+    """The layer x position heatmap of one module (None or ALL: every module), sized for the page (cached)."""
+    params = analyses.AnalysisParams(module=None if module in (None, ALL) else module)
+    return for_display(figures.build("layer_position_heatmap",
+                                     analyses.run("layer_position_heatmap", run_id, step, params)))
 
 
 def render_tab(t: LayersTab, at: At, got: Mapping[Any, Any]) -> tuple[list, dict]:
@@ -90,9 +103,7 @@ def wire(t: LayersTab, page: Page) -> None:
     @user_errors
     def on_module(run_id, step_, module):
         run_id, step_ = require_run_step(run_id, step_)
-        params = analyses.AnalysisParams(module=None if module in (None, ALL) else module)
-        return for_display(figures.build("layer_position_heatmap",
-                                         analyses.run("layer_position_heatmap", run_id, step_, params)))
+        return position_heatmap(run_id, step_, module)
 
     t.module.input(on_module, [run, step, t.module], t.layer_position, api_name="layer_position_heatmap",
                    **concurrency.RENDER)
