@@ -16,8 +16,8 @@ Rows (medians over --repeats, the variants interleaved so load on the machine hi
   is a traced training step with influence over one without (each = the plain step + its trace re-run),
   ``influence_trace_ratio`` the trace alone with over without;
 - position + sketch: the position trace with per-position gradient sketches (--sketch-dim, default 128), once
-  per projection (``sketch_kind`` gaussian, sparse: ``sketch_<kind>_time_ratio`` etc., and the rms relative error
-  of the squared sketch norm against the exact squared magnitude, one projection draw);
+  per projection (``sketch_kind`` gaussian, gaussian-full, sparse: ``sketch_<kind>_time_ratio`` etc., and the rms
+  relative error of the squared sketch norm against the exact squared magnitude, one projection draw);
   ``sketch_time_ratio`` is the default kind's over the plain step, ``sketch_trace_ratio`` over the trace without;
 - token sketch k: sketched magnitudes, error against the exact ones (the k directions are shared by all tokens,
   so their errors are correlated: the rms over one step's tokens is one draw, not an average over draws).
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     res.update(influence_time_ratio=step_inf / step, influence_trace_ratio=ti["influence"] / ti["position"],
                influence_eval_sequences=E)
 
-    # ---- per-position gradient sketches: the position trace with sketch_dim k, both projections -------------
+    # ---- per-position gradient sketches: the position trace with sketch_dim k, every projection ------------
     sk_cfgs = {kind: TraceConfig(mode="position", max_sequences=args.batch, sketch_dim=args.sketch_dim,
                                  sketch_kind=kind) for kind in SKETCH_KINDS}
     runs = {f"sketch_{kind}": (lambda c=c: trace_batch(model, pb, scheme, {}, c, tok)) for kind, c in sk_cfgs.items()}

@@ -93,9 +93,11 @@ class TrainConfig(JobConfig):
     trace_sketch_dim: int = option(0, "position mode: also keep a k-dimensional random sketch of each traced "
                                    "position's gradient piece (token_sketches table: PCA, nearest tokens); 0: off",
                                    range=(0, 65536, False, False))
-    trace_sketch_kind: str = option("gaussian", "the sketch's projection (docs/sketches.md): gaussian (dense, "
-                                    "error ~ sqrt(2/k) to sqrt(8/k)) or sparse (cheaper, a count sketch on the wide "
-                                    "side, error ~1.5x and an error floor)", choices=("gaussian", "sparse"))
+    trace_sketch_kind: str = option("gaussian", "the sketch's projection (docs/sketches.md): gaussian (rank-one "
+                                    "Gaussian rows, a hidden-side factor shared by 4 rows; ~7 percent of a step on the CPU "
+                                    "bench model), gaussian-full (one factor per row: error up to ~15 percent lower, ~1.8x "
+                                    "the cost) or sparse (a count sketch on the hidden side, error floor)",
+                                    choices=("gaussian", "gaussian-full", "sparse"))
     influence_eval: int = option(0, "at traced steps, also each traced token's influence on the mean loss of this "
                                  "many held-out examples (the task's eval split, or influence_file): <piece or "
                                  "g_t, G_eval>. 0: off", range=NONNEG)

@@ -25,7 +25,8 @@ from the same q_s with p_s = E_m^T g_s (lora_B) or E_m u_s (lora_A): one more (r
 in ``extra_dot`` after ``finish``.
 
 ``sketch`` (a ``backend.trace.sketch.Sketcher``): each site's float32 u and g are also handed to it, which adds
-the site's random projection of every piece to a per-position sketch (two (k, d) @ (d, N) products per site).
+the site's random projection of every piece to a per-position sketch (two small products per site; a lora_A
+group sharing one input is one fused site there, ``add_group``).
 
 Each site's gradient is thus formed from its pieces; autograd is asked only for ``grad_inputs()`` (the checked
 sites, the lowest traced layer by default), which drives the whole backward and gives the check that the pieces
@@ -234,7 +235,7 @@ class PositionHooks:
             for j, p in zip(group, (Ecat @ uf.T).split(widths)):                      # (r_j, N): E_j u_s
                 self.parts_x[j].append(p)
         if self.sketch is not None:
-            self.sketch.add_group(len(self.parts[group[0]]) - 1, group, uf, gs)
+            self.sketch.add_group(len(self.parts[group[0]]) - 1, group, uf, gs, gcat)
 
     # ---- after backward ---------------------------------------------------------------------------------
 

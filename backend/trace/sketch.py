@@ -1,35 +1,51 @@
 """Per-position gradient sketches (position mode): a k-dimensional random projection of each position's piece,
 computed from the factors during the backward, never forming the piece.
 
-    sk = Sketcher(sites, k=128, seed=0, scale=1.0, rows=[n_traced * T], kind="gaussian")   # or "sparse"
+    sk = Sketcher(sites, k=128, seed=0, scale=1.0, rows=[n_traced * T], kind="gaussian")   # "gaussian-full", "sparse"
     hooks = PositionHooks(sites, ..., sketch=sk)                  # the hooks call sk.add / sk.add_group
     ... forward + backward ...
     S = sk.result()                                               # (k, N) float32: column s = sketch of piece s
 
-Projection. A site m (one LoRA matrix, weight (out, in)) has, at position s, the rank-one piece P_s = g_s u_s^T.
-Row j of the site's projection is the rank-one matrix a_j b_j^T, a_j ~ N(0, I_out), b_j ~ N(0, I_in), so
+Projection. A site m (one LoRA matrix, weight (out, in)) has, at position s, the rank-one piece P_s = x_s y_s^T,
+written with y on its hidden side (``hidden_side``: y = u, the input, for lora_A; y = g, the output gradient,
+for lora_B) and x on its rank side. Row j of the site's projection is the rank-one matrix a_{m,j} b_{G(m),w(j)}^T:
 
-    sk_j(P_s) = <a_j b_j^T, P_s> / sqrt(k) = (a_j . g_s) (b_j . u_s) / sqrt(k)
+    sk_j(P_s) = (a_{m,j} . x_s) (b_{G(m),w(j)} . y_s) / sqrt(k),   a ~ N(0, I_rank), b ~ N(0, I_hidden)
 
-that is two (k, d) @ (d, N) products and an elementwise product per site: O(k (out + in) N). The a, b of a site
-come from a generator seeded by (seed, layer, module, part) only (``site_seed``): the same model and seed give
-the same projection at every step and in every run, so sketches are comparable across steps and runs (and across
-models with the same LoRA layout). A position's sketch is the sum over sites of its site sketches: the
-projection of the concatenated piece by a block matrix whose blocks are independent, still unbiased.
+- a_{m,j}: independent for every site and row, from (seed, layer, module, part);
+- b: one set per *group* G(m) (``hidden_key``): the lora_A sites of a layer fed by one input (q/k/v, gate/up)
+  share it, every other site has its own, from (seed, layer, group, part). The group's rows are those of the
+  fused matrix [A_q; A_k; A_v] (its piece is g_cat u^T and (a_q, a_k, a_v)_j ~ N(0, I_{3r})): one b u and one
+  (k, 3r) @ (3r, N) product per group instead of three (k, in) @ (in, N);
+- w(j) = j mod (k / share): each hidden-side functional serves ``share`` rows (``row_share``: "gaussian" 4 at
+  k = 128 and other multiples of 4 from 128, 2 at k = 64, 1 below 64; "gaussian-full" 1), so the costly
+  (k / share, hidden) @ (hidden, N) product shrinks by share; the rows stay independent through their own a.
 
-Error (derived for this projection; checked by tests/test_sketch.py against naive pieces). For two positions with
-pieces P = (P_m), P' = (P'_m) over the sites m, and c_m = cos(g_m, g'_m), e_m = cos(u_m, u'_m):
+Per site (group) that is an (N, hidden) @ (hidden, k / share) and an (N, rank) @ (rank, k) product and an
+elementwise product (the hooks hand over u and g in float32; the (N, k) accumulator is transposed at the end).
+Projections depend on the seed and the site labels only: the same model and seed give the same projection at
+every step and in every run, so sketches are comparable across steps and runs (and across models with the same
+LoRA layout). A position's sketch is the sum over sites of its site sketches.
 
-    E <sk(P), sk(P')> = <P, P'>
-    Var <sk(P), sk(P')> = (1/k) [ ||P||^2 ||P'||^2 + <P, P'>^2
-                                  + 2 sum_m ||P_m||^2 ||P'_m||^2 (c_m^2 + e_m^2 + c_m^2 e_m^2) ]
+Error (derived for this projection; checked by tests/test_sketch.py against naive pieces over many seeds). E over
+a (independent, mean zero) gives cross-site terms mean zero, and E over b gives E <sk(P), sk(P')> = <P, P'>.
+Conditioning on b, each row is a product of two jointly Gaussian sums (Isserlis); the b-average is again Isserlis.
+With R_G(s) the group's pieces stacked along the rank side (a (sum rank, hidden) matrix, one site: x y^T) and
+for a pair of positions p, q
 
-The first two terms are a dense Gaussian JL projection's variance; the sum is the price of rank-one rows
-(4th moments of products of Gaussians). It is at most 6 sum_m ||P_m||^2 ||P'_m||^2 <= 6 ||P||^2 ||P'||^2, and
-small when the pieces spread over many sites (sum_m ||P_m||^4 << ||P||^4). Worst case (one site, P = P'): the
-relative std of ||sk(P)||^2 is sqrt(8/k) (25% at k=128) against sqrt(2/k) (12.5%) for a dense projection;
-in general the error of <sk(P), sk(P')> / (||P|| ||P'||) has std at most sqrt(8/k). ``predicted_variance``
-evaluates the formula from materialised pieces.
+    C = 2 sum_G ||R_G(p) R_G(q)^T||_F^2
+    A = sum_G <R_G(p) R_G(p)^T, R_G(q) R_G(q)^T>,   B = sum_G <R_G(p) R_G(q)^T, R_G(q) R_G(p)^T>
+    Var <sk(P), sk(P')> = (1/k) [ ||P||^2 ||P'||^2 + <P, P'>^2 + C + A + B ] + (share/k) (A + B)
+
+The first two terms are a dense Gaussian JL projection's variance; C + A + B is the price of rank-one rows and
+share (A + B) that of rows sharing b. For a single site (x y^T, x' y'^T; c, e the cosines of x, x' and of
+y, y') C + (1 + share)(A + B) = ||P||^2 ||P'||^2 (2 e^2 + (1 + share)(c^2 + c^2 e^2)): share = 1 is the
+symmetric 2 (c^2 + e^2 + c^2 e^2) of independent rows. Each of C / 2, A, B is at most ||P_G||^2 ||P'_G||^2 (Cauchy-
+Schwarz), so the error of <sk(P), sk(P')> / (||P|| ||P'||) has std at most sqrt((6 + 2 share)/k): sqrt(14/k) =
+0.33 for "gaussian" at k=128, sqrt(8/k) = 0.25 for "gaussian-full" (one site, P = P'); with the pieces spread
+over many sites (sum_G ||P_G||^4 << ||P||^4) it is near a dense projection's sqrt((1 + cos^2)/k). Fusing a
+group makes it one site in these sums: barely more error than three independent sites (docs/sketches.md).
+``predicted_variance`` evaluates the formula from materialised pieces.
 
 Sparse projection (``kind="sparse"``, TraceConfig.sketch_kind). On each site's wide side (in = hidden for
 lora_A, out = hidden for lora_B; ``wide_side``) b_j is replaced by sqrt(k) c_j, c a count sketch: wide coordinate
@@ -41,10 +57,12 @@ position; the narrow side (r) keeps a dense Gaussian a_j. With p_{m,i} the piece
                                         + (1 - 5/k) sum_i (p_{m,i} . p'_{m,i})^2 ]
 
 (one site: x_j = a_j.g Gaussian, y_j = (c w)_j; E[X_j^2] by Isserlis, E[sum_j Y_j^2] and Var <cw, cw'> by the
-count sketch's pairings; the sites' cross terms are the gaussian kind's). The added term does not shrink with k:
-it is small only while each piece spreads over many wide coordinates (sum_i ||p_i||^4 << ||P||^4); a piece on
-one coordinate gives Var ||sk||^2 = 2 ||P||^4 at any k. Measured (tests/test_sketch.py, docs/sketches.md): at
-k=128 it is about 1.4-1.5x the gaussian kind's rms error on the tiny models, and it barely improves at k=512.
+count sketch's pairings; the sites' cross terms are the gaussian kind's). Var_gaussian here is the formula above
+with every site its own group and share = 1 (the sparse kind's sites are independent). The added term does not
+shrink with k: it is small only while each piece spreads over many wide coordinates (sum_i ||p_i||^4 <<
+||P||^4); a piece on one coordinate gives Var ||sk||^2 = 2 ||P||^4 at any k. Measured (tests/test_sketch.py,
+docs/sketches.md): at k=128 it is about 1.2-1.4x the gaussian kind's rms error on the tiny models, 2-3x at k=512
+(it barely improves with k).
 """
 from __future__ import annotations
 
@@ -58,6 +76,12 @@ from backend.trace.config import SKETCH_KINDS as KINDS
 from backend.trace.sites import LoraSite
 
 DEFAULT_KIND = "gaussian"      # see docs/sketches.md, Cost: the sparse kind's error grows with outlier coordinates
+SHARE = 4                      # gaussian: sketch rows per hidden-side functional (docs/sketches.md, Cost and Error)
+MIN_WIDE = 32                  # ... while at least this many functionals remain (small k: the error grows fast)
+
+# lora_A modules of one layer that read the same tensor (Llama / Qwen / Mistral names): one fused site
+INPUT_GROUPS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in",
+                "up_proj": "mlp_in"}
 
 CACHE_BYTES = 512 << 20          # projections kept between traces (generating them is a noticeable cost)
 _CACHE: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
@@ -66,8 +90,8 @@ _CACHE_SIZE = [0]
 
 def site_seed(seed: int, layer: int, module: str, part: str, kind: str = "gaussian") -> int:
     """A 63-bit generator seed from (seed, layer, module, part, kind) alone: stable across processes and versions
-    (Python's ``hash`` of a string is salted per process, so it is not used). Gaussian seeds keep their
-    original form (sketches stored before ``kind`` existed stay comparable)."""
+    (Python's ``hash`` of a string is salted per process, so it is not used). ``kind`` tags the draw ("sparse",
+    "gaussian-rank", "gaussian-hidden"; "gaussian", no tag, was the previous gaussian projection's)."""
     tail = "" if kind == "gaussian" else f"|{kind}"
     h = hashlib.blake2b(f"tokviz-sketch|{seed}|{layer}|{module}|{part}{tail}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
@@ -113,27 +137,70 @@ def sparse_parts(seed: int, site: LoraSite, k: int, device: torch.device | str =
     return _cached(("sparse", seed, site.layer, site.module, site.part, out_f, in_f, k, str(device), dtype), make)
 
 
+def hidden_side(site: LoraSite) -> str:
+    """The side of a site the gaussian kind shares within a group and reuses across rows: its model-width side,
+    "in" for lora_A (the module's input), "out" for lora_B (the module's output)."""
+    return "in" if site.part == "lora_A" else "out"
+
+
+def hidden_key(site: LoraSite) -> tuple[int, str, str]:
+    """The label of a site's hidden-side projection: lora_A sites of one layer fed by one input (q/k/v:
+    ``attn_in``, gate/up: ``mlp_in``) share it, (layer, group, "lora_A"); every other site has its own,
+    (layer, module, part)."""
+    if site.part == "lora_A" and site.module in INPUT_GROUPS:
+        return (site.layer, INPUT_GROUPS[site.module], "lora_A")
+    return (site.layer, site.module, site.part)
+
+
+def row_share(kind: str, k: int) -> int:
+    """How many sketch rows share one hidden-side functional. gaussian: the largest of SHARE (4), 2 that divides
+    k and leaves at least MIN_WIDE (32) functionals (4 at k = 128, 256, ...; 2 at k = 64), else 1; gaussian-full
+    and sparse: 1 (every row its own)."""
+    if kind not in KINDS:
+        raise ValueError(f"sketch kind {kind!r} is not allowed; choose one of: {', '.join(KINDS)}")
+    if kind != "gaussian":
+        return 1
+    return next((s for s in (SHARE, 2) if k % s == 0 and k // s >= MIN_WIDE), 1)
+
+
+def gaussian_parts(seed: int, site: LoraSite, k: int, wide_dim: int, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors of a site's gaussian projection: (a (k, rank side) standard normal, from (seed, layer, module,
+    part); b (wide_dim, hidden side) standard normal, from (seed, ``hidden_key``): one per group of sites fed by
+    one input). Drawn on the CPU (the same numbers on any device), cached. Row j of the projection is
+    a_j b_{j mod wide_dim}^T / sqrt(k) (wide_dim = k / ``row_share``)."""
+    kw = wide_dim
+    out_f, in_f = site.param.shape
+    hid, rank = (in_f, out_f) if hidden_side(site) == "in" else (out_f, in_f)
+    layer, group, part = hidden_key(site)
+
+    def make_a():
+        gen = torch.Generator().manual_seed(site_seed(seed, site.layer, site.module, site.part, "gaussian-rank"))
+        return (torch.randn(k, rank, generator=gen).to(device=device, dtype=dtype),)        # (k, rank)
+
+    def make_b():
+        gen = torch.Generator().manual_seed(site_seed(seed, layer, group, part, "gaussian-hidden"))
+        return (torch.randn(kw, hid, generator=gen).to(device=device, dtype=dtype),)        # (wide_dim, hidden)
+
+    a = _cached(("g-rank", seed, site.layer, site.module, site.part, rank, k, str(device), dtype), make_a)[0]
+    b = _cached(("g-hidden", seed, layer, group, part, hid, kw, str(device), dtype), make_b)[0]
+    return a, b
+
+
 def projection(seed: int, site: LoraSite, k: int, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32, kind: str = "gaussian") -> tuple[torch.Tensor, torch.Tensor]:
     """(a (k, out), b (k, in)) of one site, dense: row j of the site's projection is a_j b_j^T / sqrt(k).
-    gaussian: standard normal, drawn on the CPU (the same numbers on any device), cached. sparse: the dense
-    form of ``sparse_parts`` (for references and tests; the hooks use the factors)."""
-    if kind not in KINDS:
-        raise ValueError(f"sketch kind {kind!r} is not allowed; choose one of: {', '.join(KINDS)}")
-    out_f, in_f = site.param.shape
+    gaussian kinds: ``gaussian_parts`` with the hidden side's k / share rows repeated share times; sparse: the
+    dense form of ``sparse_parts``. For references and tests; the hooks use the factors."""
+    share = row_share(kind, k)
     if kind == "sparse":
         a, h, sign = sparse_parts(seed, site, k, device, dtype)
         c = torch.zeros(k, h.shape[0], device=device, dtype=dtype)               # (k, wide)
         c[h, torch.arange(h.shape[0], device=device)] = sign * math.sqrt(k)
         return (a, c) if wide_side(site) == "in" else (c, a)
-
-    def make():
-        gen = torch.Generator().manual_seed(site_seed(seed, site.layer, site.module, site.part))
-        a = torch.randn(k, out_f, generator=gen)                                  # (k, out)
-        b = torch.randn(k, in_f, generator=gen)                                   # (k, in)
-        return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
-
-    return _cached((seed, site.layer, site.module, site.part, out_f, in_f, k, str(device), dtype), make)
+    a, b = gaussian_parts(seed, site, k, k // share, device, dtype)
+    b = b.repeat(share, 1)                                                        # (k, hidden): row j = b_{j mod kw}
+    return (a, b) if hidden_side(site) == "in" else (b, a)
 
 
 class Sketcher:
@@ -142,7 +209,9 @@ class Sketcher:
     ``k``: sketch dimension; ``seed``: the projection seed (the trace config's seed, not the step's);
     ``scale``: multiplies every piece (the hooks' ``piece_scale``); ``rows``: per call (micro-batch), how many
     leading positions of the flattened (B*T) batch to sketch (the traced sequences come first); None: all;
-    ``kind``: "gaussian" (dense rows) or "sparse" (count sketch on each site's wide side, see the module doc).
+    ``kind``: "gaussian" (rank-one Gaussian rows; the hidden side shared by the sites fed by one input and each
+    hidden-side functional by ``row_share`` rows), "gaussian-full" (the same, one functional per row) or "sparse"
+    (count sketch on each site's wide side). See the module doc.
     """
 
     def __init__(self, sites: list[LoraSite], k: int, seed: int, scale: float = 1.0,
@@ -158,6 +227,7 @@ class Sketcher:
             raise ValueError(f"two LoRA matrices share the label (layer, module, part) = {dup}: their sketch "
                              "projections would be equal; trace them under distinct module names")
         dev = sites[0].param.device
+        self.kw = k // row_share(kind, k)                                   # hidden-side functionals per site
         if kind == "sparse":
             self.proj = [sparse_parts(seed, s, k, dev) for s in sites]
             self.wide_in = [wide_side(s) == "in" for s in sites]
@@ -167,10 +237,20 @@ class Sketcher:
                                                                             sign) for _, h, sign in self.proj]
                            if dev.type != "cpu" else None)
         else:
-            self.proj = [projection(seed, s, k, dev) for s in sites]
-        # per call: gaussian (k, rows), sparse (rows, k) (the scatter-add writes rows of k buckets) float32
+            # transposed once: (L, d) @ (d, k) products run ~2x faster on CPU than (k, d) @ (d, L) for small d
+            parts = [gaussian_parts(seed, s, k, self.kw, dev) for s in sites]
+            self.key = [hidden_key(s) for s in sites]
+            self.rank_t = [_cached(("g-rank-T", seed, s.layer, s.module, s.part, a.shape[1], k, str(dev)),
+                                   lambda a=a: (a.T.contiguous(),))[0] for s, (a, _) in zip(sites, parts)]   # (rank, k)
+            self.hid_t = {key: _cached(("g-hidden-T", seed, *key, b.shape[1], self.kw, str(dev)),
+                                       lambda b=b: (b.T.contiguous(),))[0]
+                          for key, (_, b) in zip(self.key, parts)}             # per key (hidden, wide_dim)
+            self.hid_in = [hidden_side(s) == "in" for s in sites]
+            self._plans: dict[tuple[int, ...], tuple] = {}                   # add_group: per group of sites
+            self._last: tuple | None = None                                  # (call, key, input, b u)
+        self._abuf: dict[int, torch.Tensor] = {}                             # gaussian rank-side products (L, k)
+        # per call: (rows, k) float32 (the sparse scatter-add writes rows of k buckets; the gaussian products too)
         self.acc: list[torch.Tensor | None] = []
-        self._bcat: dict[tuple[int, ...], torch.Tensor] = {}
 
     def _acc(self, call: int, n: int, device: torch.device) -> tuple[torch.Tensor, int]:
         """The call's accumulator and the number of positions sketched in it."""
@@ -178,9 +258,25 @@ class Sketcher:
             self.acc.append(None)
         L = n if self.rows is None else min(n, self.rows[call])
         if self.acc[call] is None:
-            shape = (L, self.k) if self.kind == "sparse" else (self.k, L)
-            self.acc[call] = torch.zeros(shape, dtype=torch.float32, device=device)
+            self.acc[call] = torch.zeros(L, self.k, dtype=torch.float32, device=device)
         return self.acc[call], L
+
+    def _alpha(self, rank: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
+        """rank (L, r) @ a_t (r, k) into a buffer reused by every site (consumed at once by ``_accumulate``): a fresh
+        (L, k) result per site costs an allocation and its first touch."""
+        buf = self._abuf.get(rank.shape[0])
+        if buf is None:
+            buf = self._abuf[rank.shape[0]] = torch.empty(rank.shape[0], self.k, dtype=torch.float32,
+                                                          device=rank.device)
+        return torch.mm(rank, a_t, out=buf)
+
+    def _accumulate(self, acc: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> None:
+        """acc (L, k) += alpha (L, k) * beta (L, wide_dim), beta's column w serving rows w, w + wide_dim, ..."""
+        if self.kw == self.k:
+            acc.addcmul_(alpha, beta)
+        else:
+            L = acc.shape[0]
+            acc.view(L, -1, self.kw).addcmul_(alpha.view(L, -1, self.kw), beta.view(L, 1, self.kw))
 
     @torch.no_grad()
     def add(self, call: int, i: int, uf: torch.Tensor, gf: torch.Tensor) -> None:
@@ -198,12 +294,27 @@ class Sketcher:
                 y.index_add_(1, h, wide[:L] * sign)                             # (L, k): count sketch, O(L wide)
             acc.addcmul_(narrow[:L] @ a.T, y)                                    # (L, k) * (L, k)
             return
-        a, b = self.proj[i]
-        acc.addcmul_(a @ gf[:L].T, b @ uf[:L].T)                       # (k, L) * (k, L)
+        hid, rank = (uf, gf) if self.hid_in[i] else (gf, uf)
+        if L < hid.shape[0]:
+            hid, rank = hid[:L], rank[:L]
+        key = self.key[i]
+        # sites sharing a hidden projection fed one input one after another (the given-G path's q/k/v): b u once.
+        # One slot: it holds the input alive (its address cannot be reused meanwhile) but never more than one
+        last = self._last
+        if (last is not None and last[:2] == (call, key) and last[2].data_ptr() == hid.data_ptr()
+                and last[2].shape == hid.shape and last[2].stride() == hid.stride()):
+            beta = last[3]
+        else:
+            beta = hid @ self.hid_t[key]                                         # (L, wide_dim)
+            self._last = (call, key, hid, beta) if self.hid_in[i] else None
+        self._accumulate(acc, self._alpha(rank, self.rank_t[i]), beta)         # (L, k), (L, wide_dim)
 
     @torch.no_grad()
-    def add_group(self, call: int, group: list[int], uf: torch.Tensor, gs: list[torch.Tensor]) -> None:
-        """lora_A sites fed by one input: uf (N, in) shared, gs[j] (N, r_j); b u for every site in one product."""
+    def add_group(self, call: int, group: list[int], uf: torch.Tensor, gs: list[torch.Tensor],
+                  gcat: torch.Tensor | None = None) -> None:
+        """lora_A sites fed by one input: uf (N, in) shared, gs[j] (N, r_j) (``gcat``: their concatenation, if
+        at hand). Sites sharing a hidden projection (q/k/v) are one fused site [A_q; A_k; A_v]: one u b and one
+        (L, sum r) @ (sum r, k) product."""
         if self.kind == "sparse":                   # each site hashes u its own way: one scatter-add per site
             for j, gf in zip(group, gs):
                 self.add(call, j, uf, gf)
@@ -211,56 +322,89 @@ class Sketcher:
         acc, L = self._acc(call, uf.shape[0], uf.device)
         if L == 0:
             return
-        key = tuple(group)
-        if key not in self._bcat:
-            self._bcat[key] = torch.cat([self.proj[j][1] for j in group]) if len(group) > 1 else self.proj[group[0]][1]
-        bu = self._bcat[key] @ uf[:L].T                                # (k |group|, L)
-        for j, bu_j, gf in zip(group, bu.split(self.k), gs):
-            acc.addcmul_(self.proj[j][0] @ gf[:L].T, bu_j)             # (k, L) * (k, L)
+        plan = self._plans.get(tuple(group))
+        if plan is None:                            # per hidden key: the members' places in group, their a
+            by_key: dict[tuple, list[int]] = {}
+            for n, j in enumerate(group):
+                by_key.setdefault(self.key[j], []).append(n)
+            bcat = torch.cat([self.hid_t[key] for key in by_key], 1) if len(by_key) > 1 else self.hid_t[
+                next(iter(by_key))]                                                    # (in, wide_dim * keys)
+            parts = [(tuple(idx), torch.cat([self.rank_t[group[n]] for n in idx]) if len(idx) > 1
+                      else self.rank_t[group[idx[0]]]) for idx in by_key.values()]      # (sum r, k)
+            plan = self._plans[tuple(group)] = (bcat, parts)
+        bcat, parts = plan
+        beta = (uf if L == uf.shape[0] else uf[:L]) @ bcat                     # (L, wide_dim * keys)
+        for (idx, acat), beta_key in zip(parts, beta.split(self.kw, 1) if len(parts) > 1 else (beta,)):
+            if gcat is not None and len(parts) == 1:
+                g = gcat
+            else:
+                g = torch.cat([gs[n] for n in idx], 1) if len(idx) > 1 else gs[idx[0]]   # (N, sum r)
+            self._accumulate(acc, self._alpha(g if L == g.shape[0] else g[:L], acat), beta_key)
 
     def result(self) -> torch.Tensor:
-        """(k, sum of rows over calls) float32: column s is the sketch of position s's piece (every site)."""
+        """(k, sum of rows over calls) float32, a transposed view: column s is the sketch of position s's piece
+        (every site)."""
         if not self.acc or any(a is None for a in self.acc):
             raise RuntimeError("the backward reached no sketched LoRA site in some call")
-        if self.kind == "sparse":                   # the sqrt(k) of c_j cancels the 1/sqrt(k)
-            out = torch.cat(self.acc, 0) if len(self.acc) > 1 else self.acc[0]
-            return (out * self.scale).T.contiguous()
-        out = torch.cat(self.acc, 1) if len(self.acc) > 1 else self.acc[0]
-        return out * (self.scale / math.sqrt(self.k))
+        self._last = None
+        self._abuf.clear()
+        out = torch.cat(self.acc, 0) if len(self.acc) > 1 else self.acc[0]       # (N, k)
+        # sparse: the sqrt(k) of c_j cancels the 1/sqrt(k)
+        return (out * (self.scale if self.kind == "sparse" else self.scale / math.sqrt(self.k))).T
 
 
 def rows_of(sketch: torch.Tensor, n: int, T: int, record: torch.Tensor):
     """The (rows, k) float32 numpy sketches of the recorded positions, in ``build_columns``' row order.
     ``sketch``: (k, n * T) (the sketched sequences, flattened); ``record``: (n_all, T-1) bool, rows beyond n unset."""
-    k = sketch.shape[0]
-    sel = record[:n].nonzero(as_tuple=True)
-    return sketch.view(k, n, T)[:, :, :-1][:, sel[0], sel[1]].T.cpu().numpy()
+    b, s = record[:n].nonzero(as_tuple=True)
+    idx = (b * T + s).to(sketch.device)
+    # one index_select of whole rows of the (N, k) storage (``Sketcher.result`` is its transposed view), else of
+    # columns: several times faster than advanced indexing of a (k, n, T-1) view
+    if sketch.T.is_contiguous():
+        return sketch.T.index_select(0, idx).cpu().numpy()
+    return sketch.index_select(1, idx).T.cpu().numpy()
 
 
-def predicted_variance(pieces: list[torch.Tensor], k: int, kind: str = "gaussian") -> torch.Tensor:
+def predicted_variance(pieces: list[torch.Tensor], k: int, kind: str = "gaussian",
+                       sites: list[LoraSite] | None = None) -> torch.Tensor:
     """Var <sk(P_x), sk(P_y)> for every pair of positions x, y, from materialised rank-one pieces: ``pieces[m]``
     (n, out_m, in_m) is site m's piece at each of n positions. The formulas of the module docstring; (n, n)
-    float64. ``kind="sparse"`` adds, per site, the count sketch's term over the wide side's coordinates."""
-    if kind not in KINDS:
-        raise ValueError(f"sketch kind {kind!r} is not allowed; choose one of: {', '.join(KINDS)}")
+    float64. Gaussian kinds: ``sites`` (aligned with ``pieces``) gives the groups sharing a hidden projection and
+    each piece's hidden side (None: every piece its own group, hidden side = the wider one), ``row_share`` the
+    rows per hidden-side functional. ``kind="sparse"`` (independent sites, independent rows): the singleton
+    formula plus, per site, the count sketch's term over the wide side's coordinates."""
+    kw = k // row_share(kind, k)
+    if sites is not None and len(sites) != len(pieces):
+        raise ValueError(f"{len(sites)} sites for {len(pieces)} pieces: pass one site per piece")
+    if kind == "sparse" and sites is not None:
+        raise ValueError("the sparse kind's sites are independent: leave sites=None")
     flat = torch.cat([p.double().reshape(p.shape[0], -1) for p in pieces], 1)      # (n, sum out_m in_m)
     gram = flat @ flat.T                                                             # <P, P'>
     nsq = flat.square().sum(1)
     var = nsq[:, None] * nsq[None, :] + gram.square()
-    for Pm in pieces:
-        Pm = Pm.double()                                                             # (n, out, in)
-        sm = Pm.reshape(Pm.shape[0], -1).square().sum(1)                             # ||P_m||^2
-        # rank one, P = g u^T: ||P^T P'||_F^2 = (g.g')^2 ||u||^2 ||u'||^2, ||P P'^T||_F^2 = (u.u')^2 ||g||^2 ||g'||^2
-        cg = torch.einsum("xoi,yoj->xyij", Pm, Pm).square().sum((2, 3))
-        cu = torch.einsum("xoi,ypi->xyop", Pm, Pm).square().sum((2, 3))
-        den = (sm[:, None] * sm[None, :]).clamp_min(1e-300)
-        c2, e2 = cg / den, cu / den
-        var += 2 * sm[:, None] * sm[None, :] * (c2 + e2 + c2 * e2)
+    # each piece as (n, rank, hidden) = x y^T (y: the side shared in a group and reused across rows)
+    groups: dict[object, list[torch.Tensor]] = {}
+    for m, Pm in enumerate(pieces):
+        Pm = Pm.double()
+        if sites is not None:
+            hid_in = hidden_side(sites[m]) == "in"
+        else:
+            hid_in = Pm.shape[2] >= Pm.shape[1]
+        groups.setdefault(hidden_key(sites[m]) if sites is not None else m, []).append(
+            Pm if hid_in else Pm.transpose(1, 2))
+    wide = 0
+    for members in groups.values():
+        R = torch.cat(members, 1) if len(members) > 1 else members[0]               # (n, sum rank, hidden): fused
+        N = torch.einsum("pah,qbh->pqab", R, R)                                     # R(p) R(q)^T
+        c = 2 * N.square().sum((2, 3))                                              # 2 ||R(p) R(q)^T||^2
+        d = torch.diagonal(N, dim1=0, dim2=1).permute(2, 0, 1).reshape(N.shape[0], -1)   # R(p) R(p)^T
+        t = d @ d.T + (N * N.transpose(0, 1)).sum((2, 3))                           # A + B (module doc)
+        var += c + t
+        wide = wide + t
         if kind == "sparse":
-            # p_i: the piece's slice at wide coordinate i (a column if wide = in); k times, since var is /k below
-            cols = Pm if Pm.shape[2] >= Pm.shape[1] else Pm.transpose(1, 2)           # (n, narrow, wide)
-            w2 = cols.square().sum(1)                                                # (n, wide): |p_i|^2
+            # p_i: the piece's slice at wide coordinate i; k times, since var is /k below
+            w2 = R.square().sum(1)                                                   # (n, wide): |p_i|^2
             nn = w2 @ w2.T                                                           # sum_i |p_i|^2 |p'_i|^2
-            pp = torch.einsum("xoi,yoi->xyi", cols, cols).square().sum(2)           # sum_i (p_i . p'_i)^2
+            pp = torch.einsum("xoi,yoi->xyi", R, R).square().sum(2)                 # sum_i (p_i . p'_i)^2
             var += (k - 3) * nn + (k - 5) * pp
-    return var / k
+    return var / k + wide / kw
