@@ -18,6 +18,7 @@ import torch
 from backend import index
 from backend.jobs.train import TrainConfig
 from backend.trace import InlineTrace, TraceConfig, discover_lora_modules, trace_batch
+from backend.trace import config as trace_config
 from backend.trace import sketch as sketch_mod
 from backend.trace.sketch import predicted_variance, projection
 from tests._tiny_lora import tiny_batch, tiny_lora_model
@@ -204,7 +205,7 @@ def test_variance_of_a_shared_hidden_projection_against_monte_carlo_on_hand_made
     P = [torch.einsum("na,nh->nah", x, y) if p == "lora_A" else torch.einsum("nh,na->nha", y, x)
          for (_, p, _), x, y in zip(layout, xs, ys)]
     kw = 4
-    monkeypatch.setattr(sketch_mod, "MIN_WIDE", 4)
+    monkeypatch.setattr(trace_config, "SKETCH_MIN_WIDE", 4)
     assert sketch_mod.row_share("gaussian", k) == k // kw
     b_attn = torch.randn(S, kw, d, generator=gen, dtype=torch.float64)                   # shared by q, k, v
     sk = 0
@@ -517,3 +518,24 @@ def test_the_sketches_tab_renders_the_pca_and_lists_neighbours_escaped(sketched_
             tab.find_neighbours(run.name, 1, None, p, 4)
     finally:
         index.close_shared()
+
+
+def test_the_apps_error_bound_is_the_tracers_and_the_tab_states_the_runs_own():
+    """backend.analysis.sketches.error_bound (the app cannot import the tracer) equals the tracer's for every kind
+    and dimension, and the Sketches tab's summary states the bound of the run's projection."""
+    import pandas as pd
+
+    from backend.analysis import sketches as sketch_analysis
+    from tokviz.tabs import sketches as sketches_tab
+    for kind in trace_config.SKETCH_KINDS:
+        for k in (1, 16, 33, 64, 96, 128, 130, 256, 512):
+            assert sketch_analysis.error_bound(kind, k) == trace_config.sketch_error_bound(kind, k)
+    assert trace_config.sketch_error_bound("gaussian", 128) == pytest.approx(math.sqrt(14 / 128))
+    assert trace_config.sketch_error_bound("gaussian", 64) == pytest.approx(math.sqrt(10 / 64))    # 2 rows a factor
+    assert trace_config.sketch_error_bound("gaussian-full", 128) == pytest.approx(math.sqrt(8 / 128))
+    frames = {"info": pd.DataFrame({"k": [128], "n": [60]})}
+    assert "at most 0.33" in sketches_tab.summary_md(frames, 10, "gaussian")
+    assert "at most 0.25" in sketches_tab.summary_md(frames, 10, "gaussian-full")
+    assert "floor" in sketches_tab.summary_md(frames, 10, "sparse")
+    with pytest.raises(ValueError, match="sketch kind 'dense'"):
+        sketch_analysis.error_bound("dense", 128)

@@ -6,11 +6,14 @@ pieces of the update point the same way.
 
 They read ``token_sketches`` (one row per traced position: a unit vector ``sketch`` and its norm ``sketch_norm``,
 ``backend.trace.sketch``) joined to ``tokens``. The sketch's inner products estimate those of the pieces P_s:
-cos(sk, sk') estimates cos(P_s, P_s'), with an error whose standard deviation is at most sqrt(8/k) (about
-1/sqrt(k) on real traces, spread over many LoRA matrices). PCA is of the unit sketches (directions; magnitudes
+cos(sk, sk') estimates cos(P_s, P_s'), with an error whose standard deviation is at most ``error_bound(kind, k)``
+(sqrt(14/k) for the default projection; about 1/sqrt(k) on real traces, spread over many LoRA matrices). PCA is of the unit sketches (directions; magnitudes
 are the tokens table's), centred, by numpy's SVD. Everything here is numpy: the app imports it.
 """
 from __future__ import annotations
+
+import json
+import math
 
 import duckdb
 import numpy as np
@@ -20,6 +23,7 @@ import pyarrow.compute as pc
 
 from backend.analysis import analyses, figures
 from backend.analysis.analyses import AnalysisParams, Frames
+from backend.index import queries
 
 KIND = "train"
 HOW = "train with --trace-sketch-dim K (position mode, with --trace-every M): sketches are kept at traced steps"
@@ -127,6 +131,25 @@ def sketch_pca(con: duckdb.DuckDBPyConnection, run_id: str, step: int, p: Analys
         pts = pts.iloc[np.linspace(0, len(pts) - 1, p.scatter_points).round().astype(int)].reset_index(drop=True)
     return {"points": pts, "components": pd.DataFrame({"component": ["pc1", "pc2"], "explained": ratio}),
             "info": pd.DataFrame({"k": [unit.shape[1]], "n": [int(keep.sum())]})}
+
+
+def error_bound(kind: str, k: int) -> float | None:
+    """``backend.trace.config.sketch_error_bound`` without importing the tracer (the app never imports torch; a
+    test keeps the two equal): the worst-case standard deviation of a sketch cosine's error, sqrt((6 + 2 share)
+    / k) with share the sketch rows per hidden-side factor; None for "sparse" (an error floor)."""
+    if kind == "sparse":
+        return None
+    if kind not in ("gaussian", "gaussian-full"):
+        raise ValueError(f"sketch kind {kind!r} is not allowed; choose one of: gaussian, gaussian-full, sparse")
+    share = 1 if kind == "gaussian-full" else next((s for s in (4, 2) if k % s == 0 and k // s >= 32), 1)
+    return math.sqrt((6 + 2 * share) / k)
+
+
+def run_sketch_kind(con: duckdb.DuckDBPyConnection | None, run_id: str) -> str:
+    """The projection a run's sketches were made with (its ``trace_sketch_kind``; "gaussian" if not recorded)."""
+    info = queries.run_info(run_id, con).iloc[0]
+    cfg = json.loads(info["config_json"]) if isinstance(info.get("config_json"), str) else {}
+    return str(cfg.get("trace_sketch_kind") or "gaussian")
 
 
 def neighbours(con: duckdb.DuckDBPyConnection, run_id: str, step: int, sample_idx: int, position: int,

@@ -16,6 +16,28 @@ TOKEN_POSITIONS = ("all", "response")
 AUTOCAST_DTYPES = ("bfloat16", "float16")
 # backend.trace.sketch: rank-one Gaussian rows, a hidden-side factor per 4 rows | one per row | count sketch
 SKETCH_KINDS = ("gaussian", "gaussian-full", "sparse")
+SKETCH_SHARE = 4               # gaussian: sketch rows per hidden-side functional (docs/sketches.md, Cost and Error)
+SKETCH_MIN_WIDE = 32           # ... while at least this many functionals remain (small k: the error grows fast)
+
+
+def row_share(kind: str, k: int) -> int:
+    """How many sketch rows share one hidden-side functional. gaussian: the largest of SHARE (4), 2 that divides
+    k and leaves at least MIN_WIDE (32) functionals (4 at k = 128, 256, ...; 2 at k = 64), else 1; gaussian-full
+    and sparse: 1 (every row its own)."""
+    if kind not in SKETCH_KINDS:
+        raise ValueError(f"sketch kind {kind!r} is not allowed; choose one of: {', '.join(SKETCH_KINDS)}")
+    if kind != "gaussian":
+        return 1
+    return next((s for s in (SKETCH_SHARE, 2) if k % s == 0 and k // s >= SKETCH_MIN_WIDE), 1)
+
+
+def sketch_error_bound(kind: str, k: int) -> float | None:
+    """The bound on the standard deviation of a sketch's cosine error, |cos(sk, sk') - cos(P, P')|, for pieces
+    anywhere (one LoRA matrix, P = P' is the worst case): sqrt((6 + 2 share) / k) for the gaussian kinds; None for
+    "sparse", whose error has a floor that depends on the activations (docs/sketches.md)."""
+    if kind == "sparse":
+        return None
+    return math.sqrt((6 + 2 * row_share(kind, k)) / k)
 
 
 def _f(default: Any, help: str, **kw) -> Any:

@@ -73,11 +73,11 @@ from collections import OrderedDict
 import torch
 
 from backend.trace.config import SKETCH_KINDS as KINDS
+from backend.trace.config import SKETCH_SHARE as SHARE  # noqa: F401 - re-exported
+from backend.trace.config import row_share
 from backend.trace.sites import LoraSite
 
 DEFAULT_KIND = "gaussian"      # see docs/sketches.md, Cost: the sparse kind's error grows with outlier coordinates
-SHARE = 4                      # gaussian: sketch rows per hidden-side functional (docs/sketches.md, Cost and Error)
-MIN_WIDE = 32                  # ... while at least this many functionals remain (small k: the error grows fast)
 
 # lora_A modules of one layer that read the same tensor (Llama / Qwen / Mistral names): one fused site
 INPUT_GROUPS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in",
@@ -150,17 +150,6 @@ def hidden_key(site: LoraSite) -> tuple[int, str, str]:
     if site.part == "lora_A" and site.module in INPUT_GROUPS:
         return (site.layer, INPUT_GROUPS[site.module], "lora_A")
     return (site.layer, site.module, site.part)
-
-
-def row_share(kind: str, k: int) -> int:
-    """How many sketch rows share one hidden-side functional. gaussian: the largest of SHARE (4), 2 that divides
-    k and leaves at least MIN_WIDE (32) functionals (4 at k = 128, 256, ...; 2 at k = 64), else 1; gaussian-full
-    and sparse: 1 (every row its own)."""
-    if kind not in KINDS:
-        raise ValueError(f"sketch kind {kind!r} is not allowed; choose one of: {', '.join(KINDS)}")
-    if kind != "gaussian":
-        return 1
-    return next((s for s in (SHARE, 2) if k % s == 0 and k // s >= MIN_WIDE), 1)
 
 
 def gaussian_parts(seed: int, site: LoraSite, k: int, wide_dim: int, device: torch.device | str = "cpu",

@@ -69,13 +69,18 @@ def available(run_id: str) -> bool:
     return "sketch_pca" in analyses.names("train", run_id=run_id)
 
 
-def summary_md(frames: analyses.Frames, step: int) -> str:
+def summary_md(frames: analyses.Frames, step: int, kind: str = "gaussian") -> str:
+    """The step's sketch summary; ``kind``: the run's projection (``trace_sketch_kind``), which sets the error."""
     info = frames["info"].iloc[0]
     k = int(info["k"])
+    bound = sketches.error_bound(kind, k)
+    error = (f"with an error of standard deviation at most {bound:.2f} (the {kind} projection's worst case, one "
+             f"LoRA matrix; about 1/√k = {k ** -0.5:.2f} when the piece spreads over many)" if bound is not None else
+             "with an error that does not fall below a floor set by the activations (the sparse projection: "
+             "docs/sketches.md)")
     return (f"**Step {step}**: {int(info['n'])} traced positions, sketches of dimension k = {k}. Each point is the "
             f"direction of a token's piece of the update (PCA of the unit sketches). Sketch cosines estimate the "
-            f"pieces' cosines with an error of standard deviation at most √(8/k) = {(8 / k) ** 0.5:.2f} (about "
-            f"1/√k = {k ** -0.5:.2f} when the piece spreads over many LoRA matrices).")
+            f"pieces' cosines {error}.")
 
 
 def neighbours_html(df: pd.DataFrame, sample: int, position: int) -> str:
@@ -95,7 +100,8 @@ def render(run_id: str | None, step: int | None, color: str = "category") -> tup
         blank = for_display(empty_figure("no gradient sketches in this run"))
         return [f"⚠️ Run `{run_id}` has no gradient sketches: {sketches.HOW}.", blank, ""], {}
     frames = analyses.run("sketch_pca", run_id, step, analyses.AnalysisParams(scatter_points=SCATTER_POINTS))
-    return [summary_md(frames, step), for_display(sketches.pca_figure(frames, color or "category")), ""], {}
+    kind = sketches.run_sketch_kind(None, run_id)
+    return [summary_md(frames, step, kind), for_display(sketches.pca_figure(frames, color or "category")), ""], {}
 
 
 def render_tab(t: SketchesTab, at: At, got: Mapping[Any, Any]) -> tuple[list, dict]:
