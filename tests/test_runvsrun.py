@@ -259,3 +259,51 @@ def test_run_vs_run_in_the_browser(home):
             assert not errors, errors
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_run_vs_run_tokens_open_in_inspect_by_click_and_keys(home):
+    """Keys: right twice selects the second token in A, B and B - A; Enter opens it in Inspect (run A, the tab's
+    step and sample). Back on the tab, a click on a token of B opens it in Inspect with the header on run B."""
+    from tests.conftest import CHROMIUM, CHROMIUM_ARGS, app_server
+    from tests.test_ui_browser import open_tab
+    pw = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    from backend import index
+    index.close_shared()            # the app opens its own
+    step, k = _first_pair(home)
+    with app_server(home) as (url, ctx), pw.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.set_default_timeout(30_000)
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{url}?tab=runvsrun&run={A}&step={step}&sample={k}")
+            page.wait_for_selector(f"#tv-rvr-b .tv-text[data-sample='{B}/{step}/{k}']", timeout=90_000)
+            second = page.locator("#tv-rvr-a .tv-text [data-i]").nth(1).get_attribute("data-i")
+            page.locator("#tv-rvr-summary").click()        # no field has the focus
+            page.keyboard.press("ArrowRight")
+            page.keyboard.press("ArrowRight")
+            for which in ("a", "b", "diff"):
+                assert page.locator(f"#tv-rvr-{which} .t.sel").get_attribute("data-i") == second, which
+            page.keyboard.press("Enter")
+            page.wait_for_function(f"location.search.includes('tab=inspect') && "
+                                   f"location.search.includes('token={second}')", timeout=60_000)
+            search = page.evaluate("location.search")
+            assert f"run={A}" in search and f"step={step}" in search and f"sample={k}" in search, search
+            page.wait_for_function(f"document.querySelector('#tv-overlay .t.sel')?.dataset.i === '{second}'")
+            assert page.get_by_role("tab", name="Inspect", exact=True).get_attribute("aria-selected") == "true"
+
+            open_tab(page, "runvsrun")
+            tok = page.locator(f"#tv-rvr-b .tv-text[data-sample='{B}/{step}/{k}'] [data-i]").nth(3)
+            pos = tok.get_attribute("data-i")
+            tok.click()
+            page.wait_for_function(f"location.search.includes('tab=inspect') && location.search.includes('run={B}') "
+                                   f"&& location.search.includes('token={pos}')", timeout=60_000)
+            page.wait_for_selector(f"#tv-overlay .tv-text[data-sample='{B}/{step}/{k}'] .t.sel[data-i='{pos}']")
+            assert B in page.locator("#tv-run input").input_value()
+            assert not errors, errors
+        finally:
+            browser.close()

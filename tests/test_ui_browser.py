@@ -23,7 +23,8 @@ if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
 
 SHOTS = ARTIFACTS / "ui"
 TAB_NAMES = {"inspect": "Inspect", "concentration": "Concentration", "layers": "Layers & positions",
-             "tokens": "Tokens", "training": "Training", "compare": "Compare runs", "launch": "Launch", "sql": "SQL"}
+             "tokens": "Tokens", "training": "Training", "compare": "Compare runs", "launch": "Launch", "sql": "SQL",
+             "runvsrun": "Run vs run"}
 JOB_TIMEOUT_S = 240
 
 

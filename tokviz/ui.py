@@ -327,7 +327,8 @@ def wire_poll(page: Page, timer: gr.Timer) -> None:
 
 def wire_open_in_inspect(page: Page, views: Views, linked: list[Built], ins: Built) -> None:
     """A click on a token in a table of a tab with ``token_links`` (Tokens: surprising tokens, token table;
-    Influence: the help/hurt table) opens it in Inspect."""
+    Influence: the help/hurt table; Run vs run: its overlays) opens it in Inspect: ``{sample, position}`` of the
+    header's run and step, or with ``run`` and ``step`` another (the header moves there)."""
     h, t, name = page.header, ins.t, ins.spec.name
 
     @user_errors
@@ -338,13 +339,23 @@ def wire_open_in_inspect(page: Page, views: Views, linked: list[Built], ins: Bui
         sample, token = as_int(data["sample"], "sample"), as_int(data["position"], "position")
         shown, gen = got[page.shown], got[page.generation]
         with shown.lock:
-            values, f = inspect_tab.render(shown.run, shown.step, sample, got[t.metric], token, got[t.view], gen)
-            f.pop("notice", None)        # the row's sample is of this run and step: nothing moved
+            run_id = str(data["run"]) if data.get("run") else shown.run
+            step = as_int(data["step"], "step") if data.get("step") is not None else shown.step
+            moved = (run_id, step) != (shown.run, shown.step)
+            values, f = inspect_tab.render(run_id, step, sample, got[t.metric], token, got[t.view], gen)
+            f.pop("notice", None)        # the token's sample is of that run and step: nothing moved
+            if moved:                    # every other tab now shows a stale run or step: redrawn when opened
+                shown.moved(run_id, step)
             shown.tab = name
             shown.mark(name, gen)
-            query = Focus(name, shown.run, shown.step).with_(**f).query()
-        return {page.tabs: gr.Tabs(selected=name), h.query: query, **dict(zip(t.outputs, values))}
+            query = Focus(name, run_id, step).with_(**f).query()
+        out = {page.tabs: gr.Tabs(selected=name), h.query: query, **dict(zip(t.outputs, values))}
+        if moved:
+            out.update({h.run: gr.update(value=run_id), h.step: gr.update(choices=step_choices(run_id), value=step),
+                        h.info: header_mod.run_info_md(run_id)})
+        return out
 
     for table in (c for b in linked for c in b.t.token_links):
         table.click(open_token, {page.shown, page.generation, t.metric, t.view},
-                    [page.tabs, h.query, *t.outputs], api_visibility="private", **concurrency.RENDER)
+                    [page.tabs, h.query, h.run, h.step, h.info, *t.outputs], api_visibility="private",
+                    **concurrency.RENDER)

@@ -62,6 +62,32 @@ def _grey_gaps(fig: go.Figure, what: str = "no tokens") -> go.Figure:
     return fig
 
 
+def _nice_step(x: float) -> float:
+    """The step of 1, 2 or 5 x 10^k nearest above-ish ``x`` (> 0): the steps plotly's own ticks take."""
+    e = 10.0 ** math.floor(math.log10(x))
+    m = x / e
+    return (1.0 if m < 1.5 else 2.0 if m < 3.5 else 5.0 if m < 7.5 else 10.0) * e
+
+
+def percent_axis(values: Sequence[float] | pd.Series, *, tozero: bool = False, ticks: int = 5) -> dict:
+    """Settings of an axis of fractions shown in percent (``fig.update_yaxes(**percent_axis(v), ...)``): the data's
+    range padded by 5% (from 0 with ``tozero``), a tick every 1, 2 or 5 x 10^k giving about ``ticks`` ticks, and as
+    many decimals as that step needs, so no two tick labels read the same (a fixed ".0%" on data between 43% and
+    45% let plotly put ticks at 0.435 and 0.44, both labelled "44%")."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    lo, hi = (float(v.min()), float(v.max())) if len(v) else (0.0, 1.0)
+    if tozero:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+    span = hi - lo
+    pad = span * 0.05 if span > 0 else max(abs(hi) * 0.05, 0.005)    # constant data: a band around it
+    lo = lo if tozero and lo == 0.0 else lo - pad
+    hi = hi + pad
+    step = _nice_step((hi - lo) / ticks)
+    decimals = max(0, math.ceil(-math.log10(step * 100) - 1e-9))      # the step's last digit, in percent
+    return dict(range=[lo, hi], tick0=0.0, dtick=step, tickformat=f".{decimals}%")
+
+
 def _runs(df: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
     """(run label, rows) per run when ``df`` has a ``run`` column, else one unnamed group."""
     if "run" in df.columns:
@@ -142,8 +168,8 @@ def alignment_evolution(evolution: pd.DataFrame) -> go.Figure:
                           secondary_y=True)
     _layout(fig, "Alignment of response tokens over training", STEP, ALIGN)
     if len(groups) == 1:
-        fig.update_yaxes(title_text="fraction of tokens with alignment < 0", tickformat=".0%", secondary_y=True,
-                         showgrid=False)
+        fig.update_yaxes(title_text="fraction of tokens with alignment < 0", secondary_y=True, showgrid=False,
+                         **percent_axis(evolution["frac_negative"]))
     return fig
 
 
@@ -160,7 +186,8 @@ def prompt_vs_response(groups: pd.DataFrame) -> go.Figure:
     fig.add_trace(go.Bar(x=g["group"], y=g["share_sum"], marker_color=[_color(0), _color(1)][:len(g)],
                          showlegend=False, hovertemplate="%{x}: share %{y:.1%}<extra></extra>"), row=1, col=2)
     _layout(fig, "Prompt vs response tokens", "token group", ALIGN)
-    fig.update_yaxes(title_text="sum of share (fraction of ||G||²)", tickformat=".0%", row=1, col=2)
+    fig.update_yaxes(title_text="sum of share (fraction of ||G||²)", row=1, col=2,
+                     **percent_axis(g["share_sum"], tozero=True))
     return fig
 
 

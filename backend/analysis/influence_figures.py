@@ -12,7 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from backend.analysis.figures import ALIGN, HEIGHT, STEP, _color, _empty, _layout, _show
+from backend.analysis.figures import ALIGN, HEIGHT, STEP, _color, _empty, _layout, _show, percent_axis
 
 INFLUENCE = "influence <piece, G_eval> (> 0 helps: lowers the eval loss)"
 INFLUENCE_ALIGN = "influence alignment: cosine with G_eval (> 0 helps the eval loss)"
@@ -124,6 +124,6 @@ def influence_over_training(steps: pd.DataFrame) -> go.Figure:
                                             "G but hurt: %{customdata[0]}<extra></extra>")), secondary_y=True)
     fig.add_hline(y=0, line=dict(color="#999", width=1))
     _layout(fig, title, STEP, "cos(G, G_eval)  (> 0: the update helps the eval loss)")
-    fig.update_yaxes(title_text="fraction of response tokens that hurt", tickformat=".0%", rangemode="tozero",
-                     secondary_y=True, showgrid=False)
+    fig.update_yaxes(title_text="fraction of response tokens that hurt", secondary_y=True, showgrid=False,
+                     **percent_axis(steps["frac_hurts"], tozero=True))
     return fig

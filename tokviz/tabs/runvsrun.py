@@ -30,8 +30,50 @@ SUMMARY_CSS = """
 .tv-rvr-sum .warn { background: #fff4d6; border-left: 4px solid #e0a800; padding: 2px 8px; margin: .2em 0; }
 .tv-rvr-sum ul { margin: .2em 0 .4em 1.2em; padding: 0; }
 """
-# the overlay's CSS, less its keyboard hint: these overlays have no script (no token selection, no tooltip)
+# the overlay's CSS, less the Inspect keyboard hint (these overlays have their own keys, said above them)
 OVERLAY_CSS = overlay.CSS + ".tv-legend .tv-keys { display: none; }\n"
+# A click on a token opens it in Inspect: the run of its overlay (B − A: run A, the header's), at this tab's step
+# and sample (the app's ``open_token``; the ``data-open`` run is set by ``overlays``).
+CLICK_JS = r"""
+function tvOpen(t) {
+  const box = t.closest('.tv-text');
+  trigger('click', {run: box.dataset.open, step: parseInt(box.dataset.step), sample: parseInt(box.dataset.idx),
+                    position: parseInt(t.dataset.i)});
+}
+element.addEventListener('click', (e) => {
+  const t = e.target.closest('.tv-text [data-i]');
+  if (t) tvOpen(t);
+});
+"""
+# On run A's overlay only (one listener for the three): while the tab is on screen and no field has the focus,
+# left/right move a selection through the tokens (the same position outlined in A, B and B − A), Enter opens the
+# selected token of A in Inspect. A listener left by an overlay that is gone (a rebuild) removes itself.
+KEYS_JS = r"""
+function tvKeys(e) {
+  if (!element.isConnected) { document.removeEventListener('keydown', tvKeys); return; }
+  if (e.defaultPrevented || e.altKey || e.ctrlKey || e.metaKey) return;
+  const a = document.activeElement;
+  if (a && (a.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(a.tagName))) return;
+  const box = element.querySelector('.tv-text');
+  if (!box || box.offsetParent === null) return;
+  const cur = box.querySelector('.t.sel');
+  if (e.key === 'Enter' && cur) { tvOpen(cur); e.preventDefault(); return; }
+  if (e.key !== 'ArrowLeft' && e.key !== 'ArrowRight') return;
+  const toks = Array.from(box.querySelectorAll('[data-i]'));
+  if (!toks.length) return;
+  const step = e.key === 'ArrowRight' ? 1 : -1;
+  let i = cur ? toks.indexOf(cur) + step : (step > 0 ? 0 : toks.length - 1);
+  i = Math.max(0, Math.min(toks.length - 1, i));
+  const pos = toks[i].dataset.i;
+  document.querySelectorAll('.tv-rvr-ov .t.sel').forEach(s => s.classList.remove('sel'));
+  document.querySelectorAll('.tv-rvr-ov .tv-text [data-i="' + pos + '"]').forEach(s => {
+    s.classList.add('sel'); s.scrollIntoView({block: 'nearest'}); });
+  e.preventDefault();
+}
+document.addEventListener('keydown', tvKeys);
+"""
+KEYS_HINT = ("Click a token to open it in Inspect (run B's: the header moves to run B). Keys: ← → select a token "
+             "in all three, Enter opens it.")
 
 
 @dataclass
@@ -53,6 +95,11 @@ class RunVsRunTab:
     def outputs(self) -> list:
         return [self.run_b, self.step, self.sample, self.metric, self.summary, self.ov_a, self.ov_b, self.ov_diff]
 
+    @property
+    def token_links(self) -> list[gr.HTML]:
+        """The overlays: a click on a token (``{run, step, sample, position}``) opens it in Inspect (tokviz.ui)."""
+        return [self.ov_a, self.ov_b, self.ov_diff]
+
 
 def build(ctx: AppContext) -> RunVsRunTab:
     gr.Markdown("Run A is the header's run; run B one trained on the same data (the runs listed traced a sample "
@@ -64,12 +111,14 @@ def build(ctx: AppContext) -> RunVsRunTab:
         metric = gr.Dropdown(label="Metric", choices=list(runvsrun.METRICS), value="weight", elem_id="tv-rvr-metric",
                              scale=2)
     summary = gr.HTML("", css_template=SUMMARY_CSS, elem_id="tv-rvr-summary")
+    gr.Markdown(KEYS_HINT, elem_id="tv-rvr-keys")
+    ov = dict(css_template=OVERLAY_CSS, min_height=60, elem_classes=["tv-rvr-ov"])
     gr.Markdown("**A** (header's run)")
-    ov_a = gr.HTML("", css_template=OVERLAY_CSS, elem_id="tv-rvr-a", min_height=60)
+    ov_a = gr.HTML("", js_on_load=CLICK_JS + KEYS_JS, elem_id="tv-rvr-a", **ov)
     gr.Markdown("**B**")
-    ov_b = gr.HTML("", css_template=OVERLAY_CSS, elem_id="tv-rvr-b", min_height=60)
+    ov_b = gr.HTML("", js_on_load=CLICK_JS, elem_id="tv-rvr-b", **ov)
     gr.Markdown("**B − A**")
-    ov_diff = gr.HTML("", css_template=OVERLAY_CSS, elem_id="tv-rvr-diff", min_height=60)
+    ov_diff = gr.HTML("", js_on_load=CLICK_JS, elem_id="tv-rvr-diff", **ov)
     return RunVsRunTab(run_b, step, sample, metric, summary, ov_a, ov_b, ov_diff)
 
 
@@ -105,7 +154,14 @@ def overlays(df: pd.DataFrame, metric: str, run_a: str, run_b: str, step: int, s
     out = (overlay.render(a, m, key=(run_a, step, sample), scale=scale, note=note),
            overlay.render(b, m, key=(run_b, step, sample), scale=scale, note=note),
            overlay.render(d, diff_metric(m), key=(f"{run_b} - {run_a}", step, sample)))
-    return tuple(with_titles(h, df, m) for h in out)       # type: ignore[return-value]
+    opens = (run_a, run_b, run_a)       # the run a click on each opens in Inspect (B − A: the header's, A)
+    return tuple(opening(with_titles(h, df, m), r) for h, r in zip(out, opens))       # type: ignore[return-value]
+
+
+def opening(overlay_html: str, run: str) -> str:
+    """The overlay with the run a click on its tokens opens in Inspect (``data-open`` on its text)."""
+    return overlay_html.replace('<div class="tv-text" ',
+                                f'<div class="tv-text" data-open="{html.escape(run, quote=True)}" ', 1)
 
 
 def with_titles(overlay_html: str, df: pd.DataFrame, m: overlay.Metric) -> str:

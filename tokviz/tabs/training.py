@@ -80,9 +80,10 @@ def summary_md(run_id: str) -> tuple[str, dict]:
     steps = queries.train_steps(run_id)
     last = f"{steps['loss'].iloc[-1]:.4f} at step {int(steps['step'].iloc[-1])}" if len(steps) else "no steps"
     cfg = config.get("config", {}) if isinstance(config.get("config"), dict) else {}
-    data = info["dataset"] or cfg.get("dataset") or cfg.get("task") or "?"
-    md = (f"**{info['name'] or run_id}** · status **{info['status']}** · model `{info['model']}` · data "
-          f"`{data}` · scheme `{info['scheme']}` · final loss {last} · {acc}")
+    data = info["dataset"] or cfg.get("dataset") or cfg.get("task")
+    data = f" · data `{data}`" if isinstance(data, str) and data else ""      # unknown: left out, not "?"
+    md = (f"**{info['name'] or run_id}** · status **{info['status']}** · model `{info['model']}`{data} · scheme "
+          f"`{info['scheme']}` · final loss {last} · {acc}")
     return md, {"config": config, "manifest": manifest}
 
 
