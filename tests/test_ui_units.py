@@ -534,6 +534,15 @@ def test_token_breakdown_heatmap_sums_parts_per_cell():
     assert figures.token_breakdown(rows.iloc[:0]).layout.annotations      # says why it is empty
     with pytest.raises(ValueError, match="value must be"):
         figures.token_breakdown(rows, "loss")
+    # a null alignment (a module whose gradient is ~0) is a grey cell, not a 0, and the note says so; a layer
+    # whose every value is null keeps its row
+    nulls = rows.assign(alignment=[0.1, np.nan, np.nan, np.nan])
+    fig = figures.token_breakdown(nulls, "alignment")
+    z = np.array(fig.data[0].z, dtype=float)
+    assert list(fig.data[0].y) == ["0", "1"] and z[0, 0] == pytest.approx(0.1) and np.isnan(z[0, 1:]).all() \
+        and np.isnan(z[1]).all()
+    assert fig.layout.plot_bgcolor == figures.NO_DATA and "gradient ~0" in fig.layout.annotations[0].text
+    assert fig.layout.yaxis.type == "category" and fig.layout.yaxis.title.text == "layer"
 
 
 def test_grid_keeps_every_panel_its_axes_shapes_and_one_legend_entry_per_name():

@@ -57,9 +57,14 @@ def _grey_gaps(fig: go.Figure, what: str = "no tokens") -> go.Figure:
     fig.update_layout(plot_bgcolor=NO_DATA)
     fig.update_xaxes(showgrid=False, zeroline=False)
     fig.update_yaxes(showgrid=False, zeroline=False)
-    fig.add_annotation(text=f"grey: {what}", xref="paper", yref="paper", x=1.0, y=1.0, yanchor="bottom",
-                       xanchor="right", showarrow=False, font=dict(size=11, color="#555"))
+    fig.add_annotation(**_gaps_note(what))
     return fig
+
+
+def _gaps_note(what: str) -> dict:
+    """The annotation under a heatmap's title saying what its grey cells are."""
+    return dict(text=f"grey: {what}", xref="paper", yref="paper", x=1.0, y=1.0, yanchor="bottom", xanchor="right",
+                showarrow=False, font=dict(size=11, color="#555"))
 
 
 def _nice_step(x: float) -> float:
@@ -447,17 +452,33 @@ def token_breakdown(rows: pd.DataFrame, value: str = "dot", kind: str = "heatmap
             fig.add_trace(go.Bar(x=g["layer"], y=g["dot"], name=str(module), marker_color=_color(i),
                                  hovertemplate=f"layer %{{x}} {module}<br>dot %{{y:.4g}}<extra></extra>"))
         return _layout(fig, title, "layer", "dot <P, G> (both LoRA parts)", barmode="relative", height=420)
-    cols = rows["module"].astype(str) + " " + rows["part"].str.replace("lora_", "", regex=False)
-    z = rows.assign(col=cols).pivot_table(index="layer", columns="col", values=value, aggfunc="sum", sort=False)
+    # the Inspect tab draws this on every token click: the (layer, module part) grid by numpy, and the figure
+    # built in one constructor call (plotly validates a layout given whole ~6x faster than the same settings
+    # applied by update_layout / update_axes: 1.5 vs 9 ms)
+    cols = (rows["module"].astype(str) + " " + rows["part"].str.replace("lora_", "", regex=False)).to_numpy()
     order = list(dict.fromkeys(cols))
-    z = z.reindex(columns=order).sort_index()
+    v = rows[value].to_numpy(dtype=np.float64)
+    ok = ~np.isnan(v)                                  # a null value (alignment of a module with ~0 gradient) is
+    layers = np.unique(rows["layer"].to_numpy())       # a grey cell, not a 0
+    li = np.searchsorted(layers, rows["layer"].to_numpy()[ok])
+    ci = np.array([order.index(c) for c in cols[ok]], dtype=np.int64)
+    total, count = np.zeros((len(layers), len(order))), np.zeros((len(layers), len(order)))
+    np.add.at(total, (li, ci), v[ok])
+    np.add.at(count, (li, ci), 1.0)
+    z = np.where(count > 0, total, np.nan)             # the sum of a cell's rows (one row per cell in a trace)
+    if rows[value].dtype == np.float32:                # sent as stored (float32: half the JSON)
+        z = z.astype(np.float32)
     rng = _diverging_range(rows[value]) if value != "magnitude" else dict(colorscale="Viridis")
-    fig = go.Figure(go.Heatmap(z=z.to_numpy(), x=list(z.columns), y=[str(v) for v in z.index],
-                               colorbar=dict(title=value), **rng,
-                               hovertemplate=f"layer %{{y}} %{{x}}<br>{value} %{{z:.4g}}<extra></extra>"))
-    _layout(fig, title, "module and LoRA part", "layer", height=max(320, 18 * len(z) + 160))
-    fig.update_yaxes(type="category")
-    return _grey_gaps(fig, "module not traced in that layer")
+    axis = dict(showgrid=False, zeroline=False)
+    return go.Figure(
+        go.Heatmap(z=z, x=order, y=[str(x) for x in layers], colorbar=dict(title=value), **rng,
+                   hovertemplate=f"layer %{{y}} %{{x}}<br>{value} %{{z:.4g}}<extra></extra>"),
+        layout=dict(title=dict(text=title), width=WIDTH, height=max(320, 18 * len(layers) + 160),
+                    margin=dict(l=70, r=40, t=70, b=60), legend=dict(orientation="h", y=-0.15),
+                    xaxis=dict(title=dict(text="module and LoRA part"), **axis),
+                    yaxis=dict(title=dict(text="layer"), type="category", **axis), plot_bgcolor=NO_DATA,
+                    annotations=[_gaps_note("module not traced in that layer" if value != "alignment" else
+                                            "no value (module not traced, or its gradient ~0)")]))
 
 
 def concentration_over_training(stats: pd.DataFrame) -> go.Figure:
