@@ -12,7 +12,7 @@ on CPU) and peak memory above what was allocated before each call:
 - plain step: forward + backward of the cross-entropy (sft) loss, LoRA gradients into ``.grad``;
 - position trace: ``trace_batch`` in position mode over every sequence (hooks, factored products, statistics);
 - token dot: token mode, magnitudes none, no module rows, over ``--token-sequences`` sequences (one JVP along G:
-  forward-mode through eager attention).
+  forward-mode through the tokviz_jvp attention, backend.trace.attention_jvp).
 
 Ratios divide by the plain step. Nothing is asserted: numbers are printed (``--json``: one object).
 """

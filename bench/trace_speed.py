@@ -19,6 +19,9 @@ Rows (medians over --repeats, the variants interleaved so load on the machine hi
   per projection (``sketch_kind`` gaussian, gaussian-full, sparse: ``sketch_<kind>_time_ratio`` etc., and the rms
   relative error of the squared sketch norm against the exact squared magnitude, one projection draw);
   ``sketch_time_ratio`` is the default kind's over the plain step, ``sketch_trace_ratio`` over the trace without;
+- with --token-attention: token dot at T=1024 on a 28.5M Qwen2 shape (bench/token_attention.py), its attention
+  (tokviz_jvp) and eager side by side: ``token_time_ratio_t1024``, ``token_memory_ratio_t1024`` (targets <= 4, 1.5)
+  and ``token_eager_*``;
 - token sketch k: sketched magnitudes, error against the exact ones (the k directions are shared by all tokens,
   so their errors are correlated: the rms over one step's tokens is one draw, not an average over draws).
 Time: wall clock on CUDA; on CPU this process's CPU time, which other jobs on a shared machine barely move.
@@ -195,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sketch-dim", type=int, default=128, help="position mode: per-position sketch dimension")
     ap.add_argument("--skip-naive", action="store_true", help="leave out the naive per-token loop (slow)")
     ap.add_argument("--skip-token", action="store_true", help="position mode only")
+    ap.add_argument("--token-attention", action="store_true",
+                    help="also token mode's attention at T=1024 (bench/token_attention.py, a 28.5M Qwen2 shape, "
+                         "B=4: token_time_ratio_t1024 / token_memory_ratio_t1024 and the eager ones; ~7 CPU min)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     gpu = args.device.startswith("cuda")
@@ -277,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
                sketch_memory_ratio=res[f"sketch_{default}_memory_ratio"], sketch_dim=args.sketch_dim)
 
     # ---- token mode ----------------------------------------------------------------------------------------
+    if args.token_attention:           # the long-sequence keys, side by side with eager (one measurement)
+        from bench.token_attention import measure
+        ta, _ = measure([1024], batch=4, repeats=3, threads=args.threads or 1)
+        res.update({k: v for k, v in ta.items() if k.endswith("_t1024")})
+        torch.set_num_threads(res["threads"])
     if args.skip_token:
         args.sketch_k = []
         return report(res, rows, args, desc, sites)

@@ -132,10 +132,10 @@ def test_resolved_targets_and_a_switched_attention_are_said(tmp_path):
     events = read_events(run)
     assert [e for e in events if e["type"] == "loaded"][0]["lora_targets"] == seven
     (note,) = [e for e in events if e["type"] == "note"]
-    assert "eager" in note["message"] and "sdpa" in note["message"]
+    assert "tokviz_jvp" in note["message"] and "sdpa" in note["message"]
     info = pd.Series({"manifest_json": json.dumps(manifest), "config_json": (run / "config.json").read_text()})
     bits = _lora_and_attention(info)
-    assert bits == [f"LoRA `{', '.join(seven)}`", "traced with `eager` attention (the model's: `sdpa`)"]
+    assert bits == [f"LoRA `{', '.join(seven)}`", "traced with `tokviz_jvp` attention (the model's: `sdpa`)"]
 
 
 def test_progress_moves_through_loading_every_step_and_evaluation(tmp_path, monkeypatch):

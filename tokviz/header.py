@@ -78,7 +78,7 @@ def step_note(run_id: str | None, asked: object, step: int | None) -> str:
 
 def _lora_and_attention(info: pd.Series) -> list[str]:
     """The LoRA targets the run adapted (its manifest; while running, its config) and, when a traced step ran
-    another attention kernel than the model's (token mode's forward-mode passes need eager), which."""
+    another attention kernel than the model's (token mode's forward-mode passes run tokviz_jvp, or eager), which."""
     manifest = json.loads(info["manifest_json"]) if isinstance(info.get("manifest_json"), str) else {}
     config = json.loads(info["config_json"]).get("config", {}) if isinstance(info.get("config_json"), str) else {}
     targets = manifest.get("lora_targets") or config.get("lora_targets")

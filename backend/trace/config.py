@@ -203,7 +203,8 @@ def trace_cost(cfg: TraceConfig, shape: StepShape) -> float:
 
     Exact magnitudes grow with the sequence length (n backward passes per traced sequence), module rows without
     them with the model's depth (M passes): those are the terms ``plan_cost`` keeps within ``COST_BUDGET``. Token
-    mode also runs eager attention (slower than a fused kernel on long sequences), which this leaves out.
+    mode also runs its own attention (``tokviz_jvp``: +0.1-0.2x a plain step at T = 1024, docs/token_attention.md),
+    which this leaves out.
     """
     B, S = max(1, shape.batch_sequences), max(1, min(shape.traced_sequences, shape.batch_sequences))
     plain = 3.0 * B

@@ -17,7 +17,8 @@ that micro-batch, as training computes them): as DDP with gradient accumulation 
 training applies. ``max_sequences`` only limits which sequences get rows (the first ones);
 ``checks["traced_share"]`` is their share of ||G||^2 (what their ``share`` column sums to, in position mode), and
 ``res.grad`` holds G by parameter name, to compare with the ``.grad`` the optimizer then applies. Token mode runs
-the model with eager attention (fused SDPA kernels have no forward-mode derivative);
+the model with ``tokviz_jvp`` attention (``backend.trace.attention_jvp``: SDPA forward, a blockwise hand-written
+forward-mode rule, memory linear in T; fused SDPA kernels have none), or eager where that does not apply;
 ``checks["attn_implementation_used"]`` says which kernel a trace ran with, ``checks["attn_implementation_model"]``
 the model's own.
 """
@@ -35,6 +36,7 @@ import torch.distributed as dist
 
 from backend.lm.loss import LossOutput, forward_loss, summed, unwrap
 from backend.lm.schemes import Scheme, get_scheme
+from backend.trace.attention_jvp import token_attention
 from backend.trace.batch import TracedBatch, build_columns
 from backend.trace.config import TraceConfig
 from backend.trace.hooks import PositionHooks, attached
@@ -164,7 +166,8 @@ def trace_batch(model: torch.nn.Module, batch: dict, scheme: Scheme | str, schem
     tb = TracedBatch.from_batch(batch, cfg.max_sequences, cfg.micro_batch_size, device, chunk_sizes)
     record = tb.record_mask(cfg.mode, cfg.token_positions)
     before_attn = attn_implementation(inner)
-    attn = "eager" if cfg.mode == "token" else None
+    # token mode: blockwise attention with a forward-mode rule (memory linear in T), eager where it does not apply
+    attn = token_attention(inner) if cfg.mode == "token" else None
     sketch_seed = cfg.seed + step
     dropout_seed = (cfg.seed + step) * 1009 + rank
 

@@ -3,7 +3,8 @@
     out = run_token(model, tb, sites, loss_fn, cfg, world_size, record, sketch_seed)
 
 - ``dot`` = <g_t, G> for every token at once: one forward-mode pass, the JVP of the per-token loss vector
-  along G (exact). Needs attention with a forward-mode derivative (eager; the caller switches).
+  along G (exact). Needs attention with a forward-mode derivative: the caller switches to
+  ``backend.trace.attention_jvp`` (blockwise, memory linear in T), or to eager for models it does not cover.
 - ``magnitude`` exact: per sequence, batched backward passes over one-hot cotangents (``is_grads_batched``: a
   vmap over the backward), ``grad_chunk`` tokens at a time, each on a forward of the prefix the chunk needs;
   per-module dots and norms come with it. Sketch: ||g_t||^2 ~ mean_i <g_t, v_i>^2 over k standard normal
