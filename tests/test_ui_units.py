@@ -647,5 +647,6 @@ def test_training_summary_puts_accuracy_before_and_after_side_by_side():
     greedy = pd.DataFrame({"correct": [True, False, True, True]})
     assert eval_md(greedy, {"accuracy": 0.25, "n": 4}) == ("eval accuracy (greedy, 4 items): before training 25.0% "
                                                            "→ after 75.0%")
-    assert eval_md(greedy, None) == "eval accuracy 75.0% of 4 (greedy)"
+    assert eval_md(greedy, None) == ("eval accuracy (greedy, 4 items): before training not measured (train with "
+                                     "`--eval-before`) → after 75.0%")
     assert eval_md(greedy.iloc[:0], None) == "no evaluation"

@@ -60,14 +60,16 @@ def make_figures(run_id: str) -> dict[str, go.Figure]:
 
 
 def eval_md(greedy: pd.DataFrame, before: dict | None) -> str:
-    """Greedy eval accuracy after training, beside the accuracy before it when the run measured that."""
+    """Greedy eval accuracy after training, beside the accuracy before it when the run measured that, else a word
+    on how to (the base model's evaluation is off by default: it costs a second evaluation pass)."""
     if not len(greedy):
         return "no evaluation"
     after = f"{greedy['correct'].mean():.1%}"
     if isinstance(before, dict) and before.get("accuracy") is not None:
         return (f"eval accuracy (greedy, {len(greedy)} items): before training {before['accuracy']:.1%} → "
                 f"after {after}")
-    return f"eval accuracy {after} of {len(greedy)} (greedy)"
+    return (f"eval accuracy (greedy, {len(greedy)} items): before training not measured (train with "
+            f"`--eval-before`) → after {after}")
 
 
 def summary_md(run_id: str) -> tuple[str, dict]:
