@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -216,16 +218,18 @@ def test_the_tab_says_when_no_run_shares_a_sample(home):
     assert "No other run traced a sample" in values[4] and "synth-1" in focus["notice"]
 
 
-@pytest.mark.slow
-def test_run_vs_run_in_the_browser(home):
-    from tests.conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, app_server, wait_for
+@contextmanager
+def runvsrun_page(home: Path) -> Iterator[tuple[object, list[str], int, int]]:
+    """The app on ``home`` and a Chromium page opened on Run vs run for run A at the first (step, sample) both runs
+    traced: (page, its page errors, step, sample); skips without playwright or Chromium."""
+    from tests.conftest import CHROMIUM, CHROMIUM_ARGS, app_server
     pw = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM}")
     from backend import index
     index.close_shared()            # the app opens its own
     step, k = _first_pair(home)
-    with app_server(home) as (url, ctx), pw.sync_playwright() as p:
+    with app_server(home) as (url, _), pw.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
@@ -233,77 +237,67 @@ def test_run_vs_run_in_the_browser(home):
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(f"{url}?tab=runvsrun&run={A}&step={step}&sample={k}")
-
-            def painted(which: str) -> str | None:
-                return page.evaluate(f"() => {{ const b = document.querySelector('#tv-rvr-{which} .tv-text'); "
-                                     "return b ? b.dataset.sample + '|' + b.dataset.metric : null; }")
-
-            wait_for(lambda: painted("a") == f"{A}/{step}/{k}|weight", 90, "run A's overlay")
-            assert painted("b") == f"{B}/{step}/{k}|weight"
-            assert painted("diff") == f"{B} - {A}/{step}/{k}|diff:weight"
-            summary = page.locator("#tv-rvr-summary")
-            assert "mean |B − A|" in summary.inner_text()
-            n_tok = page.locator("#tv-rvr-diff .tv-text [data-i]").count()
-            assert n_tok == len(_shard(home, A, "tokens", step).query("sample_idx == @k"))
-            assert "B − A" in page.locator("#tv-rvr-diff .tv-text [data-i]").first.get_attribute("title")
-            # another metric: the three overlays follow
-            page.click("#tv-rvr-metric input")
-            page.locator("ul[role=listbox] li", has_text="loss").first.click()
-            wait_for(lambda: painted("diff") == f"{B} - {A}/{step}/{k}|diff:loss", 60, "the loss difference")
-            assert painted("a").endswith("|loss") and painted("b").endswith("|loss")
-            wait_for(lambda: f"runs={B}" in page.url and "metric=loss" in page.url and f"sample={k}" in page.url,
-                     30, "the deep link")
-            page.goto(page.url)                                 # the link restores run B, sample and metric
-            wait_for(lambda: painted("diff") == f"{B} - {A}/{step}/{k}|diff:loss", 90, "the view from the link")
-            page.screenshot(path=str(ARTIFACTS / "runvsrun.png"), full_page=True)
-            assert not errors, errors
+            yield page, errors, step, k
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_run_vs_run_in_the_browser(home):
+    from tests.conftest import ARTIFACTS, wait_for
+    with runvsrun_page(home) as (page, errors, step, k):
+        def painted(which: str) -> str | None:
+            return page.evaluate(f"() => {{ const b = document.querySelector('#tv-rvr-{which} .tv-text'); "
+                                 "return b ? b.dataset.sample + '|' + b.dataset.metric : null; }")
+
+        wait_for(lambda: painted("a") == f"{A}/{step}/{k}|weight", 90, "run A's overlay")
+        assert painted("b") == f"{B}/{step}/{k}|weight"
+        assert painted("diff") == f"{B} - {A}/{step}/{k}|diff:weight"
+        summary = page.locator("#tv-rvr-summary")
+        assert "mean |B − A|" in summary.inner_text()
+        n_tok = page.locator("#tv-rvr-diff .tv-text [data-i]").count()
+        assert n_tok == len(_shard(home, A, "tokens", step).query("sample_idx == @k"))
+        assert "B − A" in page.locator("#tv-rvr-diff .tv-text [data-i]").first.get_attribute("title")
+        # another metric: the three overlays follow
+        page.click("#tv-rvr-metric input")
+        page.locator("ul[role=listbox] li", has_text="loss").first.click()
+        wait_for(lambda: painted("diff") == f"{B} - {A}/{step}/{k}|diff:loss", 60, "the loss difference")
+        assert painted("a").endswith("|loss") and painted("b").endswith("|loss")
+        wait_for(lambda: f"runs={B}" in page.url and "metric=loss" in page.url and f"sample={k}" in page.url,
+                 30, "the deep link")
+        page.goto(page.url)                                 # the link restores run B, sample and metric
+        wait_for(lambda: painted("diff") == f"{B} - {A}/{step}/{k}|diff:loss", 90, "the view from the link")
+        page.screenshot(path=str(ARTIFACTS / "runvsrun.png"), full_page=True)
+        assert not errors, errors
 
 
 @pytest.mark.slow
 def test_run_vs_run_tokens_open_in_inspect_by_click_and_keys(home):
     """Keys: right twice selects the second token in A, B and B - A; Enter opens it in Inspect (run A, the tab's
     step and sample). Back on the tab, a click on a token of B opens it in Inspect with the header on run B."""
-    from tests.conftest import CHROMIUM, CHROMIUM_ARGS, app_server
     from tests.test_ui_browser import open_tab
-    pw = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}")
-    from backend import index
-    index.close_shared()            # the app opens its own
-    step, k = _first_pair(home)
-    with app_server(home) as (url, ctx), pw.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.set_default_timeout(30_000)
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(f"{url}?tab=runvsrun&run={A}&step={step}&sample={k}")
-            page.wait_for_selector(f"#tv-rvr-b .tv-text[data-sample='{B}/{step}/{k}']", timeout=90_000)
-            second = page.locator("#tv-rvr-a .tv-text [data-i]").nth(1).get_attribute("data-i")
-            page.locator("#tv-rvr-summary").click()        # no field has the focus
-            page.keyboard.press("ArrowRight")
-            page.keyboard.press("ArrowRight")
-            for which in ("a", "b", "diff"):
-                assert page.locator(f"#tv-rvr-{which} .t.sel").get_attribute("data-i") == second, which
-            page.keyboard.press("Enter")
-            page.wait_for_function(f"location.search.includes('tab=inspect') && "
-                                   f"location.search.includes('token={second}')", timeout=60_000)
-            search = page.evaluate("location.search")
-            assert f"run={A}" in search and f"step={step}" in search and f"sample={k}" in search, search
-            page.wait_for_function(f"document.querySelector('#tv-overlay .t.sel')?.dataset.i === '{second}'")
-            assert page.get_by_role("tab", name="Inspect", exact=True).get_attribute("aria-selected") == "true"
+    with runvsrun_page(home) as (page, errors, step, k):
+        page.wait_for_selector(f"#tv-rvr-b .tv-text[data-sample='{B}/{step}/{k}']", timeout=90_000)
+        second = page.locator("#tv-rvr-a .tv-text [data-i]").nth(1).get_attribute("data-i")
+        page.locator("#tv-rvr-summary").click()        # no field has the focus
+        page.keyboard.press("ArrowRight")
+        page.keyboard.press("ArrowRight")
+        for which in ("a", "b", "diff"):
+            assert page.locator(f"#tv-rvr-{which} .t.sel").get_attribute("data-i") == second, which
+        page.keyboard.press("Enter")
+        page.wait_for_function(f"location.search.includes('tab=inspect') && "
+                               f"location.search.includes('token={second}')", timeout=60_000)
+        search = page.evaluate("location.search")
+        assert f"run={A}" in search and f"step={step}" in search and f"sample={k}" in search, search
+        page.wait_for_function(f"document.querySelector('#tv-overlay .t.sel')?.dataset.i === '{second}'")
+        assert page.get_by_role("tab", name="Inspect", exact=True).get_attribute("aria-selected") == "true"
 
-            open_tab(page, "runvsrun")
-            tok = page.locator(f"#tv-rvr-b .tv-text[data-sample='{B}/{step}/{k}'] [data-i]").nth(3)
-            pos = tok.get_attribute("data-i")
-            tok.click()
-            page.wait_for_function(f"location.search.includes('tab=inspect') && location.search.includes('run={B}') "
-                                   f"&& location.search.includes('token={pos}')", timeout=60_000)
-            page.wait_for_selector(f"#tv-overlay .tv-text[data-sample='{B}/{step}/{k}'] .t.sel[data-i='{pos}']")
-            assert B in page.locator("#tv-run input").input_value()
-            assert not errors, errors
-        finally:
-            browser.close()
+        open_tab(page, "runvsrun")
+        tok = page.locator(f"#tv-rvr-b .tv-text[data-sample='{B}/{step}/{k}'] [data-i]").nth(3)
+        pos = tok.get_attribute("data-i")
+        tok.click()
+        page.wait_for_function(f"location.search.includes('tab=inspect') && location.search.includes('run={B}') "
+                               f"&& location.search.includes('token={pos}')", timeout=60_000)
+        page.wait_for_selector(f"#tv-overlay .tv-text[data-sample='{B}/{step}/{k}'] .t.sel[data-i='{pos}']")
+        assert B in page.locator("#tv-run input").input_value()
+        assert not errors, errors

@@ -3,8 +3,8 @@
     @memo.cached(entries=64)
     def overlay_html(run_id, step, sample, metric, token): ...     # reads the index through ``shared()`` only
 
-    memo.stats()          # {"overlay_html": {"hits": .., "misses": .., "entries": ..}, ...}
-    memo.clear()
+    overlay_html.cache.hits, overlay_html.cache.misses   # its counters
+    memo.clear()          # empty every cache
 
 A reader of a hosted Space switches between the samples, steps and tabs of a few runs; collaborators look at the
 same ones. Each such view costs 20-500 ms of CPU (DuckDB queries, pandas, building a plotly figure) and the
@@ -103,11 +103,6 @@ def _hashable(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return tuple(_hashable(x) for x in v)
     return v
-
-
-def stats() -> dict[str, dict[str, int]]:
-    """Hits, misses and entries held, per cached function."""
-    return {n: {"hits": c.hits, "misses": c.misses, "entries": len(c.data)} for n, c in _caches.items()}
 
 
 def clear() -> None:

@@ -21,9 +21,9 @@ SKETCH_MIN_WIDE = 32           # ... while at least this many functionals remain
 
 
 def row_share(kind: str, k: int) -> int:
-    """How many sketch rows share one hidden-side functional. gaussian: the largest of SHARE (4), 2 that divides
-    k and leaves at least MIN_WIDE (32) functionals (4 at k = 128, 256, ...; 2 at k = 64), else 1; gaussian-full
-    and sparse: 1 (every row its own)."""
+    """How many sketch rows share one hidden-side functional. gaussian: the largest of SKETCH_SHARE (4), 2 that
+    divides k and leaves at least SKETCH_MIN_WIDE (32) functionals (4 at k = 128, 256, ...; 2 at k = 64), else 1;
+    gaussian-full and sparse: 1 (every row its own)."""
     if kind not in SKETCH_KINDS:
         raise ValueError(f"sketch kind {kind!r} is not allowed; choose one of: {', '.join(SKETCH_KINDS)}")
     if kind != "gaussian":

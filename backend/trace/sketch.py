@@ -73,7 +73,6 @@ from collections import OrderedDict
 import torch
 
 from backend.trace.config import SKETCH_KINDS as KINDS
-from backend.trace.config import SKETCH_SHARE as SHARE  # noqa: F401 - re-exported
 from backend.trace.config import row_share
 from backend.trace.sites import LoraSite
 
