@@ -31,7 +31,7 @@ TABS = {
     "influence": (f"?tab=influence&run={RUN}&step=60", "#tv-infl-quadrants .js-plotly-plot .main-svg"),
     "runvsrun": (f"?tab=runvsrun&run={RUN}&step=60&runs={OTHER}&metric=weight", "#tv-rvr-diff .t"),
     "compare": (f"?tab=compare&run={RUN}", "#tv-cmp-summary table"),
-    "launch": ("?tab=launch", "#tv-tab-launch button"),
+    "launch": ("?tab=launch", "#tv-f-steps input"),          # the form, made when the tab opens
 }
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, XSS_TOKENS, app_server, wait_for
+from tokviz.tabs import TABS
 
 pw = pytest.importorskip("playwright.sync_api")
 if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
@@ -24,7 +25,7 @@ if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
 SHOTS = ARTIFACTS / "ui"
 TAB_NAMES = {"inspect": "Inspect", "concentration": "Concentration", "layers": "Layers & positions",
              "tokens": "Tokens", "training": "Training", "compare": "Compare runs", "launch": "Launch", "sql": "SQL",
-             "runvsrun": "Run vs run"}
+             "runvsrun": "Run vs run", "schemes": "Schemes"}
 JOB_TIMEOUT_S = 240
 
 
@@ -212,6 +213,56 @@ def test_sql_console(page):
     assert "rows" in page.inner_text("#tv-sql-message")
     page.wait_for_selector("#tv-sql-csv", state="visible")
     shot(page, "sql")
+
+
+def test_launch_forms_are_made_when_their_tab_or_accordion_opens(app, browser):
+    """No job form is part of the first page; opening Launch (by a click or a deep link) makes the chosen kind's
+    form, another kind replaces it and the launch button then launches that kind; the Schemes tab's comparison
+    form is made when its accordion opens and keeps what was typed when it is closed and opened again."""
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = ctx.new_page()
+    pg.set_default_timeout(20_000)
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        pg.goto(app[0])
+        pg.wait_for_selector("#tv-overlay .t")
+        forms = "[id^='tv-f-'], [id^='tv-sch-f-'], [id^='tv-upload']"
+        assert pg.locator(forms).count() == 0
+        in_config = ("re => window.gradio_config.components.filter(c => new RegExp(re).test(c.props.elem_id || ''))"
+                     ".length")
+        assert pg.evaluate(in_config, "^tv-(f|sch-f)-") == 0 and pg.evaluate(in_config, "^tv-tab-") == len(TABS)
+        open_tab(pg, "launch")
+        pg.wait_for_selector("#tv-f-steps input")
+        pg.wait_for_selector("#tv-upload", state="attached")       # the dataset upload of a train job
+        pg.locator("#tv-kind label", has_text="probe").click()
+        pg.wait_for_selector("#tv-f-probe-num_samples input")
+        wait_for(lambda: pg.locator("#tv-f-steps").count() == 0, 20, "the train form to go")
+        pg.fill("#tv-f-probe-num_samples input", "0")
+        pg.click("#tv-launch")                                  # the probe form's values, checked as a probe's
+        pg.wait_for_selector("#tv-launch-message .tv-err")
+        assert "num_samples=0 is outside the allowed range" in pg.inner_text("#tv-launch-message")
+        pg.locator("#tv-kind label", has_text="train").click()
+        pg.wait_for_selector("#tv-f-steps input")
+        assert pg.locator("[id^='tv-f-probe-']").count() == 0
+
+        pg.goto(app[0] + "?tab=launch")                         # a deep link to the tab makes its form too
+        pg.wait_for_selector("#tv-f-steps input")
+
+        open_tab(pg, "schemes")
+        assert pg.locator("[id^='tv-sch-f-']").count() == 0
+        pg.click("#tv-sch-launch-box button")
+        name = "#tv-sch-f-compare-schemes-name"
+        pg.fill(f"{name} input, {name} textarea", "kept-name")
+        pg.click("#tv-sch-launch-box button")                   # closed and opened again: made again, value kept
+        wait_for(lambda: not pg.locator(name).is_visible(), 20, "the accordion to close")
+        pg.click("#tv-sch-launch-box button")
+        pg.wait_for_selector(f"{name} input, {name} textarea")
+        wait_for(lambda: pg.locator(f"{name} input, {name} textarea").first.input_value() == "kept-name", 20,
+                 "the typed name back in the made-again form")
+        assert errors == []
+    finally:
+        ctx.close()
 
 
 def test_launch_a_short_trace_job_from_the_form(app, page):

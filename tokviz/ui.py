@@ -222,16 +222,18 @@ def wire_tab_switching(page: Page, views: Views, built: list[Built]) -> None:
                          [h.query, h.notice, *b.t.outputs], api_visibility="private", show_progress="minimal",
                          queue=False, **concurrency.RENDER)
         else:
-            def opened_other(got: dict, _b: Built = b) -> object:
+            flag = [b.spec.opened(b.t)] if b.spec.opened else []
+
+            def opened_other(got: dict, _b: Built = b, _flag: list = flag) -> object:
                 if before_load(page, got):
-                    return gr.skip()
+                    return {}
                 shown = got[page.shown]
                 shown.tab = _b.spec.name
-                return link_of(_b, shown, got)
+                return {h.query: link_of(_b, shown, got), **{f: True for f in _flag if not got[f]}}
 
             linked = set(b.spec.link(b.t).values()) if b.spec.link else set()
-            b.tab.select(opened_other, {page.shown, h.query, *linked}, h.query, api_visibility="private",
-                         show_progress="hidden", **concurrency.UI)
+            b.tab.select(opened_other, {page.shown, h.query, *linked, *flag}, [h.query, *flag],
+                         api_visibility="private", show_progress="hidden", **concurrency.UI)
 
 
 def wire_deep_link(demo: gr.Blocks, page: Page, views: Views, ins: Built) -> None:

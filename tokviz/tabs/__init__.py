@@ -6,6 +6,8 @@ A tab module offers
 - ``wire(t, page)``: connects the tab's own events. ``page`` (``tokviz.header.Page``) holds what they may use
   besides ``t``: the app context, the header (run, step, the deep link's query), the page's state; a tab asks
   it to keep a run list current (``page.follow_runs``) or to poll components (``page.keep_live``);
+- for a tab that makes part of its contents only when first opened: ``TabSpec.opened``, a ``gr.State`` the app
+  sets to True then;
 - for a tab that shows one run at one traced step, ``render_tab(t, at, got) -> (values, focus)``: the app calls
   it when the header's run or step changes while the tab is on screen, when the tab is opened (if what it
   shows is stale), and on a deep link. ``at`` (``tokviz.common.At``) is the header's run and step; ``got``
@@ -51,6 +53,9 @@ class TabSpec:
     wire: Callable[[Any, Page], None]                   # its own events
     render: Callable[[Any, At, Mapping[Any, Any]], tuple[list, dict]] | None = None    # for (run, step)
     link: Callable[[Any], dict[str, gr.components.Component]] | None = None   # deep-link field -> its input
+    # a gr.State the app sets to True when the tab first comes on screen (a click or a deep link): a tab that
+    # makes part of its contents only then (``gr.render`` triggered by its change) keeps page loads light
+    opened: Callable[[Any], gr.State] | None = None
 
 
 def wire_launch(t: launch.LaunchTab, page: Page) -> None:
@@ -82,7 +87,7 @@ TABS: tuple[TabSpec, ...] = (      # in the order the tab strip shows them
     TabSpec("activations", "Activations", activations.build, activations.wire, activations.render_tab),
     TabSpec("probes", "Probes", probes.build, probes.wire, probes.render_tab),
     TabSpec("schemes", "Schemes", schemes.build, schemes.wire),
-    TabSpec("launch", "Launch", launch.build, wire_launch),
+    TabSpec("launch", "Launch", launch.build, wire_launch, opened=lambda t: t.opened),
     TabSpec("sql", "SQL", sql_console.build, sql_console.wire, link=sql_console.link_inputs),
 )
 assert len({t.name for t in TABS}) == len(TABS), "tab names must be unique: deep links name tabs by them"

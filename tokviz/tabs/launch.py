@@ -1,5 +1,8 @@
 """Launch: a form per job kind of the registry (``backend.jobs.registry``), each built from the kind's config
-dataclass (the one the CLI parses), so the form, the CLI and a YAML file cannot drift apart. Jobs run through
+dataclass (the one the CLI parses), so the form, the CLI and a YAML file cannot drift apart. The form of the
+chosen kind only is on the page, made when the tab first comes on screen and again when the kind changes
+(``gr.render``): the four kinds' forms are ~290 components that every page load would otherwise fetch and mount
+before its first paint, for a tab most visitors never open. Jobs run through
 the app's job queue as ``python -m backend KIND --config ...`` processes; the jobs table shows status, the phase
 (loading the model, training, evaluating), a live progress bar and ETA from the run's ``events.jsonl``, the log
 tail, and a cancel button. A finished job is ingested and appears in
@@ -65,35 +68,49 @@ def _component(f: Field, job_kind: str, prefix: str = "tv-f") -> gr.components.C
         lo, hi, lo_open, hi_open = meta["range"]
         info += f" · allowed {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
     eid = f"{prefix}-{f.name}" if job_kind == DEFAULT_KIND else f"{prefix}-{job_kind}-{f.name}"
+    # interactive said outright: Gradio infers it from the events a component feeds, and in a form made by a
+    # gr.render (``build``) the launch button's event is not among the render's own
+    common = {"label": label, "elem_id": eid, "interactive": True}
     if f.name == "scheme":
-        return gr.Dropdown(list(SCHEMES), value=default, label=label, info=SCHEMES[str(default)].doc, elem_id=eid)
+        return gr.Dropdown(list(SCHEMES), value=default, info=SCHEMES[str(default)].doc, **common)
     if f.name == "task":
         # a kind whose default is not a task ("" = the run's task, actgrad) keeps it as a choice
         choices = list(TASKS) if default in TASKS else [default, *TASKS]
-        return gr.Dropdown(choices, value=default, label=label, info=info, elem_id=eid)
+        return gr.Dropdown(choices, value=default, info=info, **common)
     if f.name == "model":
-        return gr.Dropdown(list(MODELS), value=default, label=label, info=info + " (inside the data root)",
-                           allow_custom_value=True, elem_id=eid)
+        return gr.Dropdown(list(MODELS), value=default, info=info + " (inside the data root)",
+                           allow_custom_value=True, **common)
     if "choices" in meta:
-        return gr.Dropdown(list(meta["choices"]), value=default, label=label, info=info, elem_id=eid)
+        return gr.Dropdown(list(meta["choices"]), value=default, info=info, **common)
     if kind == "bool":
-        return gr.Checkbox(value=bool(default), label=label, info=info, elem_id=eid)
+        return gr.Checkbox(value=bool(default), info=info, **common)
     if kind in ("int", "float"):
-        return gr.Number(value=default, label=label, info=info, precision=0 if kind == "int" else None, elem_id=eid)
+        return gr.Number(value=default, info=info, precision=0 if kind == "int" else None, **common)
     if kind == "dict":
         info += " · JSON or key=value, comma separated"
     if kind == "list":
         info += " · comma separated"
-    return gr.Textbox(value=form_text(default, kind), label=label, info=info, elem_id=eid)
+    return gr.Textbox(value=form_text(default, kind), info=info, **common)
 
 
 @dataclass
 class KindForm:
-    """One job kind's form: its group (shown when the kind is chosen) and an input per config field."""
+    """One job kind's form: its group and an input per config field."""
     kind: str
     group: gr.Group
     fields: dict[str, gr.components.Component]     # config field name -> its input, in form order
     upload: gr.File | None                         # a dataset upload, for kinds with a ``dataset`` field
+
+    @property
+    def inputs(self) -> list[gr.components.Component]:
+        """What a launch reads: the upload (if any), then the fields in form order (``values``' order)."""
+        return ([self.upload] if self.upload is not None else []) + list(self.fields.values())
+
+    def values(self, got: tuple) -> tuple[dict[str, object], str | None]:
+        """(field name -> value, the upload's path) from the values of ``inputs``."""
+        got = list(got)
+        upload = got.pop(0) if self.upload is not None else None
+        return dict(zip(self.fields, got)), upload
 
 
 @dataclass
@@ -101,7 +118,7 @@ class LaunchTab:
     notice: gr.Markdown
     token: gr.Textbox
     kind: gr.Radio
-    forms: dict[str, KindForm]
+    opened: gr.State            # set when the tab first comes on screen (``TabSpec.opened``): the form is made then
     launch: gr.Button
     message: gr.Markdown
     jobs: gr.HTML
@@ -126,7 +143,16 @@ def build(ctx: AppContext) -> LaunchTab:
     kind = gr.Radio([(k.name, k.name) for k in kinds], value=kinds[0].name, label="Job kind",
                     info=" · ".join(f"{k.name}: {k.help}" for k in kinds), visible=len(kinds) > 1,
                     elem_id="tv-kind")
-    forms = {k.name: _kind_form(k, visible=i == 0) for i, k in enumerate(kinds)}
+    opened = gr.State(False)
+
+    # The chosen kind's form, and the launch button's event that reads it (an event on a component made in a
+    # render is defined in it; the previous form's event goes with that form).
+    @gr.render(inputs=[kind, opened], triggers=[kind.input, opened.change], queue=False, show_progress="minimal",
+               **concurrency.UI)
+    def kind_form(chosen: str, is_open: bool) -> None:
+        if is_open and chosen in registry.kinds():
+            wire_form(t, ctx, _kind_form(registry.get(chosen), visible=True))
+
     launch = gr.Button("Launch job", variant="primary", elem_id="tv-launch",
                        interactive=not s.readonly or bool(s.admin_token))
     message = gr.Markdown("", elem_id="tv-launch-message")
@@ -136,7 +162,8 @@ def build(ctx: AppContext) -> LaunchTab:
         job = gr.Dropdown(label="Job", choices=[], elem_id="tv-job", scale=4, allow_custom_value=True)
         cancel = gr.Button("Cancel job", variant="stop", elem_id="tv-cancel", scale=0, min_width=140)
     log = gr.Textbox(label="Log tail", lines=10, max_lines=14, interactive=False, autoscroll=True, elem_id="tv-log")
-    return LaunchTab(notice, token, kind, forms, launch, message, jobs, job, cancel, log, publish_panel.build(ctx))
+    t = LaunchTab(notice, token, kind, opened, launch, message, jobs, job, cancel, log, publish_panel.build(ctx))
+    return t
 
 
 def _kind_form(spec: registry.JobSpec, visible: bool, prefix: str = "tv-f") -> KindForm:
@@ -155,13 +182,48 @@ def _kind_form(spec: registry.JobSpec, visible: bool, prefix: str = "tv-f") -> K
         if "dataset" in {f.name for f in fields(spec.config)}:
             upload = gr.File(label=f"Dataset upload (instead of a task): {', '.join(UPLOAD_TYPES)} with "
                              "prompt/response or messages fields", file_types=list(UPLOAD_TYPES), height=90,
-                             elem_id="tv-upload" if spec.name == DEFAULT_KIND else f"tv-upload-{spec.name}")
+                             elem_id="tv-upload" if spec.name == DEFAULT_KIND else f"tv-upload-{spec.name}",
+                             interactive=True)
         with gr.Accordion("Advanced settings", open=False):
             for i in range(0, len(rest), 3):
                 with gr.Row():
                     for f in rest[i:i + 3]:
                         comps[f.name] = _component(f, spec.name, prefix)
     return KindForm(spec.name, group, comps, upload)
+
+
+def wire_form(t: LaunchTab, ctx: AppContext, form: KindForm) -> None:
+    """The events of the form just made (inside ``build``'s render): the launch button queues a job of its
+    kind from it; a chosen scheme fills in its parameters."""
+    def on_launch(token, *got):
+        values, upload = form.values(got)
+        try:
+            job_id = submit(ctx, values, upload, token, form.kind)
+        except (ValueError, PermissionError) as e:
+            table, jobs, log = jobs_state(ctx, None)
+            return _message(str(e), False), table, jobs, log
+        table, jobs, log = jobs_state(ctx, job_id)
+        return _message(f"queued {job_id}", True), table, jobs, log
+
+    t.launch.click(on_launch, [t.token, *form.inputs], [t.message, t.jobs, t.job, t.log],
+                   api_visibility="private", **concurrency.JOBS)
+    follow_scheme(form)
+
+
+def follow_scheme(form: KindForm) -> None:
+    """A form with a scheme: choosing one puts its default parameters in ``scheme_params`` and its doc under it."""
+    if "scheme" not in form.fields or "scheme_params" not in form.fields:
+        return
+
+    def scheme_defaults(name):
+        info = SCHEMES.get(name)
+        if info is None:
+            return gr.skip(), gr.skip()
+        return form_text(info.defaults, "dict"), gr.update(info=info.doc)
+
+    form.fields["scheme"].input(scheme_defaults, form.fields["scheme"],
+                                [form.fields["scheme_params"], form.fields["scheme"]],
+                                api_visibility="private", **concurrency.UI)
 
 
 # ---------------------------------------------------------------------------------------------- form -> config
@@ -322,33 +384,6 @@ def _message(text: str, ok: bool) -> str:
 
 # ---------------------------------------------------------------------------------------------- wiring
 def wire(t: LaunchTab, ctx: AppContext) -> None:
-    # one flat input list: every kind's upload (if any) and fields; a launch reads the chosen kind's slice
-    spans: dict[str, tuple[int, int]] = {}
-    inputs: list = []
-    for kind, form in t.forms.items():
-        comps = ([form.upload] if form.upload is not None else []) + list(form.fields.values())
-        spans[kind] = (len(inputs), len(inputs) + len(comps))
-        inputs += comps
-
-    def on_launch(token, kind, *values):
-        form = t.forms[kind]
-        a, b = spans[kind]
-        mine = list(values[a:b])
-        upload = mine.pop(0) if form.upload is not None else None
-        try:
-            job_id = submit(ctx, dict(zip(form.fields, mine)), upload, token, kind)
-        except (ValueError, PermissionError) as e:
-            table, jobs, log = jobs_state(ctx, None)
-            return _message(str(e), False), table, jobs, log
-        table, jobs, log = jobs_state(ctx, job_id)
-        return _message(f"queued {job_id}", True), table, jobs, log
-
-    t.launch.click(on_launch, [t.token, t.kind, *inputs], [t.message, t.jobs, t.job, t.log],
-                   api_visibility="private", **concurrency.JOBS)
-    t.kind.change(lambda kind: [gr.update(visible=k == kind) for k in t.forms], t.kind,
-                  [f.group for f in t.forms.values()], api_visibility="private", show_progress="hidden",
-                  **concurrency.UI)
-
     def launch_config(config_yaml: str, admin_token: str = "", kind: str = DEFAULT_KIND) -> str:
         """Queue a job of ``kind`` (default train) from its config fields as YAML or JSON text (what a YAML
         config file holds); returns the job id, or the reason it was refused. Values keep their YAML types
@@ -365,18 +400,6 @@ def wire(t: LaunchTab, ctx: AppContext) -> None:
             raise gr.Error(str(e), print_exception=False) from e
 
     gr.api(launch_config, api_name="launch", **concurrency.JOBS)
-
-    def scheme_defaults(name):
-        info = SCHEMES.get(name)
-        if info is None:
-            return gr.skip(), gr.skip()
-        return form_text(info.defaults, "dict"), gr.update(info=info.doc)
-
-    for form in t.forms.values():          # any kind with a scheme: its parameters follow the chosen scheme
-        if "scheme" in form.fields and "scheme_params" in form.fields:
-            form.fields["scheme"].input(scheme_defaults, form.fields["scheme"],
-                                        [form.fields["scheme_params"], form.fields["scheme"]],
-                                        api_visibility="private", **concurrency.UI)
 
     def on_cancel(job_id, token):
         if not job_id:

@@ -5,7 +5,8 @@ step and sample) in Inspect under each scheme. A running comparison shows its pr
 running run's step, ETA) from its events; its runs are indexed when it ends (or on Refresh).
 
 The form is the Launch tab's form of the ``compare-schemes`` kind (``tokviz.tabs.launch``), built from the same
-config dataclass as ``python -m backend compare-schemes``.
+config dataclass as ``python -m backend compare-schemes``, and made when its accordion is first opened
+(``gr.render``), not with every page.
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ class SchemesTab:
     runs: gr.HTML
     inspect_pick: gr.Dropdown        # a traced (seed, step, sample) of the comparison's runs
     inspect_links: gr.HTML           # that sample in Inspect, one link per scheme
-    form: launch.KindForm
+    box: gr.Accordion                # "Launch a scheme comparison": its form is made when it first opens
+    opened: gr.State                 # whether it has been opened (then the form is on the page)
     token: gr.Textbox
     launch: gr.Button
     message: gr.Markdown
@@ -74,18 +76,41 @@ def build(ctx: AppContext) -> SchemesTab:
         inspect_pick = gr.Dropdown(label="A traced sample to read under every scheme (seed · step · sample)",
                                    choices=[], elem_id="tv-sch-inspect-pick", scale=3)
         inspect_links = gr.HTML("", css_template=TABLE_CSS, elem_id="tv-sch-inspect", scale=4)
-    with gr.Accordion("Launch a scheme comparison", open=False, elem_id="tv-sch-launch-box"):
+    with gr.Accordion("Launch a scheme comparison", open=False, elem_id="tv-sch-launch-box") as box:
         gr.Markdown("One train run per (scheme, seed), everything else identical; all evaluated greedily and "
                     "with k samples on the same held-out items. Runs that finished with the same name and "
                     "settings are reused, failed ones restarted.")
         token = gr.Textbox(label="Admin token", type="password", elem_id="tv-sch-token",
                            visible=ctx.settings.readonly and bool(ctx.settings.admin_token))
-        form = launch._kind_form(registry.get(KIND), visible=True, prefix="tv-sch-f")
+
+        opened = gr.State(False)
+
+        @gr.render(inputs=[opened], triggers=[opened.change], queue=False, show_progress="minimal",
+                   **concurrency.UI)
+        def form(is_open: bool) -> None:
+            if is_open:
+                wire_form(t, ctx, launch._kind_form(registry.get(KIND), visible=True, prefix="tv-sch-f"))
+
         button = gr.Button("Launch comparison", variant="primary", elem_id="tv-sch-launch",
                            interactive=ctx.settings.may_launch(None) or bool(ctx.settings.admin_token))
         message = gr.Markdown("", elem_id="tv-sch-message")
-    return SchemesTab(comparison, refresh, status, table, stats, results, loss, accuracy, weights, runs, inspect_pick,
-                      inspect_links, form, token, button, message, gr.State(""))
+    t = SchemesTab(comparison, refresh, status, table, stats, results, loss, accuracy, weights, runs, inspect_pick,
+                   inspect_links, box, opened, token, button, message, gr.State(""))
+    return t
+
+
+def wire_form(t: SchemesTab, ctx: AppContext, form: launch.KindForm) -> None:
+    """The events of the comparison form just made (inside ``build``'s render)."""
+    def on_launch(token, *values):
+        try:
+            job_id = launch.submit(ctx, dict(zip(form.fields, values)), None, token, KIND)
+        except (ValueError, PermissionError) as e:
+            return launch._message(str(e), False)
+        return launch._message(f"queued {job_id}: its progress shows here and on the Launch tab", True)
+
+    t.launch.click(on_launch, [t.token, *form.fields.values()], t.message, api_visibility="private",
+                   **concurrency.JOBS)
+    launch.follow_scheme(form)
 
 
 TABLE_CSS = """
@@ -272,18 +297,13 @@ def wire(t: SchemesTab, page: Page) -> None:
             return ""
         return inspect_links_html(schemes.traced_samples(cmp_id), schemes.children(cmp_id), pick)
 
+    # made once, when first opened: closing and opening the accordion again keeps what was typed. Through the
+    # queue: a State's change event follows only a queued event's update (not a queue=False one's)
+    t.box.expand(lambda was: gr.skip() if was else True, t.opened, t.opened, api_visibility="private",
+                 show_progress="hidden", **concurrency.UI)
+
     t.inspect_pick.input(links, [t.comparison, t.inspect_pick], t.inspect_links, api_name="scheme_inspect_links",
                          **concurrency.RENDER)
-
-    def on_launch(token, *values):
-        try:
-            job_id = launch.submit(ctx, dict(zip(t.form.fields, values)), None, token, KIND)
-        except (ValueError, PermissionError) as e:
-            return launch._message(str(e), False)
-        return launch._message(f"queued {job_id}: its progress shows here and on the Launch tab", True)
-
-    t.launch.click(on_launch, [t.token, *t.form.fields.values()], t.message, api_visibility="private",
-                   **concurrency.JOBS)
 
     def live(got: Mapping[Any, Any], on_screen: str) -> dict:
         """On screen: draw everything when the index or the comparison changed since the last drawing (the
