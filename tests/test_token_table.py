@@ -78,11 +78,18 @@ QUERIES = [
 ]
 
 
-@pytest.mark.parametrize("deep", [False, True, "misled"], ids=["direct", "deep-paths", "misled-estimate"])
+@pytest.mark.parametrize("deep", [False, "head", True, "misled"],
+                         ids=["direct", "head-then-deep", "deep-paths", "misled-estimate"])
 @pytest.mark.parametrize("q", QUERIES, ids=lambda q: f"{q.sort}{'-desc' if q.descending else ''}")
 def test_every_page_matches_pandas(indexed, monkeypatch, q, deep):
     con, ref = indexed
-    if deep:      # every page through the per-sample counts / value brackets, from a sample of all values
+    if deep == "head":       # the first pages from the set's first 90 values, the rest by brackets and counts
+        monkeypatch.setattr(tt, "SMALL_SET", 0)
+        monkeypatch.setattr(tt, "DIRECT_ROWS", 0)
+        monkeypatch.setattr(tt, "DIRECT_SORTED", 90)
+        monkeypatch.setattr(tt, "_SAMPLE_PERCENT", 100)
+        tt._cache.data.clear()
+    if deep in (True, "misled"):    # every page by the per-sample counts / value brackets, from a sample of all values
         monkeypatch.setattr(tt, "SMALL_SET", 0)
         monkeypatch.setattr(tt, "DIRECT_ROWS", 0)
         monkeypatch.setattr(tt, "DIRECT_SORTED", 0)
@@ -95,6 +102,10 @@ def test_every_page_matches_pandas(indexed, monkeypatch, q, deep):
         top = tt._top
         monkeypatch.setattr(tt, "_top", lambda cur, where, order, params, n, offset: (
             plain.append((where, offset)), top(cur, where, order, params, n, offset))[1])
+    heads = []
+    head = tt._head
+    monkeypatch.setattr(tt, "_head", lambda cur, where, params, q_, key: (
+        heads.append((q_.sort, q_.descending)), head(cur, where, params, q_, key))[1])
     want = reference(ref, q)
     got, first = all_pages(con, q)
     assert first.total == len(want) > 0
@@ -105,6 +116,8 @@ def test_every_page_matches_pandas(indexed, monkeypatch, q, deep):
     assert got.token.tolist() == want.token.tolist() and got.category.tolist() == want.category.tolist()
     if deep is True:
         assert all(offset == 0 and "IS NOT NULL" not in where for where, offset in plain), plain
+    if deep in (False, "head") and q.sort != "sample":       # the first pages came from the set's first values
+        assert heads and all(h == (q.sort, q.descending) for h in heads), heads
 
 
 def test_context_is_the_tokens_around(indexed):

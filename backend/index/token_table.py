@@ -8,8 +8,12 @@
 A step holds up to millions of response tokens, so a page is never taken with a plain deep ``OFFSET`` (DuckDB
 sorts every row to skip 5M of them: ~1-2 s on 10M rows). Instead:
 
-- a set of at most ``SMALL_SET`` rows, or a page ending before ``DIRECT_ROWS`` (``DIRECT_SORTED`` sorted by a
-  metric), is a top-N query (``ORDER BY .. LIMIT .. OFFSET``: a small heap, one scan);
+- a set of at most ``SMALL_SET`` rows, or a page ending before ``DIRECT_ROWS``, is a top-N query
+  (``ORDER BY .. LIMIT .. OFFSET``: a small heap, one scan);
+- sorted by a metric, a page ending before ``DIRECT_SORTED`` comes from the set's first ``DIRECT_SORTED``
+  values (``min(col, k)``, cached per query, in the same scan as the set's count): the value at the page's last
+  rank bounds the page, and only the rows up to it are sorted (exact: every row up to that rank has a value up
+  to it); the next pages reuse the values;
 - in the default order (sample, position), per-sample row counts (one GROUP BY, cached per query) give the few
   samples a page spans, and only those are read (the index stores a step's rows by sample, so DuckDB skips the
   rest by its zone maps);
@@ -54,6 +58,10 @@ _KEYS = "sample_idx, position"
 # {col}: a column of COLUMNS / METRICS (allow-listed), never the caller's text; {where}: TableQuery.where()
 VERSION = "SELECT n_tokens, ingested_at FROM runs WHERE run_id = ?"      # a cache entry's validity
 COUNT = "SELECT count(*), count({col}) FROM tokens WHERE {where}"
+# the set's count and its first k values of {col} in the sort's order ({agg}: min ascending, max descending)
+HEAD = "SELECT count(*), count({col}), {agg}({col}, {k:d}) FROM tokens WHERE {where}"
+UP_TO = ("SELECT " + _KEYS + " FROM tokens WHERE {where} AND {col} {op} ?::FLOAT "
+         "ORDER BY {order} LIMIT {limit:d} OFFSET {offset:d}")
 # LIMIT and OFFSET are Python ints written into the text (``:d``): with them as parameters DuckDB plans a full
 # sort, not a top-N heap (1.3-2x slower on 10M rows)
 TOP_N = "SELECT " + _KEYS + " FROM tokens WHERE {where} ORDER BY {order} LIMIT {limit:d} OFFSET {offset:d}"
@@ -185,6 +193,8 @@ def token_page(run_id: str, step: int, q: TableQuery, con: duckdb.DuckDBPyConnec
         if version is None:
             queries.require_run(run_id, cur)
         key = (run_id, step, q.filter_key(), *version)
+        if q.sort != "sample" and q.page * q.page_size + q.page_size <= DIRECT_SORTED:
+            _head(cur, where, params, q, key)         # the count comes with the first values, in one scan
         if q.sort != "sample" and ("count", col, *key) not in _cache.data:
             first = _first_sorted(cur, q, run_id, step, key)
             if first is not None:
@@ -240,11 +250,29 @@ def _natural(cur, where: str, params: list, offset: int, n: int, key: tuple, tot
     return _keys(cur, SAMPLES_SPAN.format(where=where, limit=int(n), offset=offset - before), [*params, *span])
 
 
+def _head(cur, where: str, params: list, q: TableQuery, key: tuple) -> tuple[int, int, np.ndarray]:
+    """(the set's size, its count of non-NULL ``q.sort`` values, its first ``DIRECT_SORTED`` values in the
+    sort's order), from one scan, cached per query and direction; fills the count's cache entry too."""
+    def make() -> tuple[int, int, np.ndarray]:
+        total, not_null, first = cur.execute(HEAD.format(col=q.sort, agg="max" if q.descending else "min",
+                                                         k=DIRECT_SORTED, where=where), params).fetchone()
+        first = np.sort(np.asarray(first or [], dtype=np.float64))
+        return int(total), int(not_null), first[::-1] if q.descending else first
+    got = _cache.get(("head", q.sort, q.descending, *key), make)
+    _cache.get(("count", q.sort, *key), lambda: got[:2])
+    return got
+
+
 def _sorted(cur, where: str, params: list, q: TableQuery, offset: int, n: int, key: tuple, total: int,
             not_null: int) -> np.ndarray:
     """Keys of rows ``offset .. offset+n-1`` of the set sorted by a metric (NULLs last, then sample, position)."""
     col = q.sort
-    if total <= SMALL_SET or offset + n <= min(DIRECT_SORTED, not_null):
+    if offset + n <= min(DIRECT_SORTED, not_null):
+        # the value at rank offset+n-1 bounds every row up to it (a tie at it included): sort those rows only
+        bound = float(_head(cur, where, params, q, key)[2][offset + n - 1])
+        return _keys(cur, UP_TO.format(where=where, col=col, op=">=" if q.descending else "<=", order=_order(q),
+                                       limit=n, offset=offset), [*params, bound])
+    if total <= SMALL_SET:
         return _top(cur, where, _order(q), params, n, offset)
     parts = []
     if offset < not_null:                                   # the part of the page with values
