@@ -86,9 +86,10 @@ def test_the_environment_turns_the_caches_off_or_sizes_them(monkeypatch):
 
 def test_the_app_shows_a_rewritten_run_after_it_is_ingested_again(tmp_path, monkeypatch):
     """A run re-written on disk (same id, other numbers) and ingested again: Inspect's overlay, the token views,
-    Layers and Concentration show the new numbers, equal to what the uncached functions compute."""
+    Layers, Concentration, Tokens and Training show the new numbers, equal to what the uncached functions
+    compute."""
     from backend.dev.synth import SynthConfig, make_run
-    from tokviz.tabs import concentration, inspect_tab, layers
+    from tokviz.tabs import concentration, inspect_tab, layers, tokens, training
 
     home = make_home(tmp_path / "home", xss=False)
     cfg = dict(n_layers=2, n_samples=4, traced_steps=(5, 10, 20), max_step=20, prompt_len=(6, 12),
@@ -107,7 +108,9 @@ def test_the_app_shows_a_rewritten_run_after_it_is_ingested_again(tmp_path, monk
             return [f(inspect_tab.overlay_html)("synth-sft", 10, sample, "alignment", None),
                     f(inspect_tab.token_views)("synth-sft", 10, sample, 8, inspect_tab.VIEWS[0])[1].to_json(),
                     f(layers.position_heatmap)("synth-sft", 10, None).to_json(),
-                    f(concentration.shown)("synth-sft", 10, [5, 20], [])[0][1].to_json()]
+                    f(concentration.shown)("synth-sft", 10, [5, 20], [])[0][1].to_json(),
+                    [fig.to_json() for fig in f(tokens.shown)("synth-sft", 10)[0]],
+                    f(training.shown)("synth-sft")[2].to_json()]
 
         sample = int(queries.step_samples("synth-sft", 10)["sample_idx"][0])
         before = views()

@@ -12,6 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from backend.analysis import analyses, figures
+from backend.index import memo
 from tokviz import concurrency, tables, token_table
 from tokviz.common import At, ExportRow, export_zip, for_display, require_run_step, user_errors
 from tokviz.context import AppContext
@@ -121,17 +122,25 @@ def surprising_html(df: pd.DataFrame) -> str:
                          "no response tokens with an alignment at this step")
 
 
+@memo.cached(entries=32)
+def shown(run_id: str, step: int) -> tuple[tuple[go.Figure, ...], str]:
+    """The figures as the tab shows them and the surprising tokens' table (cached: shared between sessions, not
+    to be modified)."""
+    figs, surprising = compute(run_id, step)
+    return tuple(for_display(figs[n]) for n in NAMES), surprising_html(surprising)
+
+
 def render(run_id: str | None, step: int | None, table_controls: list | None = None) -> tuple[list, dict]:
     """The tab's outputs for (run, step); ``table_controls``: the token table's control values (default: its
     first page, by sample)."""
     run_id, step = require_run_step(run_id, step)
-    figs, surprising = compute(run_id, step)
+    figs, surprising = shown(run_id, step)
     values = table_controls or ["sample", False, [], "", token_table.NO_RANGE, "", "", 50, 1]
     try:
         table_html, page = token_table.render(run_id, step, *values)
     except ValueError as e:      # a control of the table's own (a range end that is no number): the figures still show
         table_html, page = f'<div class="tv-surprise-cap">⚠️ {html.escape(str(e))}</div>', gr.skip()
-    return [for_display(figs[n]) for n in NAMES] + [surprising_html(surprising), table_html, page], {}
+    return [*figs, surprising, table_html, page], {}
 
 
 def render_tab(t: TokensTab, at: At, got: Mapping[Any, Any]) -> tuple[list, dict]:

@@ -11,7 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from backend.analysis import analyses, figures
-from backend.index import queries
+from backend.index import memo, queries
 from tokviz import concurrency
 from tokviz.common import At, ExportRow, empty_figure, export_zip, for_display, user_errors
 from tokviz.context import AppContext
@@ -89,16 +89,22 @@ def summary_md(run_id: str) -> tuple[str, dict]:
     return md, {"config": config, "manifest": manifest}
 
 
-def render(run_id: str | None, step: int | None, embgrad_step: object = None) -> tuple[list, dict]:
-    if not run_id:
-        raise ValueError("choose a run first (no run is selected)")
+@memo.cached(entries=32)
+def shown(run_id: str) -> tuple[str, go.Figure, go.Figure, go.Figure, dict]:
+    """The summary line, the three figures as the tab shows them and the run's config (cached: shared between
+    sessions, not to be modified)."""
     figs = make_figures(run_id)
     md, cfg = summary_md(run_id)
     none = empty_figure("this run has no traced steps")
-    return [md, for_display(figs["loss_curve"]),
+    return (md, for_display(figs["loss_curve"]),
             for_display(figs["alignment_evolution"]) if "alignment_evolution" in figs else none,
-            for_display(figs["gradient_magnitude"]) if "gradient_magnitude" in figs else none, cfg] + \
-        embgrad_panel.render(run_id, embgrad_step), {}
+            for_display(figs["gradient_magnitude"]) if "gradient_magnitude" in figs else none, cfg)
+
+
+def render(run_id: str | None, step: int | None, embgrad_step: object = None) -> tuple[list, dict]:
+    if not run_id:
+        raise ValueError("choose a run first (no run is selected)")
+    return [*shown(run_id)] + embgrad_panel.render(run_id, embgrad_step), {}
 
 
 def render_tab(t: TrainingTab, at: At, got: Mapping[Any, Any]) -> tuple[list, dict]:
