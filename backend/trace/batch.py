@@ -124,9 +124,10 @@ class TracedBatch:
     def response(self) -> torch.Tensor:
         return self.labels[:, 1:] != IGNORE                            # (n, T-1)
 
-    def record_mask(self, mode: str, token_positions: str = "all") -> torch.Tensor:
-        """(n, T-1) bool: the positions whose rows are written: ``carry_mask`` of the traced sequences."""
-        rec = self.carry_mask(mode, token_positions).clone()
+    def record_mask(self, mode: str, token_positions: str = "all", carry: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, T-1) bool: the positions whose rows are written: ``carry_mask`` of the traced sequences (``carry``:
+        that mask when the caller has it already)."""
+        rec = (self.carry_mask(mode, token_positions) if carry is None else carry).clone()
         rec[self.n_traced:] = False
         return rec
 
@@ -170,8 +171,9 @@ def token_stats(logits: torch.Tensor, input_ids: torch.Tensor, chunk: int) -> tu
     ent = torch.empty_like(loss)
     for i in range(0, flat.shape[0], chunk):
         logp = F.log_softmax(flat[i:i + chunk].float(), dim=-1)          # (c, V)
-        loss[i:i + chunk] = -logp.gather(1, tgt[i:i + chunk, None]).squeeze(1)
-        ent[i:i + chunk] = -(logp.exp() * logp).sum(-1)
+        torch.neg(logp.gather(1, tgt[i:i + chunk, None]).squeeze(1), out=loss[i:i + chunk])
+        # p log p in place: one (c, V) temporary instead of two (the same numbers)
+        torch.neg(logp.exp().mul_(logp).sum(-1), out=ent[i:i + chunk])
     loss = loss.view(n, T)
     return loss, torch.exp(-loss), ent.view(n, T)
 
@@ -227,22 +229,28 @@ def build_columns(mode: str, tb: TracedBatch, record: torch.Tensor, stats: dict[
     ``dot``, ``magnitude``: (n, T-1); ``site_dot``, ``site_mag``: (M, n, T-1) or None; ``site_g_norm``: (M,).
     NaN marks a value that is not defined (written as null).
     """
-    sel = record.nonzero(as_tuple=True)
-    b_idx, t_idx = (x.cpu().numpy() for x in sel)
+    T1 = record.shape[1]
+    flat = record.reshape(-1).nonzero().squeeze(1)            # row-major: the order of nonzero(as_tuple=True)
+    b_idx, t_idx = (flat // T1).cpu().numpy(), (flat % T1).cpu().numpy()
     n_rows = len(b_idx)
-    token_id = tb.input_ids[:, 1:][sel].cpu().numpy()
+
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        """x[record] of an (n, T-1) tensor: one index_select of the flattened tensor (cheaper than a 2-d mask)."""
+        return x.reshape(-1).index_select(0, flat.to(x.device))
+
+    token_id = pick(tb.input_ids[:, 1:]).cpu().numpy()
     text, cat = token_texts(tokenizer, token_id)
-    d = dot[sel]
-    mag = magnitude[sel] if magnitude is not None else torch.full_like(d, float("nan"))
+    d = pick(dot)
+    mag = pick(magnitude) if magnitude is not None else torch.full_like(d, float("nan"))
     tokens = {
         "sample_idx": tb.sample_idx.numpy()[b_idx].astype(np.int32),
         "position": t_idx.astype(np.int32),
         "token_id": token_id.astype(np.int32),
         "token": text,
         "category": cat,
-        "is_response": tb.response()[sel].cpu().numpy(),
-        "loss": _np(stats["loss"][sel]), "prob": _np(stats["prob"][sel]), "entropy": _np(stats["entropy"][sel]),
-        "weight": _np(stats["weight"][sel]),
+        "is_response": pick(tb.response()).cpu().numpy(),
+        "loss": _np(pick(stats["loss"])), "prob": _np(pick(stats["prob"])), "entropy": _np(pick(stats["entropy"])),
+        "weight": _np(pick(stats["weight"])),
         "mode": np.full(n_rows, mode),
         "alignment": _np(cosine(d, mag * g_norm)),
         "dot": _np(d),
@@ -256,8 +264,9 @@ def build_columns(mode: str, tb: TracedBatch, record: torch.Tensor, stats: dict[
                                                  "dot", "magnitude")}
     if site_dot is not None:
         M = len(sites)
-        sd = site_dot[:, sel[0], sel[1]]                                              # (M, rows)
-        sm = site_mag[:, sel[0], sel[1]] if site_mag is not None else torch.full_like(sd, float("nan"))
+        sd = site_dot.reshape(M, -1).index_select(1, flat.to(site_dot.device))         # (M, rows)
+        sm = (site_mag.reshape(M, -1).index_select(1, flat.to(site_mag.device)) if site_mag is not None
+              else torch.full_like(sd, float("nan")))
         modules = {
             "sample_idx": np.tile(tokens["sample_idx"], M),
             "position": np.tile(tokens["position"], M),

@@ -164,7 +164,8 @@ def trace_batch(model: torch.nn.Module, batch: dict, scheme: Scheme | str, schem
     W, rank = world() if cfg.distributed else (1, 0)
     sch, sparams = resolve_scheme(scheme, scheme_params, cfg.trace_loss)
     tb = TracedBatch.from_batch(batch, cfg.max_sequences, cfg.micro_batch_size, device, chunk_sizes)
-    record = tb.record_mask(cfg.mode, cfg.token_positions)
+    carry = tb.carry_mask(cfg.mode, cfg.token_positions)         # position mode: carry_mask("position")
+    record = tb.record_mask(cfg.mode, cfg.token_positions, carry=carry)
     before_attn = attn_implementation(inner)
     # token mode: blockwise attention with a forward-mode rule (memory linear in T), eager where it does not apply
     attn = token_attention(inner) if cfg.mode == "token" else None
@@ -183,7 +184,7 @@ def trace_batch(model: torch.nn.Module, batch: dict, scheme: Scheme | str, schem
     # without dropout no pass draws a random number (the sketch has its own generator): no seeding needed
     with traced_network(inner, train=cfg.dropout, attn=attn, seed=dropout_seed if cfg.dropout else None,
                         device=device) as rng:
-        used_attn = attn_implementation(inner)
+        used_attn = attn_implementation(inner) if attn is not None else before_attn   # traced_network set it
         ev = None
         if eval_batch is not None:
             ev = _eval_gradient(inner, sites, eval_batch, eval_micro_batch_size, amp, cfg.dropout)
@@ -201,7 +202,7 @@ def trace_batch(model: torch.nn.Module, batch: dict, scheme: Scheme | str, schem
     g_norm = float(g_sq.sum().sqrt())
     checks = dict(out["checks"])
     if cfg.mode == "position":
-        checks.update(position_shares(dot, record, tb.carry_mask("position"), g_sq, out["proc_dot"], W))
+        checks.update(position_shares(dot, record, carry, g_sq, out["proc_dot"], W))
     elif out["traced_loss_dot"] is not None:
         checks["traced_share"] = _rank_sum(out["traced_loss_dot"], W) / W / float(g_sq.double().sum())
     else:
@@ -220,7 +221,7 @@ def trace_batch(model: torch.nn.Module, batch: dict, scheme: Scheme | str, schem
         if cfg.mode == "position":
             influence = out["site_infl"][:, :, :-1]
             tok_infl = influence.sum(0)
-            carry_sum = _rank_sum(tok_infl.double()[tb.carry_mask("position")].sum(), W)
+            carry_sum = _rank_sum(tok_infl.double()[carry].sum(), W)
             ref = float(out["proc_infl"])
         else:
             influence, tok_infl = out["site_infl"], out["influence"]
@@ -395,7 +396,8 @@ class InlineTrace:
         sch, sparams = resolve_scheme(scheme, scheme_params, "scheme")
         self.hooks.check_one_call()
         tb = TracedBatch.from_batch(batch, cfg.max_sequences, None, self.device)
-        record = tb.record_mask("position")
+        carry = tb.carry_mask("position")
+        record = tb.record_mask("position", carry=carry)
         n, T = tb.input_ids.shape
         site_dot, site_sq, g_sq = self.hooks.finish()
         site_dot = site_dot.view(len(sites), n, T)[:, :, :-1]
@@ -412,7 +414,7 @@ class InlineTrace:
         dot, g_norm = site_dot.sum(0), float(g_sq.sum().sqrt())
         checks = {"micro_batches": 1, "micro_batches_traced": 1, "pieces_checked_modules": len(errs),
                   "pieces_sum_max_rel_err": max(errs), "step_grad_norm_rel_err": grad_err,
-                  **position_shares(dot, record, tb.carry_mask("position"), g_sq, g_sq_total, self.W),
+                  **position_shares(dot, record, carry, g_sq, g_sq_total, self.W),
                   "attn_implementation_used": self.attn, "attn_implementation_model": self.attn,
                   "grad_norm": g_norm, "loss": float(stats["total"]), "n_sequences": n,
                   "traced_sequences": tb.n_traced, "world_size": self.W, "rank": self.rank}
@@ -423,7 +425,7 @@ class InlineTrace:
         infl = None
         if self.ev is not None:
             tok_infl = self.hooks.extra_dot.view(len(sites), n, T)[:, :, :-1]
-            carry_sum = _rank_sum(tok_infl.sum(0).double()[tb.carry_mask("position")].sum(), self.W)
+            carry_sum = _rank_sum(tok_infl.sum(0).double()[carry].sum(), self.W)
             infl = _influence(tb, record, tok_infl.sum(0), site_sq.sum(0).sqrt(),
                               tok_infl if cfg.module_rows else None, site_sq.sqrt() if cfg.module_rows else None,
                               self.ev, G, sites, carry_sum, None)

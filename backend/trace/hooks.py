@@ -71,6 +71,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
+def f32(t: torch.Tensor) -> torch.Tensor:
+    """``t.float()`` without the dispatch when t is float32 already (the hooks call it per LoRA matrix)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def all_reduce_mean(t: torch.Tensor, world_size: int) -> torch.Tensor:
     """Mean over ranks, in place (a no-op on one process)."""
     if world_size > 1:
@@ -113,6 +118,7 @@ class PositionHooks:
         self._groups: dict[int, tuple] = {}                            # id(input) -> (input, lora_A sites)
         self._group_of: dict[int, int] = {}                            # lora_A site -> its group's key
         self._gt_cache: dict[int, torch.Tensor] = {}
+        self._is_a = [s.part == "lora_A" for s in sites]
 
     # ---- what to attach ---------------------------------------------------------------------------------
 
@@ -162,7 +168,7 @@ class PositionHooks:
             pair[1] = auto
 
     def _on_output_grad(self, i: int, u: torch.Tensor, g: torch.Tensor) -> None:
-        if self.G is None and self.sites[i].part == "lora_A":
+        if self.G is None and self._is_a[i]:
             self._pending[i] = (u, g)                    # g is (N, r), small
             key = self._group_of.pop(i)
             group = self._groups[key][1]
@@ -170,8 +176,8 @@ class PositionHooks:
                 del self._groups[key]                    # (forward is over: the id cannot be handed out again)
                 self._lora_a_group(group)
             return
-        uf = u.reshape(-1, u.shape[-1]).float()          # (N, in)
-        gf = g.reshape(-1, g.shape[-1]).float()          # (N, out)
+        uf = f32(u.reshape(-1, u.shape[-1]))             # (N, in)
+        gf = f32(g.reshape(-1, g.shape[-1]))             # (N, out)
         # Every product keeps the r-sized side first, (r, N) @ (N, d) and (r, d) @ (d, N): on CPU these
         # run several times faster than the (N, d) @ (d, r) forms with the same result.
         if self.G is not None:                           # given G (out, in): any site, one at a time
@@ -215,16 +221,17 @@ class PositionHooks:
     def _lora_a_group(self, group: list[int]) -> None:
         parts = [self._pending.pop(j) for j in group]
         u = parts[0][0]                                  # the group's members hold aliases of one tensor
-        uf = u.reshape(-1, u.shape[-1]).float()                                 # (N, in)
-        gs = [g.reshape(-1, g.shape[-1]).float() for _, g in parts]             # (N, r_j) each
+        uf = f32(u.reshape(-1, u.shape[-1]))                                    # (N, in)
+        gs = [f32(g.reshape(-1, g.shape[-1])) for _, g in parts]                # (N, r_j) each
         gcat = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]                   # (N, sum r)
         Gcat = gcat.T @ uf                                                      # (sum r, in): every G_j
         widths = [g.shape[1] for g in gs]
-        for j, Gm in zip(group, Gcat.split(widths)):
+        Gms = Gcat.split(widths)                                                # views: all-reduced in place below
+        for j, Gm in zip(group, Gms):
             if j in self.check:                                                 # this rank's sum of pieces
                 self._check(j, own=Gm.clone() if self.world_size > 1 else Gm)
         all_reduce_mean(Gcat, self.world_size)
-        for j, Gm in zip(group, Gcat.split(widths)):
+        for j, Gm in zip(group, Gms):
             self.G_seen[j] = Gm
         XT = Gcat @ uf.T                                                        # (sum r, N): G_j u_s
         nu = torch.linalg.vector_norm(uf, dim=-1)                               # (N,)
@@ -267,21 +274,30 @@ class PositionHooks:
         q = [torch.cat([c[1] for c in parts], 1) if calls > 1 else parts[0][1] for parts in self.parts]
         big = [torch.cat([c[2] for c in parts]) if calls > 1 else parts[0][2] for parts in self.parts]
         N = big[0].shape[0]
-        dot = torch.empty(M, N, dtype=torch.float32, device=big[0].device)
-        qsq = torch.empty_like(dot)
         by_width: dict[int, list[int]] = {}
         for i, t in enumerate(q):
             by_width.setdefault(t.shape[0], []).append(i)
         px = None
         if self.extra is not None:
             px = [torch.cat(parts, 1) if calls > 1 else parts[0] for parts in self.parts_x]
-            self.extra_dot = torch.empty_like(dot)
+        if len(by_width) > 1:                           # rows filled per rank group
+            dot = torch.empty(M, N, dtype=torch.float32, device=big[0].device)
+            qsq = torch.empty_like(dot)
+            if px is not None:
+                self.extra_dot = torch.empty_like(dot)
         for idx in by_width.values():                   # usually one group: every LoRA matrix has rank r
             P, Q = torch.stack([p[i] for i in idx]), torch.stack([q[i] for i in idx])      # (m, r, N)
-            dot[idx] = (P * Q).sum(1)
-            qsq[idx] = Q.square().sum(1)
-            if px is not None:
-                self.extra_dot[idx] = (torch.stack([px[i] for i in idx]) * Q).sum(1)
+            # the stacks are copies of their own: the products are formed in place (no (m, r, N) temporaries)
+            x = torch.stack([px[i] for i in idx]).mul_(Q).sum(1) if px is not None else None
+            if len(by_width) == 1:                      # every site, in order: no indexed writes
+                if x is not None:
+                    self.extra_dot = x
+                dot, qsq = P.mul_(Q).sum(1), Q.square_().sum(1)
+                continue
+            if x is not None:
+                self.extra_dot[idx] = x
+            dot[idx] = P.mul_(Q).sum(1)
+            qsq[idx] = Q.square_().sum(1)
         sq = torch.stack(big).square_().mul_(qsq)
         if self.piece_scale != 1.0:
             dot.mul_(self.piece_scale)
