@@ -6,7 +6,10 @@
 - switching sample in Inspect on a ~2,000-token sample, click until the new overlay is painted, <= 300 ms;
 - each analysis tab (Concentration, Layers & positions, Tokens, Training, Compare runs), click until all its
   figures are drawn, <= 1 s on an index of ~10M token_modules rows (measured once the page has loaded: its
-  first figure drawn, so the plotting library's one-time load is not counted in a tab).
+  first figure drawn, so the plotting library's one-time load is not counted in a tab). Each round is a fresh
+  page (a new visitor): the first round's renders are computed by the server (``tab_render_first_s``), the
+  later ones find the figures in the app's view cache (``backend.index.memo``), as a second visitor of the same
+  run does; ``tab_render_s`` is the median over the rounds.
 
     python bench/ui_speed.py                         # builds the data in a temp folder (~10M rows), a table
     python bench/ui_speed.py --home /tmp/uibench     # keep (and reuse) the data root there
@@ -41,7 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from backend.dev.synth import SynthConfig, make_run  # noqa: E402
 
-TARGETS = {"first_paint_s": (2.0, "max"), "switch_sample_ms": (300.0, "max"), "tab_render_s_max": (1.0, "max")}
+TARGETS = {"first_paint_s": (2.0, "max"), "switch_sample_ms": (300.0, "max"), "tab_render_s_max": (1.0, "max"),
+           "tab_render_first_s_max": (1.0, "max")}
 TABS = {"concentration": ("Concentration", 2), "layers": ("Layers & positions", 4), "tokens": ("Tokens", 4),
         "training": ("Training", 3), "compare": ("Compare runs", 1)}     # Compare: six panels, one figure
 BIG, LONG = "bench-big", "bench-long"
@@ -197,6 +201,8 @@ def measure(url: str, chromium: str, repeats: int, switches: int) -> dict:
             ctx.close()
         out["tab_render_s"] = {t: statistics.median(v) for t, v in per_tab.items()}
         out["tab_render_s_max"] = max(out["tab_render_s"].values())
+        out["tab_render_first_s"] = {t: v[0] for t, v in per_tab.items()}     # computed, not from the cache
+        out["tab_render_first_s_max"] = max(out["tab_render_first_s"].values())
         browser.close()
     return out
 
@@ -209,15 +215,19 @@ def table(result: dict, baseline: dict | None) -> str:
             ("switch_sample_p95_ms", "switch sample, p95 (ms)")]
     rows += [(f"tab:{t}", f"tab render: {TABS[t][0]} (s)") for t in TABS]
     rows.append(("tab_render_s_max", "tab render, max (s)"))
+    rows += [(f"first:{t}", f"tab render, first visitor: {TABS[t][0]} (s)") for t in TABS]
+    rows.append(("tab_render_first_s_max", "tab render, first visitor, max (s)"))
     head = f"{'metric':<48} {'value':>9} {'target':>8} {'ok':>4}"
     lines = [head + (f" {'baseline':>9} {'ratio':>6}" if baseline else "")]
     for key, label in rows:
-        v = result["tab_render_s"][key[4:]] if key.startswith("tab:") else result[key]
+        v = (result["tab_render_s"][key[4:]] if key.startswith("tab:") else
+             result["tab_render_first_s"][key[6:]] if key.startswith("first:") else result[key])
         tgt = TARGETS.get(key)
         ok = "" if tgt is None else ("yes" if (v <= tgt[0] if tgt[1] == "max" else v >= tgt[0]) else "NO")
         line = f"{label:<48} {v:>9.3f} {'' if tgt is None else f'{tgt[0]:g}':>8} {ok:>4}"
         if baseline:
-            b = baseline["tab_render_s"].get(key[4:]) if key.startswith("tab:") else baseline.get(key)
+            b = (baseline["tab_render_s"].get(key[4:]) if key.startswith("tab:") else
+                 baseline.get("tab_render_first_s", {}).get(key[6:]) if key.startswith("first:") else baseline.get(key))
             line += f" {b:>9.3f} {v / b:>6.2f}" if b else ""
         lines.append(line)
     return "\n".join(lines)
