@@ -3,6 +3,7 @@
     python bench/trace_speed.py                         # default model (data/models/tiny-arith) on CPU: a table
     python bench/trace_speed.py --json                  # one JSON object
     python bench/trace_speed.py --device cuda           # a 0.5B-shaped Qwen2 with random weights
+    python bench/trace_speed.py --model medium          # CPU, hidden 512 x 8 layers: a small real model's width
 
 Rows (medians over --repeats, the variants interleaved so load on the machine hits them alike):
 - plain step: forward + backward of the scheme loss (what training does), LoRA gradients into ``.grad``;
@@ -66,6 +67,11 @@ def build_model(args: argparse.Namespace):
                           num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
                           max_position_embeddings=4096, attn_implementation="sdpa")
         base, name = Qwen2ForCausalLM(cfg).to(dtype), "Qwen2 0.5B-shaped (random weights)"
+    elif args.model == "medium":       # the width of a small real model, on CPU: per-op overheads weigh less
+        cfg = Qwen2Config(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                          num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
+                          attn_implementation="sdpa")
+        base, name = Qwen2ForCausalLM(cfg).to(dtype), "Qwen2 shape, hidden 512, 8 layers (random weights)"
     elif (paths.DEFAULT_MODEL_DIR / "config.json").exists() and args.model == "default":
         from transformers import AutoTokenizer
         base = AutoModelForCausalLM.from_pretrained(paths.DEFAULT_MODEL_DIR, dtype=dtype)
@@ -182,7 +188,9 @@ def grid(res, B: int, T: int, col: str) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--model", default="default", help="'default' (tiny-arith if built) or 'random'")
+    ap.add_argument("--model", default="default", choices=("default", "random", "medium"),
+                    help="'default' (tiny-arith if built), 'random' (its shape, random weights) or 'medium' "
+                         "(a 28.5M Qwen2 shape: hidden 512, 8 layers, random weights)")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--batch", type=int, default=None, help="position mode sequences (default 8)")
     ap.add_argument("--seq-len", type=int, default=None, help="position mode tokens per sequence (128 CPU, 512 GPU)")
