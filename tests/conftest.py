@@ -51,6 +51,17 @@ def make_home(root: Path, *, xss: bool = True) -> Path:
     return root
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """torch on one CPU thread during the test (its numbers then do not depend on the machine's cores), the
+    previous count restored after: ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def data_home(tmp_path_factory) -> Path:
     return make_home(tmp_path_factory.mktemp("tokviz-home"))

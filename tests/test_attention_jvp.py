@@ -21,12 +21,7 @@ from tests._tiny_lora import tiny_base_model, tiny_batch, tiny_lora_model
 B, H, HKV, T, D = 3, 4, 2, 13, 8
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def bool_mask(kind: str) -> torch.Tensor | None:

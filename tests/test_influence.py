@@ -17,12 +17,7 @@ TOL = 1e-4
 LRS = (0.01, 0.0025, 0.000625)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _eval_batch(seed: int = 11, B: int = 3, T: int = 16) -> dict:

@@ -24,13 +24,7 @@ from backend.trace.sketch import predicted_variance, projection
 from tests._tiny_lora import tiny_batch, tiny_lora_model
 from tests.test_influence import naive_position_pieces
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
