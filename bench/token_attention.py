@@ -41,7 +41,7 @@ from backend.store import paths  # noqa: E402
 from backend.trace import TraceConfig, trace_batch  # noqa: E402
 from backend.trace import core as trace_core  # noqa: E402
 from backend.trace.attention_jvp import NAME  # noqa: E402
-from bench.trace_speed import make_batch, timed  # noqa: E402
+from bench.trace_speed import make_batch, qwen2_shape, timed  # noqa: E402
 
 VARIANTS = ("plain", "eager", NAME)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -50,22 +50,17 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 def build_model(kind: str):
     """(peft model, description): kind "30m" (Qwen2 shape at random) or "tiny" (the default model)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
     if kind == "30m":
-        cfg = Qwen2Config(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                          num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
-                          max_position_embeddings=8192, attn_implementation="sdpa")
-        base, name = Qwen2ForCausalLM(cfg), "Qwen2 shape, hidden 512, 8 layers (random weights)"
+        base, name = qwen2_shape("medium", max_position_embeddings=8192), \
+            "Qwen2 shape, hidden 512, 8 layers (random weights)"
     elif (paths.DEFAULT_MODEL_DIR / "config.json").exists():
         base = AutoModelForCausalLM.from_pretrained(paths.DEFAULT_MODEL_DIR, dtype=torch.float32,
                                                     attn_implementation="sdpa")
         name = "data/models/tiny-arith"
     else:
-        cfg = Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                          attn_implementation="sdpa")
-        base, name = Qwen2ForCausalLM(cfg), "tiny random Qwen2 (tiny-arith shape)"
+        base, name = qwen2_shape("tiny"), "tiny random Qwen2 (tiny-arith shape)"
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -54,6 +54,21 @@ from backend.trace.token import token_loss  # noqa: E402
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Qwen2 shapes built with random weights (``qwen2_shape``): the default model's, when it is not built, and a
+# small real model's width (28.5M parameters), where per-op overheads weigh less (bench/token_attention.py too)
+QWEN2_SHAPES = {
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "medium": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                   num_attention_heads=8, num_key_value_heads=2),
+}
+
+
+def qwen2_shape(shape: str, **kw: object):
+    """A randomly initialised Qwen2ForCausalLM of ``QWEN2_SHAPES[shape]`` (tied embeddings, SDPA attention)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    return Qwen2ForCausalLM(Qwen2Config(**QWEN2_SHAPES[shape], tie_word_embeddings=True, attn_implementation="sdpa",
+                                        **kw))
 
 
 def build_model(args: argparse.Namespace):
@@ -68,20 +83,14 @@ def build_model(args: argparse.Namespace):
                           max_position_embeddings=4096, attn_implementation="sdpa")
         base, name = Qwen2ForCausalLM(cfg).to(dtype), "Qwen2 0.5B-shaped (random weights)"
     elif args.model == "medium":       # the width of a small real model, on CPU: per-op overheads weigh less
-        cfg = Qwen2Config(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                          num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
-                          attn_implementation="sdpa")
-        base, name = Qwen2ForCausalLM(cfg).to(dtype), "Qwen2 shape, hidden 512, 8 layers (random weights)"
+        base, name = qwen2_shape("medium").to(dtype), "Qwen2 shape, hidden 512, 8 layers (random weights)"
     elif (paths.DEFAULT_MODEL_DIR / "config.json").exists() and args.model == "default":
         from transformers import AutoTokenizer
         base = AutoModelForCausalLM.from_pretrained(paths.DEFAULT_MODEL_DIR, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(paths.DEFAULT_MODEL_DIR)
         name = "data/models/tiny-arith"
     else:
-        cfg = Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                          attn_implementation="sdpa")
-        base, name = Qwen2ForCausalLM(cfg).to(dtype), "tiny random Qwen2 (tiny-arith shape)"
+        base, name = qwen2_shape("tiny").to(dtype), "tiny random Qwen2 (tiny-arith shape)"
     model = get_peft_model(base, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=args.targets,
                                             task_type="CAUSAL_LM"))
     g = torch.Generator().manual_seed(1)

@@ -305,7 +305,7 @@ def test_the_launch_form_left_as_it_is_launches_a_traced_run():
     from backend.jobs import registry
     from tokviz.tabs.launch import _kind_form, config_from_form
     with gr.Blocks():
-        form = _kind_form(registry.get("train"), visible=True)
+        form = _kind_form(registry.get("train"))
     values = {name: comp.value for name, comp in form.fields.items()}
     assert values["trace_every"] == 20
     assert config_from_form(values).trace_every == 20

@@ -33,7 +33,7 @@ from backend.store import paths
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_caches: dict[str, "_Cache"] = {}
+_caches: dict[str, "LRU"] = {}
 
 
 def entries_from_env(default: int) -> int:
@@ -46,7 +46,10 @@ def entries_from_env(default: int) -> int:
     return int(raw)
 
 
-class _Cache:
+class LRU:
+    """A thread-safe map of at most ``entries`` items, least recently used out first, with hit/miss counters
+    (the view caches below; ``backend.index.token_table``'s per-query counts)."""
+
     def __init__(self, name: str, entries: int) -> None:
         self.name, self.entries = name, entries
         self.data: OrderedDict[tuple, Any] = OrderedDict()
@@ -69,13 +72,21 @@ class _Cache:
             while len(self.data) > self.entries:
                 self.data.popitem(last=False)
 
+    def fetch(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """The value under ``key``, made by ``make()`` (outside the lock) and kept on a miss."""
+        hit, value = self.get(key)
+        if not hit:
+            value = make()
+            self.put(key, value)
+        return value
+
 
 def cached(entries: int = 64) -> Callable[[F], F]:
     """Decorator: the function's results by (arguments, index generation, index file); see the module doc.
     Arguments must be hashable (lists are keyed as tuples); a call with an unhashable one computes."""
     def deco(fn: F) -> F:
         name = f"{fn.__module__}.{fn.__qualname__}"
-        cache = _caches[name] = _Cache(name, entries_from_env(entries))
+        cache = _caches[name] = LRU(name, entries_from_env(entries))
 
         @wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -29,8 +29,6 @@ All values are bound as parameters; column names come from the allow-lists below
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -38,7 +36,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from backend.index import queries
+from backend.index import memo, queries
 
 # the columns a page shows; the metrics a page can be sorted and range-filtered by
 COLUMNS = ("sample_idx", "position", "resp_pos", "token", "category", "loss", "weight", "alignment", "dot", "share",
@@ -60,8 +58,6 @@ VERSION = "SELECT n_tokens, ingested_at FROM runs WHERE run_id = ?"      # a cac
 COUNT = "SELECT count(*), count({col}) FROM tokens WHERE {where}"
 # the set's count and its first k values of {col} in the sort's order ({agg}: min ascending, max descending)
 HEAD = "SELECT count(*), count({col}), {agg}({col}, {k:d}) FROM tokens WHERE {where}"
-UP_TO = ("SELECT " + _KEYS + " FROM tokens WHERE {where} AND {col} {op} ?::FLOAT "
-         "ORDER BY {order} LIMIT {limit:d} OFFSET {offset:d}")
 # LIMIT and OFFSET are Python ints written into the text (``:d``): with them as parameters DuckDB plans a full
 # sort, not a top-N heap (1.3-2x slower on 10M rows)
 TOP_N = "SELECT " + _KEYS + " FROM tokens WHERE {where} ORDER BY {order} LIMIT {limit:d} OFFSET {offset:d}"
@@ -159,27 +155,9 @@ class TokenPage:
     query: TableQuery
 
 
-class _Cache:
-    """A small LRU of per-query helpers (counts, per-sample counts, value samples), keyed with the run's
-    ``runs`` row (token count, ingest time) so a re-ingested run is never served from stale counts."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self.data, self.lock = size, OrderedDict(), threading.Lock()
-
-    def get(self, key: tuple, make):
-        with self.lock:
-            if key in self.data:
-                self.data.move_to_end(key)
-                return self.data[key]
-        value = make()
-        with self.lock:
-            self.data[key] = value
-            while len(self.data) > self.size:
-                self.data.popitem(last=False)
-        return value
-
-
-_cache = _Cache(_CACHE_ENTRIES)
+# per-query helpers (counts, per-sample counts, value samples, first values), keyed with the run's ``runs`` row
+# (token count, ingest time) so a re-ingested run is never served from stale counts
+_cache = memo.LRU("token_table", _CACHE_ENTRIES)
 
 
 def token_page(run_id: str, step: int, q: TableQuery, con: duckdb.DuckDBPyConnection | None = None) -> TokenPage:
@@ -200,7 +178,7 @@ def token_page(run_id: str, step: int, q: TableQuery, con: duckdb.DuckDBPyConnec
             if first is not None:
                 total, page, keys = first
                 return TokenPage(_rows(cur, run_id, step, keys), total, page, max(1, math.ceil(total / q.page_size)), q)
-        total, not_null = _cache.get(("count", col, *key), lambda: tuple(
+        total, not_null = _cache.fetch(("count", col, *key), lambda: tuple(
             int(v) for v in cur.execute(COUNT.format(col=col, where=where), params).fetchone()))
         if total == 0:
             queries.require_step(run_id, step, cur)
@@ -239,7 +217,7 @@ def _natural(cur, where: str, params: list, offset: int, n: int, key: tuple, tot
     """Keys of rows ``offset .. offset+n-1`` of the set in (sample, position) order."""
     if offset + n <= DIRECT_ROWS or total <= SMALL_SET:
         return _top(cur, where, "sample_idx, position", params, n, offset)
-    counts = _cache.get(("samples", where, *key),
+    counts = _cache.fetch(("samples", where, *key),
                         lambda: cur.execute(SAMPLE_COUNTS.format(where=where), params).fetchnumpy())
     samples, cum = counts["sample_idx"], np.cumsum(counts["n"])       # cum[i]: rows up to and with sample i
     assert cum[-1] == total, f"per-sample counts sum to {cum[-1]}, the set has {total} rows"
@@ -258,8 +236,8 @@ def _head(cur, where: str, params: list, q: TableQuery, key: tuple) -> tuple[int
                                                          k=DIRECT_SORTED, where=where), params).fetchone()
         first = np.sort(np.asarray(first or [], dtype=np.float64))
         return int(total), int(not_null), first[::-1] if q.descending else first
-    got = _cache.get(("head", q.sort, q.descending, *key), make)
-    _cache.get(("count", q.sort, *key), lambda: got[:2])
+    got = _cache.fetch(("head", q.sort, q.descending, *key), make)
+    _cache.fetch(("count", q.sort, *key), lambda: got[:2])
     return got
 
 
@@ -270,8 +248,9 @@ def _sorted(cur, where: str, params: list, q: TableQuery, offset: int, n: int, k
     if offset + n <= min(DIRECT_SORTED, not_null):
         # the value at rank offset+n-1 bounds every row up to it (a tie at it included): sort those rows only
         bound = float(_head(cur, where, params, q, key)[2][offset + n - 1])
-        return _keys(cur, UP_TO.format(where=where, col=col, op=">=" if q.descending else "<=", order=_order(q),
-                                       limit=n, offset=offset), [*params, bound])
+        lo, hi = (bound, math.inf) if q.descending else (-math.inf, bound)
+        return _keys(cur, IN_BRACKET.format(where=where, col=col, order=_order(q), limit=n, offset=offset),
+                     [*params, lo, hi])
     if total <= SMALL_SET:
         return _top(cur, where, _order(q), params, n, offset)
     parts = []
@@ -294,11 +273,11 @@ def _sample(cur, q: TableQuery, run_id: str, step: int, key: tuple) -> tuple[np.
                          [*fparams, run_id, step]).df()
         kept = df["v"][df["keep"].fillna(False).astype(bool)]          # a filter on a NULL keeps nothing
         v = np.sort(kept.dropna().to_numpy(dtype=np.float32))
-        step_rows = _cache.get(("step", run_id, step, *key[3:]), lambda: int(
+        step_rows = _cache.fetch(("step", run_id, step, *key[3:]), lambda: int(
             cur.execute(STEP_COUNT, [run_id, step]).fetchone()[0]))
         scale = step_rows / len(df) if len(df) else 0.0
         return v, len(kept) * scale, len(v) * scale
-    return _cache.get(("values", q.sort, *key), make)
+    return _cache.fetch(("values", q.sort, *key), make)
 
 
 def _bounds(values: np.ndarray, offset: int, n: int, not_null: float, desc: bool, margin: float) -> tuple[float, float]:
@@ -342,8 +321,8 @@ def _first_sorted(cur, q: TableQuery, run_id: str, step: int, key: tuple) -> tup
     op, bound = (">", hi) if desc else ("<", lo)
     total, not_null, before = (int(v) for v in cur.execute(COUNT_BEFORE.format(col=col, op=op, where=where),
                                                             [bound, *params]).fetchone())
-    _cache.get(("count", col, *key), lambda: (total, not_null))
-    _cache.get(("before", col, op, bound, where, *key), lambda: before)
+    _cache.fetch(("count", col, *key), lambda: (total, not_null))
+    _cache.fetch(("before", col, op, bound, where, *key), lambda: before)
     if total <= SMALL_SET or offset + n > not_null or before > offset:
         return None
     keys = _keys(cur, IN_BRACKET.format(where=where, col=col, order=_order(q), limit=n, offset=offset - before),
@@ -367,7 +346,7 @@ def _bracketed(cur, where: str, params: list, q: TableQuery, offset: int, n: int
         if lo == hi:                        # one value: a tie, ordered by (sample, position) within it
             return _tie(cur, where, params, q, lo, offset, n, key)
         op, bound = (">", hi) if desc else ("<", lo)
-        before = 0 if math.isinf(bound) else _cache.get(("before", col, op, bound, where, *key), lambda: int(
+        before = 0 if math.isinf(bound) else _cache.fetch(("before", col, op, bound, where, *key), lambda: int(
             cur.execute(BEFORE.format(where=where, col=col, op=op), [*params, bound]).fetchone()[0]))
         if before <= offset:
             keys = _keys(cur, IN_BRACKET.format(where=where, col=col, order=order, limit=n, offset=offset - before),

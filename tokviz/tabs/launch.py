@@ -95,9 +95,8 @@ def _component(f: Field, job_kind: str, prefix: str = "tv-f") -> gr.components.C
 
 @dataclass
 class KindForm:
-    """One job kind's form: its group and an input per config field."""
+    """One job kind's form: an input per config field (and a dataset upload)."""
     kind: str
-    group: gr.Group
     fields: dict[str, gr.components.Component]     # config field name -> its input, in form order
     upload: gr.File | None                         # a dataset upload, for kinds with a ``dataset`` field
 
@@ -151,7 +150,7 @@ def build(ctx: AppContext) -> LaunchTab:
                **concurrency.UI)
     def kind_form(chosen: str, is_open: bool) -> None:
         if is_open and chosen in registry.kinds():
-            wire_form(t, ctx, _kind_form(registry.get(chosen), visible=True))
+            wire_form(t, ctx, _kind_form(registry.get(chosen)))
 
     launch = gr.Button("Launch job", variant="primary", elem_id="tv-launch",
                        interactive=not s.readonly or bool(s.admin_token))
@@ -166,7 +165,7 @@ def build(ctx: AppContext) -> LaunchTab:
     return t
 
 
-def _kind_form(spec: registry.JobSpec, visible: bool, prefix: str = "tv-f") -> KindForm:
+def _kind_form(spec: registry.JobSpec, prefix: str = "tv-f") -> KindForm:
     """The form of one kind; ``prefix`` starts its inputs' elem_ids (another tab showing a kind's form uses
     its own, so no id is on the page twice)."""
     comps: dict[str, gr.components.Component] = {}
@@ -174,7 +173,7 @@ def _kind_form(spec: registry.JobSpec, visible: bool, prefix: str = "tv-f") -> K
     main = [f for f in fs if f.name in spec.launch_fields]
     rest = [f for f in fs if f.name not in spec.launch_fields]
     upload = None
-    with gr.Group(visible=visible) as group:
+    with gr.Group():
         for i in range(0, len(main), 3):
             with gr.Row():
                 for f in main[i:i + 3]:
@@ -189,7 +188,7 @@ def _kind_form(spec: registry.JobSpec, visible: bool, prefix: str = "tv-f") -> K
                 with gr.Row():
                     for f in rest[i:i + 3]:
                         comps[f.name] = _component(f, spec.name, prefix)
-    return KindForm(spec.name, group, comps, upload)
+    return KindForm(spec.name, comps, upload)
 
 
 def wire_form(t: LaunchTab, ctx: AppContext, form: KindForm) -> None:

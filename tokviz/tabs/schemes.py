@@ -89,7 +89,7 @@ def build(ctx: AppContext) -> SchemesTab:
                    **concurrency.UI)
         def form(is_open: bool) -> None:
             if is_open:
-                wire_form(t, ctx, launch._kind_form(registry.get(KIND), visible=True, prefix="tv-sch-f"))
+                wire_form(t, ctx, launch._kind_form(registry.get(KIND), prefix="tv-sch-f"))
 
         button = gr.Button("Launch comparison", variant="primary", elem_id="tv-sch-launch",
                            interactive=ctx.settings.may_launch(None) or bool(ctx.settings.admin_token))
@@ -101,15 +101,14 @@ def build(ctx: AppContext) -> SchemesTab:
 
 def wire_form(t: SchemesTab, ctx: AppContext, form: launch.KindForm) -> None:
     """The events of the comparison form just made (inside ``build``'s render)."""
-    def on_launch(token, *values):
+    def on_launch(token, *got):
         try:
-            job_id = launch.submit(ctx, dict(zip(form.fields, values)), None, token, KIND)
+            job_id = launch.submit(ctx, *form.values(got), token, form.kind)
         except (ValueError, PermissionError) as e:
             return launch._message(str(e), False)
         return launch._message(f"queued {job_id}: its progress shows here and on the Launch tab", True)
 
-    t.launch.click(on_launch, [t.token, *form.fields.values()], t.message, api_visibility="private",
-                   **concurrency.JOBS)
+    t.launch.click(on_launch, [t.token, *form.inputs], t.message, api_visibility="private", **concurrency.JOBS)
     launch.follow_scheme(form)
 
 
