@@ -11,6 +11,7 @@ on CPU) and peak memory above what was allocated before each call:
 
 - plain step: forward + backward of the cross-entropy (sft) loss, LoRA gradients into ``.grad``;
 - position trace: ``trace_batch`` in position mode over every sequence (hooks, factored products, statistics);
+- sketch: the same with per-position gradient sketches (``--sketch-dim``, the default kind): ``sketch_time_ratio``;
 - token dot: token mode, magnitudes none, no module rows, over ``--token-sequences`` sequences (one JVP along G:
   forward-mode through the tokviz_jvp attention, backend.trace.attention_jvp).
 
@@ -49,7 +50,8 @@ def build(shape: str, r: int, dtype: torch.dtype, device: str):
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied,
                       max_position_embeddings=32768, attn_implementation="sdpa")
-    base = Qwen2ForCausalLM(cfg).to(dtype)
+    with torch.device(device):                      # initialised where it runs, not on the CPU and then moved
+        base = Qwen2ForCausalLM(cfg).to(dtype)
     model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=ALL_LINEAR, task_type="CAUSAL_LM"))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -76,11 +78,15 @@ def measure(shape: str, args: argparse.Namespace) -> dict:
             p.grad = None
 
     pos_cfg = TraceConfig(mode="position", max_sequences=B)
-    fns = {"plain": plain, "position": lambda: trace_batch(model, batch, scheme, {}, pos_cfg)}
+    sk_cfg = TraceConfig(mode="position", max_sequences=B, sketch_dim=args.sketch_dim)
+    fns = {"plain": plain, "position": lambda: trace_batch(model, batch, scheme, {}, pos_cfg),
+           "sketch": lambda: trace_batch(model, batch, scheme, {}, sk_cfg)}
     res: dict = {"shape": shape, "params_m": round(n_par / 1e6, 1), "batch": B, "seq_len": T, "lora_r": args.r,
                  "targets": "all-linear", "dtype": args.dtype}
     t = timed(fns, args.repeats, args.device)
-    res.update(plain_step_s=t["plain"], position_trace_s=t["position"], position_time_ratio=t["position"] / t["plain"])
+    res.update(plain_step_s=t["plain"], position_trace_s=t["position"], position_time_ratio=t["position"] / t["plain"],
+               sketch_dim=args.sketch_dim, sketch_kind=sk_cfg.sketch_kind, sketch_trace_s=t["sketch"],
+               sketch_time_ratio=t["sketch"] / t["plain"])
     mem = (lambda fn: peak_memory(fn, args.device)) if not args.no_memory else (lambda fn: float("nan"))
     m_plain, m_pos = mem(plain), mem(fns["position"])
     res.update(plain_peak_mb=m_plain / 2**20, position_peak_mb=m_pos / 2**20, position_memory_ratio=m_pos / m_plain)
@@ -115,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sketch-dim", type=int, default=128, help="the position trace with per-position sketches")
     ap.add_argument("--skip-token", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="the tiny 'smoke' shape, B=2, T=64, 1 repeat")
     ap.add_argument("--no-memory", action="store_true", help="skip peak memory (on CPU it runs the profiler: slow)")
@@ -141,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in out["rows"]:
         print(f"{r['shape']:>6} {r['params_m']:>8.1f}M  B={r['batch']} T={r['seq_len']}  plain {r['plain_step_s']:.3f} s"
               f"  position x{r['position_time_ratio']:.2f} (mem x{r['position_memory_ratio']:.2f})"
+              f"  sketch k={r['sketch_dim']} x{r['sketch_time_ratio']:.2f}"
               + (f"  token dot x{r['token_time_ratio']:.2f} (mem x{r['token_memory_ratio']:.2f}, "
                  f"{r['token_sequences']} seq)" if "token_time_ratio" in r else ""))
     return 0

@@ -21,6 +21,7 @@ from backend.trace import InlineTrace, TraceConfig, discover_lora_modules, trace
 from backend.trace import config as trace_config
 from backend.trace import sketch as sketch_mod
 from backend.trace.sketch import predicted_variance, projection
+from tests._sketch_ref import max_rel, naive_sketch
 from tests._tiny_lora import tiny_batch, tiny_lora_model
 from tests.test_influence import naive_position_pieces
 
@@ -42,15 +43,6 @@ def traced():
     return {"model": model, "batch": batch, "sites": sites, "P": P, "res": res}
 
 
-def naive_sketch(sites, P, seed: int, k: int, kind: str = "gaussian") -> torch.Tensor:
-    """sum over sites of a_j^T P_m b_j / sqrt(k), from the materialised pieces: (n, k) float64."""
-    out = 0
-    for site, Pm in zip(sites, P):
-        a, b = projection(seed, site, k, kind=kind)
-        out = out + torch.einsum("jo,noi,ji->nj", a.double(), Pm, b.double())
-    return out / math.sqrt(k)
-
-
 def many_sketches(sites, P, seeds: range, k: int, kind: str = "gaussian") -> torch.Tensor:
     """(n, len(seeds) * k) float64: naive sketches for many seeds in one product per site, each site's rows
     a_j (x) b_j laid out as an (out * in, seeds * k) matrix."""
@@ -62,11 +54,6 @@ def many_sketches(sites, P, seeds: range, k: int, kind: str = "gaussian") -> tor
         R = (A.T[:, None, :] * B.T[None, :, :]).reshape(-1, A.shape[0])      # (out in, S k)
         out = out + Pm.reshape(Pm.shape[0], -1) @ R
     return out / math.sqrt(k)
-
-
-def _rel(a, b) -> float:
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return float((a - b).abs().max() / b.abs().max())
 
 
 # ---- the factored sketch is the projection of the piece ------------------------------------------------------
@@ -85,7 +72,7 @@ def test_factored_sketch_equals_the_projection_of_the_naive_piece(scheme, params
     s = torch.as_tensor(res.tokens["position"], dtype=torch.long)
     want = naive_sketch(sites, [p[b, s].double() for p in pieces], seed=5, k=32, kind=kind)
     assert res.sketch.shape == (len(res.tokens["dot"]), 32) and res.sketch.dtype == np.float32
-    assert _rel(res.sketch, want) < 1e-5
+    assert max_rel(res.sketch, want) < 1e-5
 
 
 def test_micro_batched_subset_and_inline_sketches_equal_the_naive_projection():
@@ -104,7 +91,7 @@ def test_micro_batched_subset_and_inline_sketches_equal_the_naive_projection():
         assert set(res.tokens["sample_idx"]) == {100, 101, 102}
         b = torch.as_tensor(res.tokens["sample_idx"] - 100, dtype=torch.long)
         s = torch.as_tensor(res.tokens["position"], dtype=torch.long)
-        assert _rel(res.sketch, naive_sketch(sites, [p[b, s].double() for p in pieces], 0, 16, kind)) < 1e-5, kind
+        assert max_rel(res.sketch, naive_sketch(sites, [p[b, s].double() for p in pieces], 0, 16, kind)) < 1e-5, kind
 
     sites, pieces = naive_position_pieces(model, batch, "sft", {})
 
@@ -121,7 +108,7 @@ def test_micro_batched_subset_and_inline_sketches_equal_the_naive_projection():
         b = torch.as_tensor(res.tokens["sample_idx"] - 100, dtype=torch.long)
         s = torch.as_tensor(res.tokens["position"], dtype=torch.long)
         want = naive_sketch(sites, [p[b, s].double() for p in pieces], 0, 16, kind=kind)
-        assert _rel(res.sketch, want) < 1e-5, kind
+        assert max_rel(res.sketch, want) < 1e-5, kind
 
 
 # ---- statistics over projection seeds (fixed seeds: deterministic) --------------------------------------------
@@ -232,7 +219,7 @@ def test_sparse_micro_batched_subset_sketch_equals_the_naive_projection():
     pieces = [torch.cat([h0, h1]) / 2 for h0, h1 in zip(halves[0][1], halves[1][1])]
     b = torch.as_tensor(res.tokens["sample_idx"] - 100, dtype=torch.long)
     s = torch.as_tensor(res.tokens["position"], dtype=torch.long)
-    assert _rel(res.sketch, naive_sketch(sites, [p[b, s].double() for p in pieces], 0, 16, "sparse")) < 1e-5
+    assert max_rel(res.sketch, naive_sketch(sites, [p[b, s].double() for p in pieces], 0, 16, "sparse")) < 1e-5
 
 
 def test_sparse_projection_is_a_count_sketch_of_the_wide_side():
@@ -265,8 +252,8 @@ def test_sparse_dense_product_path_used_on_cuda_equals_the_scatter_add():
         scatter.add(0, i, u, g)
         dense.add(0, i, u, g)
         pieces.append(torch.einsum("no,ni->noi", g, u).double())                        # (6, out, in)
-    assert _rel(dense.result(), scatter.result()) < 1e-6
-    assert _rel(scatter.result().T, naive_sketch(sites, pieces, 4, 16, "sparse")) < 1e-5
+    assert max_rel(dense.result(), scatter.result()) < 1e-6
+    assert max_rel(scatter.result().T, naive_sketch(sites, pieces, 4, 16, "sparse")) < 1e-5
 
 
 @pytest.mark.parametrize("k,n_seeds", [(128, 100)])
