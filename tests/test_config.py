@@ -1,11 +1,12 @@
 """TrainConfig validation: every bad value names the field and what is allowed; CLI and YAML build the same."""
 import argparse
+import re
 
 import pytest
 import yaml
 
 from backend.jobs import registry
-from backend.jobs.config import add_config_args, config_from_args
+from backend.jobs.config import add_config_args, config_from_args, parse_mapping
 from backend.jobs.train import TrainConfig
 
 
@@ -55,6 +56,39 @@ def test_cli_yaml_and_dataclass_agree(tmp_path):
                          lora_targets=["q_proj", "v_proj"])
     assert from_yaml == from_cli == direct
     assert isinstance(from_yaml.lr, float)
+
+
+@pytest.mark.parametrize("text,want", [
+    ("{keep_ratio: 0.5}", {"keep_ratio": 0.5}),                       # YAML flow, as in a config file and --help
+    ('{"keep_ratio": 0.5}', {"keep_ratio": 0.5}),                     # JSON
+    ("keep_ratio=0.5", {"keep_ratio": 0.5}),
+    ("{antiop: {clip_mult: 2}}", {"antiop": {"clip_mult": 2}}),
+    ("", {}),
+])
+def test_mapping_flags_take_yaml_flow_json_and_key_value(text, want):
+    assert parse_mapping(text) == want
+
+
+@pytest.mark.parametrize("text,msg", [("{keep_ratio: [0.5}", "not a mapping such as"),
+                                      ("keep_ratio", "expected key=value, got 'keep_ratio'")])
+def test_a_malformed_mapping_flag_says_what_is_allowed(text, msg):
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(msg)):
+        parse_mapping(text)
+    with pytest.raises(SystemExit):                                   # argparse: a usage error, not a traceback
+        _parse(["--scheme-params", text])
+
+
+def test_every_mapping_example_in_the_help_strings_parses():
+    """The help strings' examples (`e.g. {p: 97}`) are what a user types: each must parse."""
+    from dataclasses import fields
+    examples = []
+    for spec in registry.kinds().values():
+        for f in fields(spec.config):
+            help_text = (f.metadata or {}).get("help", "")
+            examples += [m for m in re.findall(r"e\.g\. (\{.*?\}+)", help_text)]
+    assert len(examples) >= 4, examples
+    for ex in examples:
+        assert isinstance(parse_mapping(ex), dict), ex
 
 
 def test_cli_overrides_file(tmp_path):

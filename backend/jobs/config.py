@@ -20,7 +20,6 @@ No torch here: the web app builds its forms from these classes.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import MISSING, Field, asdict, field, fields
 from pathlib import Path
@@ -117,15 +116,19 @@ def default_of(f: Field) -> Any:
 # ---- command line: flags generated from the dataclass, so the CLI and the form cannot drift apart -------------
 
 def parse_mapping(text: str) -> dict:
-    """'{"a": 1}' (JSON) or 'a=1,b=0.5' (YAML scalars) -> dict."""
+    """'{a: 1, b: {c: 2}}' (a YAML flow mapping, as in a config file; JSON is one too) or 'a=1,b=0.5' (YAML
+    scalars) -> dict."""
     text = text.strip()
     if not text:
         return {}
     if text.startswith("{"):
         try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from e
+            out = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise argparse.ArgumentTypeError(f"not a mapping such as {{a: 1, b: {{c: 2}}}}: {e}") from e
+        if not isinstance(out, dict):
+            raise argparse.ArgumentTypeError(f"not a mapping such as {{a: 1, b: {{c: 2}}}}: {text!r}")
+        return out
     out = {}
     for item in text.split(","):
         if "=" not in item:
