@@ -1,4 +1,4 @@
-"""The web process never imports torch: jobs that need it run in their own processes (DESIGN.md, "Layout").
+"""The web process never imports torch: jobs that need it run in their own processes (docs/design.md, "Layout").
 
 The app is served in a fresh Python process (this test process has torch loaded by other tests), a job is
 submitted through its public API and a what-if overlay is rendered (the two paths that used to import torch

@@ -55,7 +55,7 @@ def test_analyze_summary_matches_shards(runs, tmp_path):
     assert summary["opposing_fraction"] == pytest.approx(float((last.alignment < 0).mean()), rel=1e-6)
     v = np.sort(last.magnitude.to_numpy(np.float64))
     n = v.size
-    gini = 2 * np.sum(np.arange(1, n + 1) * v) / (n * v.sum()) - (n + 1) / n          # DESIGN.md's formula
+    gini = 2 * np.sum(np.arange(1, n + 1) * v) / (n * v.sum()) - (n + 1) / n          # docs/design.md's formula
     assert summary["gini"] == pytest.approx(gini, rel=1e-6)
     assert json.loads((tmp_path / "analysis" / "summary.json").read_text())["gini"] == pytest.approx(gini)
     every_run = [n for n in analyses.names(kind="train") if analyses.get(n).available is None]   # not influence

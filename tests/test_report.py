@@ -27,7 +27,7 @@ def home(tmp_path, monkeypatch) -> Path:
 
 
 def direct_summary(run: Path, step: int) -> dict:
-    """The headline numbers computed straight from the shards with numpy, following DESIGN.md."""
+    """The headline numbers computed straight from the shards with numpy, following docs/design.md."""
     tok = read_shards(run, "tokens").astype({"alignment": "float64", "magnitude": "float64"})
     mod = read_shards(run, "token_modules").astype({"alignment": "float64", "dot": "float64", "magnitude": "float64"})
     resp = tok[tok.is_response]

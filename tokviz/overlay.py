@@ -150,7 +150,7 @@ def token_html(token: str) -> str:
     return text.replace("\n", '<i class="nl">⏎</i>\n') if "\n" in text else text
 
 
-# the gradient metrics mean a different thing in each trace mode (tokens.mode; DESIGN.md "Definitions")
+# the gradient metrics mean a different thing in each trace mode (tokens.mode; docs/design.md "Definitions")
 GRADIENT_METRICS = ("alignment", "dot", "share", "magnitude")
 MODE_DESCRIPTIONS = {
     "position": ("position mode: the piece this position supplies to the batch gradient (it carries the "

@@ -1,5 +1,5 @@
 """Concentration of the per-vocabulary-token embedding gradient norms n_v = ||dL/dE_v|| of one step: pure numpy,
-definitions as in DESIGN.md ("Embedding token gradients"), except where issue 11 (which stands) says otherwise.
+definitions as in docs/design.md ("Embedding token gradients"), except where issue 11 (which stands) says otherwise.
 
     n = np.array([0, 0, 3, 4])                       # one norm per vocabulary token, zeros included
     gradient_sparsity(n)          -> 0.5             # tokens with n_v < 0.01 max n
@@ -47,7 +47,7 @@ def tokens_for_energy(n: np.ndarray | list[float], p: float) -> int:
 
 
 def concentration_ratio(n: np.ndarray | list[float]) -> float:
-    """tokens_for_50pct / number of tokens with gradient (n_v > 0) (issue 11; DESIGN.md divides by the
+    """tokens_for_50pct / number of tokens with gradient (n_v > 0) (issue 11; docs/design.md divides by the
     vocabulary, which for a large vocabulary is ~0 whatever the batch)."""
     v = _norms(n, "concentration_ratio")
     return tokens_for_energy(v, 0.5) / int((v > 0).sum())

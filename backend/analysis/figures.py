@@ -596,7 +596,7 @@ def grid(figs: Sequence[go.Figure], cols: int = 2, row_height: int = 440) -> dic
 
 
 # ------------------------------------------------------------------------------------------------ trace mode
-MODE_ORDER = ("position", "token")      # the trace modes (DESIGN.md "Definitions"), in the order titles name them
+MODE_ORDER = ("position", "token")      # the trace modes (docs/design.md "Definitions"), in the order titles name them
 
 
 def mode_suffix(modes: pd.DataFrame | None) -> str:

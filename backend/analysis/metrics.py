@@ -1,4 +1,4 @@
-"""Concentration, correlation and autocorrelation metrics: pure numpy, definitions as in DESIGN.md.
+"""Concentration, correlation and autocorrelation metrics: pure numpy, definitions as in docs/design.md.
 
     gini([1, 1, 1, 1])            -> 0.0
     gini([0, 0, 0, 1])            -> 0.75                 (= 1 - 1/n for one non-zero value)

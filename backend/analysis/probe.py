@@ -1,4 +1,4 @@
-"""The analyses of a ``probe`` run, each registered with its figure (DESIGN.md, sections Spectra and Direction).
+"""The analyses of a ``probe`` run, each registered with its figure (docs/design.md, sections Spectra and Direction).
 
     from backend.analysis import analyses
     frames = analyses.run("probe_spectra", run_id)     # {"spectra", "energy", "cosine"}

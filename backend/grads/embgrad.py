@@ -1,5 +1,5 @@
 """Per-vocabulary-token embedding gradients during training: n_v = ||dL/dE_v|| at chosen steps, from the
-gradient flowing into the embedding OUTPUT, scattered to token ids (DESIGN.md, "Embedding token gradients").
+gradient flowing into the embedding OUTPUT, scattered to token ids (docs/design.md, "Embedding token gradients").
 
     rec = EmbGradRecorder.create(cfg, model, tok, rd, info)     # in the trainer, before the loop
     rec.begin(step)          # before the step's micro-batches: arms the hook when step % embgrad_every == 0

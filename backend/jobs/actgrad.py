@@ -1,5 +1,5 @@
 """The ``actgrad`` job kind: gradients of the training loss with respect to every decoder layer's output hidden
-state, at every position of a few samples (DESIGN.md, "Activation gradients").
+state, at every position of a few samples (docs/design.md, "Activation gradients").
 
     python -m backend actgrad --run data/runs/demo-sft-position --samples 32 --targets "last =|last digit"
     python -m backend actgrad --model tiny-modadd --task modadd --samples 32 --layers 0,-1 --targets "first ="

@@ -25,7 +25,7 @@ from backend.store import schema
 
 @dataclass
 class TrainConfig(JobConfig):
-    """A LoRA SFT run under a token-weighting scheme, optionally traced (DESIGN.md, "Definitions")."""
+    """A LoRA SFT run under a token-weighting scheme, optionally traced (docs/design.md, "Definitions")."""
     # what to train
     name: str = option("", "a short human name for the run (used in its id)")
     model: str = option("default", "'default' (the embedded tiny Qwen2), a local model directory, or a hub id")
@@ -42,7 +42,7 @@ class TrainConfig(JobConfig):
                                   "tab). '': the chat template, or with none the prompt directly followed by the "
                                   "response (said once in the run's events)")
     # the loss
-    scheme: str = option("sft", f"token-weighting scheme: {', '.join(scheme_specs.SCHEMES)} (DESIGN.md's scheme table)")
+    scheme: str = option("sft", f"token-weighting scheme: {', '.join(scheme_specs.SCHEMES)} (docs/design.md)")
     scheme_params: dict = option({}, "scheme parameters overriding its defaults, e.g. {keep_ratio: 0.5}")
     # LoRA
     lora_r: int = option(8, "LoRA rank", range=(1, 4096, False, False))

@@ -7,7 +7,7 @@ normaliser, what it needs, and its weights in numpy for the app's what-if overla
     scheme_specs.what_if_weights(step_tokens, "topk", {"keep_ratio": 0.5})   # pd.Series of weights
 
 The training loop's weights (torch, detached) are ``backend.lm.schemes``, built from these specs; this module
-is what the web app and the configs use, so neither imports torch. Both implement DESIGN.md's scheme table,
+is what the web app and the configs use, so neither imports torch. Both implement docs/design.md's scheme table,
 and ``tests/test_schemes.py`` checks the numpy weights against the torch ones.
 """
 from __future__ import annotations

@@ -152,7 +152,7 @@ EVAL_STEPS = table_schema("eval_steps", [
     pa.field("correct", pa.bool_()),
 ])
 
-# embedding token gradients of a train run (--embgrad-every N): backend.grads.embgrad, DESIGN.md's definitions
+# embedding token gradients of a train run (--embgrad-every N): backend.grads.embgrad, docs/design.md's definitions
 EMBGRAD = table_schema("embgrad", [
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("step", pa.int32(), nullable=False),          # optimizer step recorded

@@ -1,4 +1,4 @@
-"""Per-token gradient tracing of LoRA fine-tuning (DESIGN.md, "Definitions": modes ``position`` and ``token``).
+"""Per-token gradient tracing of LoRA fine-tuning (docs/design.md, "Definitions": modes ``position`` and ``token``).
 
     from backend.trace import TraceConfig, trace_batch
     from backend.trace import store as trace_store

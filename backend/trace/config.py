@@ -47,7 +47,7 @@ def _f(default: Any, help: str, **kw) -> Any:
 @dataclass
 class TraceConfig:
     mode: str = _f("position", "position: per-position pieces of the batch gradient; token: the gradient of "
-                               "each token's own loss (see DESIGN.md, Definitions)")
+                               "each token's own loss (see docs/design.md, Definitions)")
     trace_loss: str = _f("scheme", "the loss whose gradient G is traced: the scheme's weighted loss (scheme) or "
                                    "plain mean cross-entropy over response tokens (ce)")
     magnitude: str = _f("exact", "token mode: ||g_t|| exact (batched per-token backward), estimated from "

@@ -103,7 +103,7 @@ def _loss(model, ch: dict, scheme, params: dict, meta: dict, K: int):
 
 def _recorded(t: dict[str, torch.Tensor], meta: dict, mode: str, token_positions: str) -> list[tuple[int, int]]:
     """(row, position) pairs of the traced sequences (the first ``traced_sequences`` rows of the step) that
-    carry gradient, by the rule of DESIGN.md, written as a plain loop."""
+    carry gradient, by the rule of docs/design.md, written as a plain loop."""
     am, labels = t["attention_mask"].tolist(), t["labels"].tolist()
     out = []
     for b in range(meta.get("traced_sequences", len(am))):     # states before it was recorded: every row
@@ -158,7 +158,7 @@ def _stats_rows(rows: list, out, ch: dict, rank: int, sidx: torch.Tensor, row0: 
 
 
 def recorded_tokens(ranks: list[dict]) -> list[tuple[int, int, int]]:
-    """(rank, sample_idx, position) of every token the step recorded, by the rule of DESIGN.md (``_recorded``)."""
+    """(rank, sample_idx, position) of every token the step recorded, by the rule of docs/design.md (``_recorded``)."""
     out = []
     for rank, rk in enumerate(ranks):
         t, meta = rk["tensors"], rk["meta"]
