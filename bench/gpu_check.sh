@@ -13,8 +13,9 @@
 # 3. gpu_trace_<shape>.json / .err: `bench/gpu_trace.py --json`, one shape per process (a shape that runs out of
 #    time or memory loses only its own row), each under GPU_CHECK_BENCH_TIMEOUT seconds (default 200).
 #
-# Budget: a session's device time is 15 minutes, the machine's start included; the tests take about a minute and
-# each shape's bench 1-3 minutes on an H200, so one `run` with timeout_s=560 leaves time to fetch the files.
+# Budget: a session's device time is 15 minutes, the machine's start included. Not yet run on a GPU: estimated a
+# minute for the tests and 1-3 minutes per shape on an H200; one `run` with timeout_s=560 still leaves time to
+# fetch the files if the estimate is off (each shape stops at its timeout).
 # Needs only torch, transformers, peft, numpy, pandas, pyarrow and pytest (no duckdb, gradio or a hub).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
