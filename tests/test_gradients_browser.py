@@ -96,9 +96,9 @@ def test_compute_queues_an_actgrad_job_on_the_headers_train_run(app, page):
     page.click("#tv-act-compute")
     page.wait_for_function("document.querySelector('#tv-act-queued')?.innerText.includes('queued job')")
     (job,) = [j for j in ctx.jobs.snapshot() if j.kind == "actgrad"]
-    wait_for(lambda: ctx.jobs.get(job.job_id).status in ("finished", "failed"), 240, "the actgrad job to end")
+    wait_for(lambda: ctx.jobs.get(job.job_id).status in ("finished", "failed"), 600, "the actgrad job to end")
     assert ctx.jobs.get(job.job_id).status == "finished", ctx.jobs.log_tail(job.job_id)[-3000:]
-    wait_for(lambda: job.run_id in ctx.runs()["run_id"].tolist(), 60, "the new run in the index")
+    wait_for(lambda: job.run_id in ctx.runs()["run_id"].tolist(), 240, "the new run in the index")
     # the header's train run now opens its newest actgrad run: the one just made
     page.goto(f"{url}?tab=activations&run=demo-embgrad-modadd")
     page.wait_for_function(f"document.querySelector('#tv-act-info')?.innerText.includes('{job.run_id}')")
