@@ -1,6 +1,7 @@
 """TrainConfig validation: every bad value names the field and what is allowed; CLI and YAML build the same."""
 import argparse
 import re
+from dataclasses import fields
 
 import pytest
 import yaml
@@ -8,6 +9,7 @@ import yaml
 from backend.jobs import registry
 from backend.jobs.config import add_config_args, config_from_args, parse_mapping
 from backend.jobs.train import TrainConfig
+from backend.store.rundir import queue_config
 
 
 @pytest.mark.parametrize("kwargs,msg", [
@@ -80,7 +82,6 @@ def test_a_malformed_mapping_flag_says_what_is_allowed(text, msg):
 
 def test_every_mapping_example_in_the_help_strings_parses():
     """The help strings' examples (`e.g. {p: 97}`) are what a user types: each must parse."""
-    from dataclasses import fields
     examples = []
     for spec in registry.kinds().values():
         for f in fields(spec.config):
@@ -89,6 +90,23 @@ def test_every_mapping_example_in_the_help_strings_parses():
     assert len(examples) >= 4, examples
     for ex in examples:
         assert isinstance(parse_mapping(ex), dict), ex
+
+
+def test_exponent_floats_load_as_numbers_from_files_flags_and_queued_configs(tmp_path):
+    """'lr: 1e-5' in a config file, 'keep_ratio=5e-1' in a flag, and a queued job's config.json (json.dumps writes
+    every float below 1e-4 as '1e-05') load as floats: PyYAML's YAML 1.1 alone reads them as strings and the
+    config refused 'lr: expected float, got '1e-05'', so a job queued with such a rate never started."""
+    y = tmp_path / "run.yaml"
+    y.write_text("lr: 1e-5\nscheme: topk\nscheme_params: {keep_ratio: 5E-1}\n")
+    cfg = TrainConfig.from_yaml(y)
+    assert (cfg.lr, cfg.scheme_params) == (1e-5, {"keep_ratio": 0.5})
+    assert parse_mapping("keep_ratio=5e-1") == parse_mapping('{"keep_ratio": 5e-1}') == {"keep_ratio": 0.5}
+    small = {"lr": 2e-5, "weight_decay": 1e-6, "temperature": 5e-5}
+    for kind, spec in registry.kinds().items():                      # every kind, through the queue's writer
+        names = {f.name for f in fields(spec.config)}
+        queued = spec.config(run_id=f"q-{kind}", **{k: v for k, v in small.items() if k in names})
+        queue_config(tmp_path / queued.run_id, kind, queued)
+        assert spec.config.from_file(tmp_path / queued.run_id / "config.json") == queued, kind
 
 
 def test_cli_overrides_file(tmp_path):

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from backend.store.rundir import check_run_id
+from backend.store.yamltext import load_yaml
 
 INF = math.inf
 
@@ -123,7 +124,7 @@ def parse_mapping(text: str) -> dict:
         return {}
     if text.startswith("{"):
         try:
-            out = yaml.safe_load(text)
+            out = load_yaml(text)
         except yaml.YAMLError as e:
             raise argparse.ArgumentTypeError(f"not a mapping such as {{a: 1, b: {{c: 2}}}}: {e}") from e
         if not isinstance(out, dict):
@@ -134,7 +135,7 @@ def parse_mapping(text: str) -> dict:
         if "=" not in item:
             raise argparse.ArgumentTypeError(f"expected key=value, got {item!r}")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v.strip())
+        out[k.strip()] = load_yaml(v.strip())
     return out
 
 

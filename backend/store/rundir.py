@@ -126,10 +126,12 @@ def read_config(path: Path) -> dict:
     """The job config in a config file: a run's ``config.json`` (its ``config`` entry) or a plain mapping of
     field: value (YAML or JSON). ValueError naming the file otherwise."""
     import yaml
+
+    from backend.store.yamltext import load_yaml
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
     try:
-        d = yaml.safe_load(path.read_text())
+        d = load_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ValueError(f"config file {path} is not valid YAML or JSON: {e}") from e
     if not isinstance(d, dict):

@@ -32,6 +32,7 @@ from backend.jobs.config import JobConfig, default_of, parse_list, parse_mapping
 from backend.jobs.queue import JobView, confine_paths
 from backend.lm.scheme_specs import SCHEMES
 from backend.lm.tasks import TASKS
+from backend.store.yamltext import load_yaml
 from tokviz import concurrency
 from tokviz.context import AppContext
 from tokviz.tabs import publish_panel
@@ -389,7 +390,7 @@ def wire(t: LaunchTab, ctx: AppContext) -> None:
         (``lora_targets: [q_proj, v_proj]`` is a list, ``task_params: {p: 97}`` a dict), as in a config file
         given to the CLI."""
         try:
-            d = yaml.safe_load(config_yaml or "{}") or {}
+            d = load_yaml(config_yaml or "{}") or {}
             if not isinstance(d, dict):
                 raise ValueError(f"the config must be a mapping of {kind} config fields")
             if "dataset" in d:
