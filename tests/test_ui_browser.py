@@ -9,6 +9,7 @@ The tests share one page and run in file order (one flow through the app).
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -268,8 +269,9 @@ def test_launch_forms_are_made_when_their_tab_or_accordion_opens(app, browser):
 def test_launch_a_short_trace_job_from_the_form(app, page):
     _, ctx = app
     open_tab(page, "launch")
+    # lr 2e-5: config.json holds json.dumps' '2e-05', which the job must read back as a number
     fill = {"name": "ui-test", "steps": "4", "trace_every": "2", "n_train": "64", "n_eval": "8", "batch_size": "4",
-            "lora_r": "0"}
+            "lr": "2e-5", "lora_r": "0"}
     for field, value in fill.items():
         page.fill(f"#tv-f-{field} input, #tv-f-{field} textarea", value)
     page.click("#tv-launch")                                    # lora_r = 0: refused, with the field named
@@ -293,6 +295,7 @@ def test_launch_a_short_trace_job_from_the_form(app, page):
     wait_job(lambda: page.locator("#tv-jobs .tv-finished, #tv-jobs .tv-failed").count() > 0, "the job to end")
     assert page.locator("#tv-jobs .tv-finished").count() == 1, ctx.jobs.log_tail(job.job_id)[-3000:]
     assert "run finished" in page.input_value("#tv-log textarea")
+    assert json.loads((Path(job.run_dir) / "config.json").read_text())["config"]["lr"] == 2e-5
     shot(page, "launch")
     # the finished run is ingested and appears in the header's run list, without a restart
     wait_for(lambda: job.run_id in ctx.runs()["run_id"].tolist(), JOB_TIMEOUT_S, "the run in the index")
