@@ -26,6 +26,9 @@ from backend.store.rundir import queue_config
     ({"trace_inline": True, "grad_accum": 2}, "trace_inline needs grad_accum = 1"),
     ({"steps": "10"}, "steps: expected int"),
     ({"lora_targets": []}, "lora_targets must be a non-empty list"),
+    # a flag is a bool: the string "false" is truthy, and turned reverse KL on
+    ({"scheme": "asft", "scheme_params": {"reverse_kl": "false"}}, "reverse_kl must be true or false, got 'false'"),
+    ({"scheme": "asft", "scheme_params": {"reverse_kl": 0}}, "reverse_kl must be true or false, got 0"),
 ])
 def test_invalid_values_name_field_and_range(kwargs, msg):
     with pytest.raises(ValueError, match=msg):

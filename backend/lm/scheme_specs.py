@@ -47,6 +47,9 @@ class SchemeSpec:
             allowed = ", ".join(sorted(self.defaults)) or "none"
             raise ValueError(f"scheme {self.name!r} has no parameter {', '.join(unknown)}; allowed: {allowed}")
         out = {**self.defaults, **params}
+        for key, default in self.defaults.items():     # a flag is a bool: the string "false" is not (it is truthy)
+            if isinstance(default, bool) and not isinstance(out[key], bool):
+                raise ValueError(f"scheme {self.name!r}: {key} must be true or false, got {out[key]!r}")
         for key, rng in self.ranges.items():
             v = out[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)):
