@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from backend.jobs import registry
-from backend.jobs.config import add_config_args, config_from_args, parse_mapping
+from backend.jobs.config import add_config_args, config_from_args, parse_list, parse_mapping
 from backend.jobs.train import TrainConfig
 from backend.store.rundir import queue_config
 
@@ -75,12 +75,21 @@ def test_mapping_flags_take_yaml_flow_json_and_key_value(text, want):
 
 
 @pytest.mark.parametrize("text,msg", [("{keep_ratio: [0.5}", "not a mapping such as"),
-                                      ("keep_ratio", "expected key=value, got 'keep_ratio'")])
+                                      ("keep_ratio", "expected key=value, got 'keep_ratio'"),
+                                      ("keep_ratio={0.3", "not a value for 'keep_ratio'")])
 def test_a_malformed_mapping_flag_says_what_is_allowed(text, msg):
     with pytest.raises(argparse.ArgumentTypeError, match=re.escape(msg)):
         parse_mapping(text)
     with pytest.raises(SystemExit):                                   # argparse: a usage error, not a traceback
         _parse(["--scheme-params", text])
+
+
+def test_list_flags_take_commas_or_a_yaml_flow_list():
+    assert parse_list("q_proj, v_proj") == parse_list("[q_proj, v_proj]") == parse_list('["q_proj","v_proj"]') \
+        == ["q_proj", "v_proj"]
+    with pytest.raises(argparse.ArgumentTypeError, match="not a list such as"):
+        parse_list("[q_proj, v_proj")
+    assert _parse(["--lora-targets", "[q_proj, v_proj]"]).lora_targets == ["q_proj", "v_proj"]
 
 
 def test_every_mapping_example_in_the_help_strings_parses():
@@ -96,15 +105,18 @@ def test_every_mapping_example_in_the_help_strings_parses():
 
 
 def test_exponent_floats_load_as_numbers_from_files_flags_and_queued_configs(tmp_path):
-    """'lr: 1e-5' in a config file, 'keep_ratio=5e-1' in a flag, and a queued job's config.json (json.dumps writes
-    every float below 1e-4 as '1e-05') load as floats: PyYAML's YAML 1.1 alone reads them as strings and the
-    config refused 'lr: expected float, got '1e-05'', so a job queued with such a rate never started."""
+    """'lr: 1e-5' in a config file, 'keep_ratio=5e-1' in a flag, and a queued job's config.json load as written:
+    json.dumps writes every float below 1e-4 as '1e-05' and an emoji as an escaped surrogate pair, which PyYAML
+    (YAML 1.1) read as a string and as two lone halves; the config then refused 'lr: expected float, got '1e-05'',
+    so a job queued with such a rate never started."""
     y = tmp_path / "run.yaml"
     y.write_text("lr: 1e-5\nscheme: topk\nscheme_params: {keep_ratio: 5E-1}\n")
     cfg = TrainConfig.from_yaml(y)
     assert (cfg.lr, cfg.scheme_params) == (1e-5, {"keep_ratio": 0.5})
     assert parse_mapping("keep_ratio=5e-1") == parse_mapping('{"keep_ratio": 5e-1}') == {"keep_ratio": 0.5}
-    small = {"lr": 2e-5, "weight_decay": 1e-6, "temperature": 5e-5}
+    # and text outside the BMP: json.dumps escapes it as a surrogate pair, which PyYAML read as two lone halves
+    small = {"lr": 2e-5, "weight_decay": 1e-6, "temperature": 5e-5, "name": "run \U0001F680",
+             "prompt_template": "\U0001F642 {prompt}\n{response}"}
     for kind, spec in registry.kinds().items():                      # every kind, through the queue's writer
         names = {f.name for f in fields(spec.config)}
         queued = spec.config(run_id=f"q-{kind}", **{k: v for k, v in small.items() if k in names})

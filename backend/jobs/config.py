@@ -20,6 +20,7 @@ No torch here: the web app builds its forms from these classes.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import MISSING, Field, asdict, field, fields
 from pathlib import Path
@@ -123,10 +124,7 @@ def parse_mapping(text: str) -> dict:
     if not text:
         return {}
     if text.startswith("{"):
-        try:
-            out = load_yaml(text)
-        except yaml.YAMLError as e:
-            raise argparse.ArgumentTypeError(f"not a mapping such as {{a: 1, b: {{c: 2}}}}: {e}") from e
+        out = _yaml_value(text, "a mapping such as {a: 1, b: {c: 2}}")
         if not isinstance(out, dict):
             raise argparse.ArgumentTypeError(f"not a mapping such as {{a: 1, b: {{c: 2}}}}: {text!r}")
         return out
@@ -135,12 +133,31 @@ def parse_mapping(text: str) -> dict:
         if "=" not in item:
             raise argparse.ArgumentTypeError(f"expected key=value, got {item!r}")
         k, v = item.split("=", 1)
-        out[k.strip()] = load_yaml(v.strip())
+        out[k.strip()] = _yaml_value(v.strip(), f"a value for {k.strip()!r}")
     return out
 
 
 def parse_list(text: str) -> list:
+    """'a,b' or '[a, b]' (a YAML flow list, as in a config file) -> list of strings."""
+    text = text.strip()
+    if text.startswith("["):
+        out = _yaml_value(text, "a list such as [a, b]")
+        if not isinstance(out, list):
+            raise argparse.ArgumentTypeError(f"not a list such as [a, b]: {text!r}")
+        return [str(t) for t in out]
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _yaml_value(text: str, what: str):
+    """JSON or YAML text -> its value (JSON first: exact, escapes included); a malformed one is a usage error."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"not {what}: {e}") from e
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:

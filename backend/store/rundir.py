@@ -130,10 +130,14 @@ def read_config(path: Path) -> dict:
     from backend.store.yamltext import load_yaml
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
     try:
-        d = load_yaml(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"config file {path} is not valid YAML or JSON: {e}") from e
+        d = json.loads(text)         # JSON as JSON: PyYAML reads an escaped emoji (\ud83d\ude80) as two lone halves
+    except json.JSONDecodeError:
+        try:
+            d = load_yaml(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML or JSON: {e}") from e
     if not isinstance(d, dict):
         raise ValueError(f"config file {path} must hold a mapping of field: value, got {type(d).__name__}")
     if isinstance(d.get("config"), dict) and "kind" in d and "run_id" in d:      # a run's config.json
