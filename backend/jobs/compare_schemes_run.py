@@ -72,7 +72,7 @@ class Child:
 
 def run(cfg, progress: bool = True) -> Path:
     """Run a comparison (a ``CompareSchemesConfig``); returns its run directory."""
-    root = Path(cfg.runs_root) if cfg.runs_root else paths.runs_dir()
+    root = paths.runs_dir(cfg.runs_root)
     on_term = _interrupt_on_sigterm()
     rd = RunDir.create(KIND, cfg.name, cfg.to_dict(), root=root, run_id=cfg.run_id or None)
     children: list[Child] = []

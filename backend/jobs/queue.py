@@ -175,7 +175,7 @@ class JobQueue:
         spec = registry.for_config(cfg)
         if not cfg.run_id:
             cfg = replace(cfg, run_id=new_run_id(spec.name, getattr(cfg, "name", "") or ""))
-        root = Path(cfg.runs_root) if cfg.runs_root else paths.runs_dir()
+        root = paths.runs_dir(cfg.runs_root)
         run_dir = root / cfg.run_id
         queue_config(run_dir, spec.name, cfg)
         argv = [self.python, "-m", "backend", spec.name, "--quiet", "--config", str(run_dir / CONFIG)]

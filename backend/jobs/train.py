@@ -137,7 +137,7 @@ class TrainConfig(JobConfig):
             raise ValueError("influence_eval needs trace_every > 0 (influence is recorded at traced steps)")
         if self.influence_file and not self.influence_eval:
             raise ValueError("influence_file needs influence_eval > 0 (how many of its examples to use)")
-        if self.influence_file and not Path(self.influence_file).is_file():
+        if self.influence_file and not Path(self.influence_file).expanduser().is_file():
             raise ValueError(f"influence_file: file {self.influence_file!r} does not exist")
         if self.influence_eval and not self.influence_file and (self.dataset or self.n_eval == 0):
             raise ValueError("influence_eval needs held-out examples: the task's eval split (n_eval > 0, no user "

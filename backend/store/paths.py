@@ -19,8 +19,9 @@ def data_root() -> Path:
     return Path(env).expanduser().resolve() if env else SHIPPED_DATA
 
 
-def runs_dir() -> Path:
-    return data_root() / "runs"
+def runs_dir(runs_root: str | os.PathLike | None = None) -> Path:
+    """Where run directories go: ``runs_root`` (a job's option; ``~`` expanded) if given, else <data root>/runs."""
+    return Path(runs_root).expanduser() if runs_root else data_root() / "runs"
 
 
 def index_path() -> Path:

@@ -154,7 +154,7 @@ class RunDir:
     @classmethod
     def create(cls, kind: str, name: str, config: dict, root: Path | None = None, run_id: str | None = None,
                is_writer: bool = True) -> "RunDir":
-        root = Path(root) if root is not None else paths.runs_dir()
+        root = paths.runs_dir(root)
         run_id = check_run_id(run_id) if run_id else new_run_id(kind, name)
         path = root / run_id
         rd = cls(path=path, run_id=run_id, is_writer=is_writer)
