@@ -327,6 +327,24 @@ def test_confine_paths_keeps_user_paths_inside_the_data_root(tmp_path):
         jobs.confine_paths(TrainConfig(dataset=str(outside)), [root])
     with pytest.raises(ValueError, match="outside the allowed roots"):
         jobs.confine_paths(TrainConfig(runs_root=str(tmp_path)), [root])
+    # the held-out file of influence tracing is a path too (it was read from anywhere on the server)
+    from backend.jobs.compare_schemes import CompareSchemesConfig
+    for cfg in (TrainConfig(trace_every=5, influence_eval=4, influence_file=str(outside)),
+                CompareSchemesConfig(trace_every=5, influence_eval=4, influence_file=str(outside))):
+        with pytest.raises(ValueError, match="influence_file .* outside the allowed roots"):
+            jobs.confine_paths(cfg, [root])
+
+
+def test_every_path_like_config_field_is_confined():
+    """A str field that names a file or folder (dataset, *_file, *_root, *_dir, run, adapter) is in its kind's
+    path_fields, so a hosted app that launches jobs checks it against the allowed roots."""
+    from dataclasses import fields
+
+    from backend.jobs import registry
+    for spec in registry.kinds().values():
+        path_like = {f.name for f in fields(spec.config) if f.type == "str" and (
+            f.name in ("dataset", "run", "adapter") or f.name.endswith(("_file", "_root", "_dir", "_path")))}
+        assert path_like <= set(spec.path_fields), (spec.name, sorted(path_like - set(spec.path_fields)))
 
 
 def test_uploads_are_stored_inside_the_data_root(tmp_path):

@@ -199,6 +199,6 @@ JOB = JobSpec(
     launch_fields=("name", "schemes", "baseline", "seeds", "model", "task", "task_params", "n_train", "n_eval",
                    "steps", "batch_size", "lr", "eval_k", "eval_temperature", "eval_every", "trace_every",
                    "trace_mode"),
-    hidden_fields=("runs_root", "run_id"), path_fields=("runs_root",), model_fields=("model",),
+    hidden_fields=("runs_root", "run_id"), path_fields=("runs_root", "influence_file"), model_fields=("model",),
     user_errors=TRAIN_JOB.user_errors + ("backend.jobs.compare_schemes_run:ChildRunsFailed",),
 )

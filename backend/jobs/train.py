@@ -202,6 +202,6 @@ JOB = JobSpec(
                    "lora_alpha", "lora_dropout", "lora_targets", "steps", "batch_size", "lr", "trace_every",
                    "trace_mode", "trace_sequences"),
     hidden_fields=("dataset", "runs_root", "run_id"),
-    path_fields=("dataset", "runs_root"), model_fields=("model",),
+    path_fields=("dataset", "runs_root", "influence_file"), model_fields=("model",),
     user_errors=("backend.lm.models:HubUnreachableError",),
 )
