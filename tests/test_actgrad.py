@@ -229,3 +229,28 @@ def test_scheme_loss_and_a_traced_steps_adapter(tmp_path):
     assert m["loss"] == "scheme" and m["source_run"] == "demo-antiop-position" and m["targets_found"] == 2
     with pytest.raises(ValueError, match=r"no adapter at step 7; saved steps: \[20, 40"):
         run(ActgradConfig(adapter_step=7, run_id="bad", **base), progress=False)
+
+
+def test_held_out_samples_beyond_the_runs_eval_split_are_refused():
+    """The task draws a split's eval examples first, then its training ones: with a run's task, seed and parameters,
+    eval example n_eval + 1 is the run's first training example, so asking for it as held out is an error."""
+    from backend.lm.tasks import check_held_out, get_task
+    run_cfg = {"task": "arith", "data_seed": 3, "task_params": {}, "n_eval": 5, "n_train": 7}
+    train, _ = get_task("arith").generate(3, 7, 5)
+    _, more = get_task("arith").generate(3, 0, 6)
+    assert more[5] == train[0]                                       # the claim the check rests on
+    check_held_out(5, run_cfg, "arith", 3, {}, "samples")           # the run's own eval split: fine
+    with pytest.raises(ValueError, match=r"samples=6 asks for more held-out examples than the run kept \(5"):
+        check_held_out(6, run_cfg, "arith", 3, {}, "samples")
+    check_held_out(6, run_cfg, "arith", 4, {}, "samples")           # another seed: other data
+    check_held_out(6, run_cfg, "modadd", 3, {}, "samples")          # another task
+    check_held_out(6, {**run_cfg, "dataset": "d.jsonl"}, "arith", 3, {}, "samples")
+    check_held_out(6, {}, "arith", 3, {}, "samples")                # no run
+
+
+def test_actgrad_refuses_more_eval_samples_than_the_run_held_out():
+    from backend.grads.actgrad_run import load_source
+    from backend.store import paths
+    run = paths.SHIPPED_DATA / "runs" / "demo-sft-position"       # n_eval 100
+    with pytest.raises(ValueError, match=r"samples=101 .* \(100, its n_eval\)"):
+        load_source(ActgradConfig(run=str(run), samples=101))

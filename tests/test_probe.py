@@ -359,3 +359,13 @@ def test_pca_click_key_from_event_data():
     assert point_key(None) is None and point_key("x") is None
     with pytest.raises(ValueError, match="position must be a whole number"):
         point_key({"model": "base", "prompt_idx": 1, "sample_idx": 2, "position": 2.5})
+
+
+def test_a_runs_adapter_is_refused_on_another_model_or_on_its_training_prompts():
+    """A train run's adapter on another base model loaded with missing keys and a warning only; prompts beyond its
+    eval split are its training prompts. Both are refused before any work."""
+    from backend.probe.run import probe
+    with pytest.raises(ValueError, match="was trained on model 'tiny-modadd', not 'default': pass --model tiny-modadd"):
+        probe(ProbeConfig(adapter="demo-embgrad-modadd", num_prompts=2), progress=False)
+    with pytest.raises(ValueError, match=r"num_prompts=101 asks for more held-out examples than the run kept \(100"):
+        probe(ProbeConfig(adapter=ADAPTER, num_prompts=101), progress=False)

@@ -180,6 +180,7 @@ def load_source(cfg: ActgradConfig) -> Source:
         params = cfg.task_params or (run_cfg.get("task_params", {}) if task.name == run_cfg.get("task") else {})
         seed = cfg.data_seed if cfg.data_seed >= 0 else int(run_cfg.get("data_seed", 0))
         if cfg.split == "eval":
+            tasks.check_held_out(cfg.samples, run_cfg, task.name, seed, params, "samples")
             _, examples = task.generate(seed, 0, cfg.samples, **params)
         else:
             examples, _ = task.generate(seed, cfg.samples, int(run_cfg.get("n_eval", 0)), **params)

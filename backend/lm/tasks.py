@@ -231,6 +231,21 @@ TASKS: dict[str, Task] = {
 }
 
 
+def check_held_out(n: int, run_cfg: dict, task: str, seed: int, params: dict, what: str) -> None:
+    """Refuse ``n`` "held-out" examples of a train run when the run held out fewer: with the run's task, data seed
+    and parameters the split draws its eval examples first and then its training ones, so example n_eval + 1
+    onwards is one the run trained on. No check without a run, with a user dataset, or with other task data."""
+    if not run_cfg or run_cfg.get("dataset"):
+        return
+    same = (task == run_cfg.get("task", "arith") and seed == int(run_cfg.get("data_seed", 0))
+            and dict(params or {}) == dict(run_cfg.get("task_params") or {}))
+    n_eval = int(run_cfg.get("n_eval", 0))
+    if same and n > n_eval:
+        raise ValueError(f"{what}={n} asks for more held-out examples than the run kept ({n_eval}, its n_eval): the "
+                         f"task's next draws with the run's data seed are its training examples; ask for at most "
+                         f"{n_eval}, or choose another data seed")
+
+
 def get_task(name: str) -> Task:
     """The registered task called ``name``; ValueError listing the available names otherwise."""
     if name not in TASKS:

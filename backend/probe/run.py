@@ -25,7 +25,7 @@ import torch
 from backend.jobs.probe import ProbeConfig, parse_shard, shard_prompts
 from backend.lm.data import prompt_ids, record_prompt, render_prompt
 from backend.lm.models import load_model_and_tokenizer
-from backend.lm.tasks import Example, get_task
+from backend.lm.tasks import Example, check_held_out, get_task
 from backend.probe.grads import Site, resolve_site, row_gradients
 from backend.probe.output import write_probe
 from backend.probe.select import MODEL_CODES, rebucket
@@ -42,6 +42,36 @@ def resolve_adapter(adapter: str) -> Path:
             return c
     raise FileNotFoundError(f"adapter {adapter!r}: no adapter_config.json in {', '.join(map(str, candidates))}; "
                             "give a train run's directory or run id (under the runs root), or an adapter directory")
+
+
+def adapter_run_config(adapter_dir: Path) -> dict:
+    """The config of the train run an adapter directory belongs to (``<run>/adapter``), {} for a bare adapter."""
+    cfg_file = adapter_dir.parent / "config.json"
+    if adapter_dir.name != "adapter" or not cfg_file.is_file():
+        return {}
+    from backend.store.rundir import read_config
+    return read_config(cfg_file)
+
+
+def _model_key(name: str) -> str:
+    """A model name compared by what it loads: an embedded name or a local path as its resolved folder."""
+    from backend.lm.models import NAMED_MODELS
+    if name in NAMED_MODELS:
+        return str(Path(NAMED_MODELS[name]).resolve())
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else name
+
+
+def check_adapter_run(cfg: ProbeConfig, run_cfg: dict) -> None:
+    """Refuse probing a train run's adapter on another base model (peft would load it with missing keys and a
+    warning only), or on more "held-out" prompts than the run kept (the rest are its training prompts)."""
+    if not run_cfg:
+        return
+    trained_on = run_cfg.get("model", "default")
+    if _model_key(trained_on) != _model_key(cfg.model):
+        raise ValueError(f"adapter {cfg.adapter!r} was trained on model {trained_on!r}, not {cfg.model!r}: pass "
+                         f"--model {trained_on}")
+    check_held_out(cfg.num_prompts, run_cfg, cfg.task, cfg.data_seed, cfg.task_params, "num_prompts")
 
 
 def load(cfg: ProbeConfig, which: str) -> tuple[Any, Any]:
@@ -130,8 +160,8 @@ def probe(cfg: ProbeConfig, progress: bool = True) -> Path:
     _, examples = task.generate(cfg.data_seed, 0, cfg.num_prompts, **cfg.task_params)
     mine = shard_prompts(cfg.num_prompts, cfg.shard)
     which_models = ["base"] + (["trained"] if cfg.adapter else [])
-    if cfg.adapter:
-        resolve_adapter(cfg.adapter)                      # fail before any work
+    if cfg.adapter:                                       # fail before any work
+        check_adapter_run(cfg, adapter_run_config(resolve_adapter(cfg.adapter)))
     model, tok = load(cfg, "base")
     site = resolve_site(model, cfg.layer, cfg.param, cfg.row)      # bad layer/param/row: before the run exists
     rd = RunDir.create(kind="probe", name=cfg.name, config=cfg.to_dict(),
