@@ -131,8 +131,13 @@ def test_resolved_targets_and_a_switched_attention_are_said(tmp_path):
     assert manifest["lora_targets"] == seven
     events = read_events(run)
     assert [e for e in events if e["type"] == "loaded"][0]["lora_targets"] == seven
-    (note,) = [e for e in events if e["type"] == "note"]
+    (note,) = [e for e in events if e["type"] == "note" and "attention" in e["message"]]
     assert "tokviz_jvp" in note["message"] and "sdpa" in note["message"]
+    # the default warmup (10 steps) outlasts this 2-step run: said, with the share of lr the last step reached
+    (warm,) = [e for e in events if e["type"] == "note" and "warmup" in e["message"]]
+    assert "warmup_steps=10 is longer than the run's 2 steps" in warm["message"] and "ends at 20% of lr" in warm["message"]
+    lrs = pd.read_parquet(run / "train_steps")["lr"].tolist()
+    assert lrs == pytest.approx([0.1 * 2e-3, 0.2 * 2e-3])                  # the schedule the note describes
     info = pd.Series({"manifest_json": json.dumps(manifest), "config_json": (run / "config.json").read_text()})
     bits = _lora_and_attention(info)
     assert bits == [f"LoRA `{', '.join(seven)}`", "traced with `tokviz_jvp` attention (the model's: `sdpa`)"]

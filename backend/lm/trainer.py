@@ -23,6 +23,7 @@ import json
 import math
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +172,11 @@ def _train(cfg: TrainConfig, rd: RunDir, info: bdist.DistInfo, device: torch.dev
     ds = build_dataset(cfg, tok)
     if ds.note:
         rd.event("note", message=ds.note)            # the PromptFormatWarning, for the run's events and header
+    if cfg.warmup_steps > cfg.steps:
+        note = (f"warmup_steps={cfg.warmup_steps} is longer than the run's {cfg.steps} steps: the learning rate "
+                f"rises for the whole run and ends at {cfg.steps / cfg.warmup_steps:.0%} of lr={cfg.lr:g}")
+        warnings.warn(note, stacklevel=2)
+        rd.event("note", message=note)
     scheme = get_scheme(cfg.scheme)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lora_targets = resolved_lora_targets(model)
