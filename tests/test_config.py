@@ -29,6 +29,14 @@ from backend.store.rundir import queue_config
     # a flag is a bool: the string "false" is truthy, and turned reverse KL on
     ({"scheme": "asft", "scheme_params": {"reverse_kl": "false"}}, "reverse_kl must be true or false, got 'false'"),
     ({"scheme": "asft", "scheme_params": {"reverse_kl": 0}}, "reverse_kl must be true or false, got 0"),
+    # refused before a run folder exists (they failed after the model had loaded)
+    ({"trace_inline": True, "trace_mode": "token"}, "trace_inline needs trace_mode 'position'"),
+    ({"task": "modadd", "task_params": {"q": 5}}, r"unknown parameter\(s\) \['q'\] for task 'modadd'"),
+    ({"task": "modadd", "task_params": {"p": 1}}, "p must be in 2..1000, got 1"),
+    ({"model": "/no/such/model"}, "model: path '/no/such/model' does not exist"),
+    # a user dataset has no answer checker: these did nothing, silently
+    ({"dataset": __file__, "eval_before": True}, "eval_before and eval_k need held-out items of a task"),
+    ({"dataset": __file__, "eval_k": 4}, "eval_before and eval_k need held-out items of a task"),
 ])
 def test_invalid_values_name_field_and_range(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
@@ -37,6 +45,11 @@ def test_invalid_values_name_field_and_range(kwargs, msg):
 
 def test_scheme_defaults_are_filled_in():
     assert TrainConfig(scheme="antiop").scheme_params == {"clip_mult": 3.0}
+    # a float parameter given as an int is stored as a float: the same run, the same comparison settings hash
+    from backend.jobs.compare_schemes import settings_hash
+    two, two_f = TrainConfig(scheme="antiop", scheme_params={"clip_mult": 2}), TrainConfig(
+        scheme="antiop", scheme_params={"clip_mult": 2.0})
+    assert type(two.scheme_params["clip_mult"]) is float and settings_hash(two) == settings_hash(two_f)
     assert TrainConfig(scheme="topk", scheme_params={"keep_ratio": 0.5}).scheme_params == {"keep_ratio": 0.5}
 
 

@@ -119,13 +119,17 @@ class TrainConfig(JobConfig):
             if not Path(self.dataset).expanduser().is_file():
                 raise ValueError(f"dataset: file {self.dataset!r} does not exist")
         else:
-            get_task(self.task)
+            get_task(self.task).check_params(self.task_params)       # before a run folder exists
+        if self.model.startswith(("/", ".", "~")) and not Path(self.model).expanduser().exists():
+            raise ValueError(f"model: path {self.model!r} does not exist")
         if self.prompt_template:
             text_format(self.chat_template, self.prompt_template)          # ValueError naming what is wrong
         if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
             raise ValueError(f"lora_targets must be a non-empty list of module names, got {self.lora_targets!r}")
         if self.trace_inline and self.grad_accum != 1:
             raise ValueError("trace_inline needs grad_accum = 1 (the real step must be a single backward)")
+        if self.trace_inline and self.trace_mode != "position":
+            raise ValueError("trace_inline needs trace_mode 'position' (token mode re-runs the step with JVPs)")
         if self.embgrad_stride and not self.embgrad_every:
             raise ValueError("embgrad_stride needs embgrad_every > 0 (the steps whose embedding gradients are "
                              "recorded)")
@@ -146,6 +150,9 @@ class TrainConfig(JobConfig):
             raise ValueError("eval_k > 0 needs n_eval > 0")
         if self.eval_every and (self.n_eval == 0 or self.dataset):
             raise ValueError("eval_every > 0 needs held-out items of a task (n_eval > 0, no user dataset)")
+        if self.dataset and (self.eval_before or self.eval_k):
+            raise ValueError("eval_before and eval_k need held-out items of a task: a user dataset has no answer "
+                             "checker (it trains on every record)")
 
 
 # ------------------------------------------------------------------------------------------------ tables

@@ -50,6 +50,8 @@ class SchemeSpec:
         for key, default in self.defaults.items():     # a flag is a bool: the string "false" is not (it is truthy)
             if isinstance(default, bool) and not isinstance(out[key], bool):
                 raise ValueError(f"scheme {self.name!r}: {key} must be true or false, got {out[key]!r}")
+            if isinstance(default, float) and isinstance(out[key], int) and not isinstance(out[key], bool):
+                out[key] = float(out[key])             # {clip_mult: 2} is {clip_mult: 2.0} (one settings hash)
         for key, rng in self.ranges.items():
             v = out[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)):

@@ -52,11 +52,15 @@ class Task:
             raise ValueError(f"n_train must be a non-negative integer, got {n_train!r}")
         if not isinstance(n_eval, int) or n_eval < 0:
             raise ValueError(f"n_eval must be a non-negative integer, got {n_eval!r}")
+        return self.generator(seed, n_train, n_eval, self.check_params(params))
+
+    def check_params(self, params: dict) -> Any:
+        """The task's parameters object from ``params``; ValueError naming an unknown or out-of-range one."""
         allowed = [f.name for f in fields(self.params_cls)]
         unknown = sorted(set(params) - set(allowed))
         if unknown:
             raise ValueError(f"unknown parameter(s) {unknown} for task {self.name!r}; allowed: {allowed}")
-        return self.generator(seed, n_train, n_eval, self.params_cls(**params))
+        return self.params_cls(**params)
 
     def extract_answer(self, text: str) -> str | None:
         return self.extractor(text)
