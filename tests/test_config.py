@@ -137,6 +137,16 @@ def test_exponent_floats_load_as_numbers_from_files_flags_and_queued_configs(tmp
         assert spec.config.from_file(tmp_path / queued.run_id / "config.json") == queued, kind
 
 
+def test_another_kinds_run_config_names_its_kind():
+    """A probe run's config.json given to train listed a dozen unknown fields; it now says whose config it is."""
+    from backend.store import paths
+    probe_cfg = paths.SHIPPED_DATA / "runs" / "demo-probe" / "config.json"
+    with pytest.raises(ValueError, match=r"is a 'probe' run's config, not a 'train' one: run it with "
+                                         r"`python -m backend probe --config"):
+        TrainConfig.from_file(probe_cfg)
+    assert TrainConfig.from_file(paths.SHIPPED_DATA / "runs" / "demo-sft-position" / "config.json").steps > 0
+
+
 def test_cli_overrides_file(tmp_path):
     y = tmp_path / "run.yaml"
     y.write_text("steps: 30\nscheme: dft\n")

@@ -289,6 +289,16 @@ def test_locked_index_is_reported(home, run_a, capsys):
         assert "The tokviz app holds it while it runs" in capsys.readouterr().err
 
 
+def test_index_cli_refuses_a_runs_folder_that_is_not_one(home, tmp_path, capsys):
+    """--runs naming nothing ingested nothing and still made an index file; naming a file was a traceback."""
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    for bad in (tmp_path / "missing", f):
+        assert index.main(["--runs", str(bad), "--index", str(tmp_path / "i.duckdb")]) == 2
+        assert f"--runs {str(bad)!r} is not a folder of run directories" in capsys.readouterr().err
+    assert not (tmp_path / "i.duckdb").exists()
+
+
 # ------------------------------------------------------------------------------------------------ queries
 def test_queries_return_what_the_shards_hold(home, run_a):
     con = index.connect()

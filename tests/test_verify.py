@@ -78,8 +78,15 @@ def test_verify_fails_on_a_tampered_adapter(run, tmp_path):
 
 def test_verify_usage_errors_exit_2(run, tmp_path, capsys):
     assert main([str(run), "--step", "7"]) == 2
-    assert "no saved state for step 7" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    saved = sorted(int(p.name.split("_")[1]) for p in trace_store.state_dir(run, 1).parent.glob("step_*"))
+    assert "no saved state for step 7" in err and f"steps with one: {saved}" in err and saved
     assert main([str(tmp_path), "--step", "5"]) == 2
+    assert "steps with one: none (untraced run)" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing"), "--step", "5"]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    assert main([str(run), "--step", "10", "--tol", "-1"]) == 2
+    assert "--tol must be > 0, got -1.0" in capsys.readouterr().err
 
 
 def test_verify_cli_through_the_dispatcher(run):

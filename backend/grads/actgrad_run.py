@@ -108,7 +108,7 @@ class Source:
 def resolve_run(run: str) -> Path:
     """A train run given as a path (absolute, or relative to here), relative to the data root (what the app's
     Launch form confines it to), or as a bare run id under ``<data root>/runs``; ValueError naming the tries."""
-    tries = [Path(run).expanduser(), paths.data_root() / run, paths.runs_dir() / run]
+    tries = list(dict.fromkeys([Path(run).expanduser(), paths.data_root() / run, paths.runs_dir() / run]))
     for p in tries:
         if (p / CONFIG).is_file():
             return p
@@ -118,10 +118,10 @@ def resolve_run(run: str) -> Path:
 def _run_config(run: Path) -> dict:
     f = Path(run) / CONFIG
     if not f.exists():
-        raise ValueError(f"run {run!r} has no {CONFIG}: not a run directory")
+        raise ValueError(f"run {str(run)!r} has no {CONFIG}: not a run directory")
     rec = json.loads(f.read_text())
     if rec.get("kind") != "train":
-        raise ValueError(f"run {run!r} is a {rec.get('kind')!r} run; actgrad reads train runs (their adapter)")
+        raise ValueError(f"run {str(run)!r} is a {rec.get('kind')!r} run; actgrad reads train runs (their adapter)")
     return rec["config"]
 
 

@@ -300,6 +300,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--runs", type=Path, default=None, help="folder of run directories (default: data root/runs)")
     ap.add_argument("--index", type=Path, default=None, help="index file (default: data root/tokviz.duckdb)")
     args = ap.parse_args(argv)
+    if args.runs is not None and not args.runs.is_dir():
+        print(f"error: --runs {str(args.runs)!r} is not a folder of run directories", file=sys.stderr)
+        return 2
     try:
         con = db.connect(args.index)
     except TokvizIndexError as e:

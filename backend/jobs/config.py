@@ -104,7 +104,13 @@ class JobConfig:
     def from_file(cls, path: str | Path):
         """A config from a YAML or JSON file of field: value, or from a run's ``config.json`` (the queue hands
         a job its config this way)."""
-        from backend.store.rundir import read_config
+        from backend.jobs import registry
+        from backend.store.rundir import read_config, read_config_kind
+        kind = read_config_kind(Path(path))
+        mine = [k for k, spec in registry.kinds().items() if spec.config is cls]
+        if kind is not None and mine and kind not in mine:
+            raise ValueError(f"config file {path} is a {kind!r} run's config, not a {mine[0]!r} one: run it with "
+                             f"`python -m backend {kind} --config {path}`")
         return cls.from_dict(read_config(Path(path)))
 
     from_yaml = from_file

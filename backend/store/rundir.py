@@ -122,6 +122,15 @@ def queue_config(path: Path, kind: str, cfg: Any) -> None:
     RunDir(path, cfg.run_id).event("queued", kind=kind, **process_identity())
 
 
+def read_config_kind(path: Path) -> str | None:
+    """The job kind of a run's ``config.json`` (None for a plain config file or one that does not parse)."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return d.get("kind") if isinstance(d, dict) and isinstance(d.get("config"), dict) else None
+
+
 def read_config(path: Path) -> dict:
     """The job config in a config file: a run's ``config.json`` (its ``config`` entry) or a plain mapping of
     field: value (YAML or JSON). ValueError naming the file otherwise."""

@@ -198,7 +198,10 @@ def load_step_state(run_path: Path, step: int) -> dict:
     """{"adapter": {name: tensor}, "ranks": [{"tensors": ..., "meta": ...}, ...]} of a saved step."""
     d = state_dir(run_path, step)
     if not (d / "trace.rank0.json").exists():
-        raise ValueError(f"{run_path}: no saved state for step {step} (expected {d}/trace.rank0.json)")
+        if not Path(run_path).is_dir():
+            raise ValueError(f"{run_path}: no such run directory")
+        saved = sorted(int(p.name.split("_")[1]) for p in d.parent.glob("step_*") if (p / "trace.rank0.json").exists())
+        raise ValueError(f"{run_path}: no saved state for step {step}; steps with one: {saved or 'none (untraced run)'}")
     meta0 = json.loads((d / "trace.rank0.json").read_text())
     ranks = []
     for r in range(meta0["world_size"]):

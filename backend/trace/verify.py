@@ -608,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"verify: --sample-tokens must be >= 1, got {args.sample_tokens} (--all checks every token)",
               file=sys.stderr)
         return 2
+    if args.tol is not None and not args.tol > 0:
+        print(f"verify: --tol must be > 0, got {args.tol}", file=sys.stderr)
+        return 2
     try:
         report = verify_step(Path(args.run_dir), args.step, args.device,
                              sample_tokens=None if args.all else args.sample_tokens, seed=args.seed)
