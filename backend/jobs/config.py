@@ -20,7 +20,6 @@ No torch here: the web app builds its forms from these classes.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import MISSING, Field, asdict, field, fields
 from pathlib import Path
@@ -105,13 +104,13 @@ class JobConfig:
         """A config from a YAML or JSON file of field: value, or from a run's ``config.json`` (the queue hands
         a job its config this way)."""
         from backend.jobs import registry
-        from backend.store.rundir import read_config, read_config_kind
-        kind = read_config_kind(Path(path))
+        from backend.store.rundir import read_config_record
+        kind, d = read_config_record(Path(path))
         mine = [k for k, spec in registry.kinds().items() if spec.config is cls]
         if kind is not None and mine and kind not in mine:
             raise ValueError(f"config file {path} is a {kind!r} run's config, not a {mine[0]!r} one: run it with "
                              f"`python -m backend {kind} --config {path}`")
-        return cls.from_dict(read_config(Path(path)))
+        return cls.from_dict(d)
 
     from_yaml = from_file
 
@@ -155,11 +154,7 @@ def parse_list(text: str) -> list:
 
 
 def _yaml_value(text: str, what: str):
-    """JSON or YAML text -> its value (JSON first: exact, escapes included); a malformed one is a usage error."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        pass
+    """JSON or YAML text -> its value (``load_yaml``); a malformed one is a usage error naming ``what``."""
     try:
         return load_yaml(text)
     except yaml.YAMLError as e:

@@ -122,36 +122,28 @@ def queue_config(path: Path, kind: str, cfg: Any) -> None:
     RunDir(path, cfg.run_id).event("queued", kind=kind, **process_identity())
 
 
-def read_config_kind(path: Path) -> str | None:
-    """The job kind of a run's ``config.json`` (None for a plain config file or one that does not parse)."""
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return d.get("kind") if isinstance(d, dict) and isinstance(d.get("config"), dict) else None
-
-
-def read_config(path: Path) -> dict:
-    """The job config in a config file: a run's ``config.json`` (its ``config`` entry) or a plain mapping of
-    field: value (YAML or JSON). ValueError naming the file otherwise."""
+def read_config_record(path: Path) -> tuple[str | None, dict]:
+    """(kind, job config) of a config file: a run's ``config.json`` (its kind and ``config`` entry) or a plain
+    mapping of field: value (YAML or JSON; kind None). ValueError naming the file otherwise."""
     import yaml
 
     from backend.store.yamltext import load_yaml
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
     try:
-        d = json.loads(text)         # JSON as JSON: PyYAML reads an escaped emoji (\ud83d\ude80) as two lone halves
-    except json.JSONDecodeError:
-        try:
-            d = load_yaml(text)
-        except yaml.YAMLError as e:
-            raise ValueError(f"config file {path} is not valid YAML or JSON: {e}") from e
+        d = load_yaml(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path} is not valid YAML or JSON: {e}") from e
     if not isinstance(d, dict):
         raise ValueError(f"config file {path} must hold a mapping of field: value, got {type(d).__name__}")
     if isinstance(d.get("config"), dict) and "kind" in d and "run_id" in d:      # a run's config.json
-        return d["config"]
-    return d
+        return d["kind"], d["config"]
+    return None, d
+
+
+def read_config(path: Path) -> dict:
+    """The job config in a config file (``read_config_record`` without the kind)."""
+    return read_config_record(path)[1]
 
 
 @dataclass

@@ -5,9 +5,11 @@
 PyYAML resolves YAML 1.1, where a float needs a dot: ``1e-5`` (and JSON's ``1e-05``, which ``json.dumps`` writes
 for every float below 1e-4) would load as the *string* '1e-05', and a config then refuses ``lr``. The loader here
 adds YAML 1.2's float forms (an exponent without a dot) to PyYAML's safe loader; everything else is its own.
+Text that parses as JSON is read as JSON.
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -25,5 +27,9 @@ _Loader.add_implicit_resolver(
 
 
 def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` with YAML 1.2's exponent floats; raises ``yaml.YAMLError`` as it does."""
-    return yaml.load(text, Loader=_Loader)
+    """JSON text as JSON (exact: PyYAML reads an escaped emoji, \\ud83d\\ude80 in a config.json, as two lone
+    halves), anything else as YAML with 1.2's exponent floats; raises ``yaml.YAMLError`` as ``safe_load`` does."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return yaml.load(text, Loader=_Loader)
