@@ -19,7 +19,7 @@ from backend.dev.synth import SynthConfig, make_run, read_shards
 from backend.index import queries, sql
 from backend.store import schema
 from backend.store.rundir import MANIFEST, RunDir
-from tests.conftest import index_held_elsewhere
+from tests.conftest import index_held_elsewhere, wait_for
 
 
 @pytest.fixture()
@@ -287,6 +287,59 @@ def test_locked_index_is_reported(home, run_a, capsys):
             index.connect(path)
         assert index.main([]) == 2
         assert "The tokviz app holds it while it runs" in capsys.readouterr().err
+
+
+def test_closing_the_shared_connection_waits_for_a_call_still_running(home, monkeypatch):
+    """The app's shutdown (and every app test's teardown) closed the shared connection while a request the server
+    was finishing still ran a query on one of its cursors: DuckDB refused ('connection is busy with another call').
+    A query held open by a UDF: the close retries until it has returned, and the query's result is whole."""
+    import threading
+    import time
+
+    from backend.index import db
+    cur = db.shared()
+    running, release, retried, done = (threading.Event() for _ in range(4))
+
+    def hold() -> int:
+        running.set()
+        release.wait(60)
+        return 7
+    cur.create_function("hold", hold, [], "INTEGER")
+    out: dict = {}
+
+    def query():
+        try:
+            out["query"] = cur.execute("SELECT hold()").fetchall()
+        except Exception as e:          # recorded: the assertions below say what went wrong
+            out["query"] = e
+
+    def close():
+        try:
+            index.close_shared()
+        except Exception as e:
+            out["close"] = e
+        done.set()
+
+    class Clock:                        # db's clock, with a signal when the close waits for the call
+        monotonic = staticmethod(time.monotonic)
+
+        @staticmethod
+        def sleep(s: float) -> None:
+            retried.set()
+            time.sleep(s)
+    monkeypatch.setattr(db, "time", Clock, raising=False)
+    q = threading.Thread(target=query)
+    q.start()
+    assert running.wait(60)
+    c = threading.Thread(target=close)
+    c.start()
+    wait_for(lambda: retried.is_set() or done.is_set(), 60, "the close to wait or end")
+    release.set()
+    c.join(60)
+    q.join(60)
+    assert "close" not in out, out
+    assert retried.is_set() and out["query"] == [(7,)]
+    assert not db.shared_path_held()
 
 
 def test_index_cli_refuses_a_runs_folder_that_is_not_one(home, tmp_path, capsys):

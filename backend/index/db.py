@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -143,11 +144,24 @@ def shared_path_held(path: str | Path | None = None) -> bool:
     return str(Path(path) if path is not None else paths.index_path()) in _shared
 
 
+CLOSE_WAIT_S = 60.0       # close_shared: how long a call still running on a cursor may hold its connection open
+
+
 def close_shared() -> None:
-    """Close the shared connections (app shutdown, tests)."""
+    """Close the shared connections (app shutdown, tests). DuckDB refuses to close a connection while one of its
+    cursors is running a call (a request the server was still finishing when it stopped): the close is retried
+    until that call has returned, for up to ``CLOSE_WAIT_S``."""
     with _shared_lock:
         for con in _shared.values():
-            con.close()
+            deadline = time.monotonic() + CLOSE_WAIT_S
+            while True:
+                try:
+                    con.close()
+                    break
+                except duckdb.ResourceInUseException:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)           # polls the call's end; the deadline bounds a call that never ends
         _shared.clear()
         _bump()
 
