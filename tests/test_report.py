@@ -137,6 +137,13 @@ def test_cli_errors_are_messages(home, capsys):
     run = make_run(SynthConfig.tiny(), home / "runs", run_id="run-a")
     assert report.main(["analyze", str(run), "--step", "7", "--static", "off"]) == 2
     assert "step 7 is not a traced step" in capsys.readouterr().err
+    # a kind with no analyses of its own (a scheme comparison) said "summarize needs the frames of one job kind"
+    import shutil
+
+    from backend.store import paths
+    shutil.copytree(paths.SHIPPED_DATA / "runs" / "demo-schemes", home / "runs" / "demo-schemes")
+    assert report.main(["analyze", str(home / "runs" / "demo-schemes"), "--static", "off"]) == 2
+    assert "(a 'compare-schemes' run) has no analysis that applies to it" in capsys.readouterr().err
 
 
 def test_analyze_uses_a_private_index_when_the_index_is_held(home, capsys):

@@ -262,7 +262,7 @@ def test_resume_after_a_failure_is_bit_identical(tmp_path, monkeypatch):
     """The fast, in-process version: a run that fails at step 3 (an exception, so it is `failed`) resumes from
     its step-2 checkpoint to the losses and adapter of an uninterrupted run (dropout on: the RNG must follow)."""
     from backend.index.ingest import status_of
-    from backend.lm.trainer import resume
+    from backend.jobs.resume import main as resume_main
     from backend.store.rundir import RunDir
     kw = dict(steps=4, n_train=32, n_eval=0, lora_dropout=0.1, log_every=1, checkpoint_every=2)
     whole = train(cfg(tmp_path / "whole", **kw), progress=False)
@@ -278,7 +278,8 @@ def test_resume_after_a_failure_is_bit_identical(tmp_path, monkeypatch):
     monkeypatch.setattr(RunDir, "event", real_event)
     run = tmp_path / "runs" / "stopped"
     assert status_of(run) == "failed"
-    resume(run, progress=False)
+    monkeypatch.setenv("TOKVIZ_HOME", str(tmp_path))                    # the CLI, by run id (it took folders only)
+    assert resume_main(["stopped", "--quiet"]) == 0
     a = pq.read_table(whole / "train_steps").to_pandas()
     b = pq.read_table(run / "train_steps").to_pandas().sort_values("step")
     assert list(b["step"]) == [1, 2, 3, 4] and a["loss"].tolist() == b["loss"].tolist()

@@ -162,6 +162,10 @@ def analyze(run: str | os.PathLike, out: str | os.PathLike | None = None, step: 
         s = analyses.resolve_step(con, run_id, step)
         results = analyses.run_all(run_id, s, params, con=con)
         info = queries.run_info(run_id, con).iloc[0]
+    if not results:
+        raise ValueError(f"run {run_id!r} (a {info.get('kind')!r} run) has no analysis that applies to it: a scheme "
+                         "comparison is read on the app's Schemes tab, a train run's trace analyses need a traced "
+                         "run (--trace-every N)")
     summary = {"name": info["name"], "status": info["status"], "run_path": str(run_path),
                **summarize(run_id, s, results)}
     figs = {name: figures.build(name, frames) for name, frames in results.items()}
