@@ -2,6 +2,7 @@
 import argparse
 import re
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import yaml
@@ -227,3 +228,18 @@ def test_form_text_and_typed_values_build_the_same_config(tmp_path):
         config_from_form({"steps": True})                     # not 1
     with pytest.raises(ValueError, match=r"lora_targets: expected list, got \{'q_proj': 1\}"):
         config_from_form({"lora_targets": {"q_proj": 1}})     # not its text
+
+
+def test_a_runs_root_and_an_influence_file_under_home_are_expanded(tmp_path, monkeypatch):
+    """runs_root: ~/x wrote config.json under a literal ./~ folder while pyarrow expanded the Parquet paths (one
+    run in two places); influence_file ~/x was refused as missing while dataset ~/x was found."""
+    from backend.store import paths
+    from backend.store.rundir import RunDir
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert paths.runs_dir("~/runs-here") == tmp_path / "runs-here"
+    rd = RunDir.create("train", "x", TrainConfig().to_dict(), root=Path("~/runs-here"), run_id="r1")
+    assert rd.path == tmp_path / "runs-here" / "r1" and (rd.path / "config.json").is_file()
+    assert not (tmp_path / "~").exists()
+    (tmp_path / "held.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    assert TrainConfig(trace_every=5, influence_eval=1, influence_file="~/held.jsonl").influence_file == "~/held.jsonl"
