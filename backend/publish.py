@@ -30,8 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from backend.store import paths
-from backend.store.rundir import CONFIG, check_run_id, child_runs
+from backend.store.rundir import CONFIG, child_runs, find_run
 
 CODE = ("app.py", "requirements.txt", "Dockerfile", "tokviz", "backend")
 NEVER = ("checkpoint", "logs")                       # resume state and job logs: never published
@@ -49,18 +48,6 @@ def parse_size(text: str) -> int:
     if not n > 0:
         raise ValueError(f"--max-size {text!r} must be > 0")
     return int(n)
-
-
-def resolve_run(spec: str) -> Path:
-    """A run directory from a path or a run id under the data root's runs folder."""
-    p = Path(spec)
-    if not p.exists():
-        check_run_id(spec, "run")
-        p = paths.runs_dir() / spec
-    if not (p / CONFIG).exists():
-        raise ValueError(f"{spec}: not a run directory (no {CONFIG}); give a run directory or a run id under "
-                         f"{paths.runs_dir()}")
-    return p.resolve()
 
 
 def with_children(runs: list[Path]) -> list[Path]:
@@ -242,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-check", action="store_true", help="do not start the published app to check it")
     args = ap.parse_args(argv)
     try:
-        runs = [resolve_run(r) for r in args.runs]
+        runs = [find_run(r) for r in args.runs]
         res = publish(runs, Path(args.out), args.title, args.with_adapters, args.with_state,
                       parse_size(args.max_size))
     except ValueError as e:

@@ -204,7 +204,7 @@ def test_job_end_to_end_and_analyses(tmp_path):
 
 
 def test_resolve_run_by_path_or_id(tmp_path, monkeypatch):
-    from backend.grads.actgrad_run import resolve_run
+    from backend.store.rundir import find_run as resolve_run
     monkeypatch.setenv("TOKVIZ_HOME", str(tmp_path))
     run = tmp_path / "runs" / "r1"
     run.mkdir(parents=True)

@@ -34,7 +34,7 @@ from backend import index
 from backend.analysis import analyses, figures
 from backend.index import queries
 from backend.store import paths
-from backend.store.rundir import CONFIG, atomic_write_json
+from backend.store.rundir import atomic_write_json, find_run
 
 SUMMARY = "summary.json"
 ANALYSIS_DIR = "analysis"
@@ -46,16 +46,6 @@ class StaticExportUnavailable(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------ runs
-def resolve_run(run: str | os.PathLike) -> Path:
-    """A run directory given as a path or as a run id under ``<data root>/runs``."""
-    p = Path(run).expanduser()
-    for cand in (p, paths.runs_dir() / str(run)):
-        if (cand / CONFIG).exists():
-            return cand.resolve()
-    raise ValueError(f"{str(run)!r} is not a run directory (no {CONFIG} there) nor a run id under "
-                     f"{paths.runs_dir()}")
-
-
 @contextmanager
 def index_with(run_paths: Sequence[Path], index_path: str | Path | None = None
                ) -> Iterator[tuple[duckdb.DuckDBPyConnection, list[str]]]:
@@ -156,7 +146,7 @@ def analyze(run: str | os.PathLike, out: str | os.PathLike | None = None, step: 
             static: bool | None = None, html_js: str = "inline") -> dict:
     """Run the analyses of the run's kind on one run; write ``summary.json``, ``tables/*.csv`` and every
     figure to ``out`` (default ``RUN_DIR/analysis``). Returns the summary."""
-    run_path = resolve_run(run)
+    run_path = find_run(run)
     out_dir = Path(out) if out is not None else run_path / ANALYSIS_DIR
     with index_with([run_path], index_path) as (con, (run_id,)):
         s = analyses.resolve_step(con, run_id, step)
@@ -269,7 +259,7 @@ def compare(runs: Sequence[str | os.PathLike], out: str | os.PathLike | None = N
     Returns the side-by-side table (rows: summary keys, columns: runs)."""
     if len(runs) < 2:
         raise ValueError(f"compare needs at least two runs, got {len(runs)}")
-    run_paths = [resolve_run(r) for r in runs]
+    run_paths = [find_run(r) for r in runs]
     out_dir = (Path(out) if out is not None else
                paths.data_root() / "comparisons" / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
     with index_with(run_paths, index_path) as (con, ids):

@@ -31,8 +31,7 @@ from backend.jobs.actgrad import (
     parse_layers,
     parse_targets,
 )
-from backend.store import paths
-from backend.store.rundir import CONFIG, RunDir, rows_to_table
+from backend.store.rundir import CONFIG, RunDir, find_run, rows_to_table
 
 
 def layer_grads(model: torch.nn.Module, batch: dict, layers: list[int],
@@ -105,16 +104,6 @@ class Source:
     run_cfg: dict                   # the train run's config ({} without a run)
 
 
-def resolve_run(run: str) -> Path:
-    """A train run given as a path (absolute, or relative to here), relative to the data root (what the app's
-    Launch form confines it to), or as a bare run id under ``<data root>/runs``; ValueError naming the tries."""
-    tries = list(dict.fromkeys([Path(run).expanduser(), paths.data_root() / run, paths.runs_dir() / run]))
-    for p in tries:
-        if (p / CONFIG).is_file():
-            return p
-    raise ValueError(f"run {run!r} is not a run directory (no {CONFIG} in {', '.join(str(t) for t in tries)})")
-
-
 def _run_config(run: Path) -> dict:
     f = Path(run) / CONFIG
     if not f.exists():
@@ -141,7 +130,7 @@ def _load_adapter_tensors(model: torch.nn.Module, file: Path) -> None:
 def load_source(cfg: ActgradConfig) -> Source:
     from backend.lm import data, tasks
     from backend.lm.models import apply_lora, load_model_and_tokenizer
-    run = resolve_run(cfg.run) if cfg.run else None
+    run = find_run(cfg.run) if cfg.run else None
     run_cfg = _run_config(run) if run is not None else {}
     name = run_cfg.get("model", "default") if cfg.run else (cfg.model or "default")
     model, tok = load_model_and_tokenizer(name, dtype=cfg.dtype, device=cfg.device,
@@ -151,7 +140,8 @@ def load_source(cfg: ActgradConfig) -> Source:
         if cfg.adapter_step:
             f = run / "trace" / "state" / f"step_{cfg.adapter_step:06d}" / "adapter.safetensors"
             if not f.exists():
-                saved = sorted(int(p.name.split("_")[1]) for p in (run / "trace" / "state").glob("step_*"))
+                from backend.trace.store import state_steps
+                saved = state_steps(run)
                 raise ValueError(f"run {cfg.run!r} saved no adapter at step {cfg.adapter_step}; saved steps: "
                                  f"{saved or 'none'} (or 0: the final adapter)")
             model = apply_lora(model, r=run_cfg["lora_r"], alpha=run_cfg["lora_alpha"], dropout=0.0,
@@ -292,7 +282,7 @@ def _run(cfg: ActgradConfig, rd: RunDir, progress: bool) -> Path:
     rd.write_table("actgrad/samples.parquet", rows_to_table(smp, ACTGRAD_SAMPLES))
     if skipped:
         rd.event("skipped", targets=skipped, note="samples whose target pattern is absent: see actgrad_targets")
-    rd.finish({"source_run": resolve_run(cfg.run).name if cfg.run else None, "samples": len(encoded),
+    rd.finish({"source_run": find_run(cfg.run).name if cfg.run else None, "samples": len(encoded),
                "layers": layers, "n_layers": n_layers, "targets": [t.spec for t in targets],
                "targets_skipped": skipped, "targets_found": len(tgt["status"]) - skipped, "loss": cfg.loss,
                "response_tokens": n_resp, "seconds": round(time.time() - t0, 3)})

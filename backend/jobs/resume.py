@@ -13,8 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from backend.store import paths
-from backend.store.rundir import CONFIG, read_events
+from backend.store.rundir import CONFIG, find_run, read_events
 
 RESUMABLE = ("interrupted", "failed")
 
@@ -39,11 +38,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("run_dir", type=Path, help="the run directory to continue, or its run id (under the runs root)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    run_dir = args.run_dir.expanduser()
-    if not run_dir.exists() and len(run_dir.parts) == 1:          # a run id, as the other commands take
-        run_dir = paths.runs_dir() / run_dir
-    run_dir = run_dir.resolve()
     try:
+        run_dir = find_run(args.run_dir)
         check_resumable(run_dir)
         from backend.lm.trainer import resume  # torch: only once the run is known to be resumable
         run = resume(run_dir, progress=not args.quiet)

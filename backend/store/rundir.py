@@ -122,6 +122,23 @@ def queue_config(path: Path, kind: str, cfg: Any) -> None:
     RunDir(path, cfg.run_id).event("queued", kind=kind, **process_identity())
 
 
+def find_run(run: str | os.PathLike) -> Path:
+    """A run directory given as a path (absolute, or relative to here), relative to the data root (what the app's
+    forms confine paths to), or as a run id under ``<data root>/runs``; ValueError naming where it looked."""
+    p = Path(run).expanduser()
+    tries = [p, paths.data_root() / p]
+    try:
+        tries.append(paths.runs_dir() / check_run_id(str(run), "run"))
+    except ValueError:
+        pass                                     # not a run id: only the paths
+    tries = list(dict.fromkeys(tries))
+    for t in tries:
+        if (t / CONFIG).is_file():
+            return t.resolve()
+    raise ValueError(f"{str(run)!r} is not a run directory (no {CONFIG} in {', '.join(map(str, tries))}); give a "
+                     f"run directory or a run id under {paths.runs_dir()}")
+
+
 def read_config_record(path: Path) -> tuple[str | None, dict]:
     """(kind, job config) of a config file: a run's ``config.json`` (its kind and ``config`` entry) or a plain
     mapping of field: value (YAML or JSON; kind None). ValueError naming the file otherwise."""

@@ -57,6 +57,12 @@ def state_dir(run_path: Path, step: int) -> Path:
     return Path(run_path) / STATE_DIR / f"step_{step:06d}"
 
 
+def state_steps(run_path: Path) -> list[int]:
+    """The steps whose state (step state and adapter) the run saved, ascending."""
+    return sorted(int(p.name.split("_")[1]) for p in (Path(run_path) / STATE_DIR).glob("step_*")
+                  if (p / "trace.rank0.json").exists())
+
+
 def _column(values: Any, typ: pa.DataType) -> pa.Array:
     if isinstance(values, np.ndarray) and values.dtype.kind == "f":
         return pa.array(values, type=typ, from_pandas=True)           # NaN -> null
@@ -200,7 +206,7 @@ def load_step_state(run_path: Path, step: int) -> dict:
     if not (d / "trace.rank0.json").exists():
         if not Path(run_path).is_dir():
             raise ValueError(f"{run_path}: no such run directory")
-        saved = sorted(int(p.name.split("_")[1]) for p in d.parent.glob("step_*") if (p / "trace.rank0.json").exists())
+        saved = state_steps(run_path)
         raise ValueError(f"{run_path}: no saved state for step {step}; steps with one: {saved or 'none (untraced run)'}")
     meta0 = json.loads((d / "trace.rank0.json").read_text())
     ranks = []
